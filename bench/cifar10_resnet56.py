@@ -1,0 +1,113 @@
+"""Benchmark: distill the real CIFAR-10 ResNet-56 teacher into a ResNet-20 for a fixed wall-clock budget on CPU.
+
+    python bench/cifar10_resnet56.py                      # 60 min budget, writes bench/results/cifar10_resnet56.*
+    python bench/cifar10_resnet56.py --budget-min 10 --name quick synthesis.g_steps=5   # extra key=value overrides
+
+Target (issue 2): student top-1 >= 60% on ../shared/data/cifar10_test.npz within 60 minutes on 2 CPU cores.
+Reports top-1 after every epoch and each epoch's time split into synthesis, KD and evaluation; the budget counts
+everything (set-up, synthesis, KD, evaluation, checkpoints). Not a test: run it by hand; it needs ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from nayer.cli_config import parse_config  # noqa: E402
+from nayer.config import RunConfig  # noqa: E402
+from nayer.run import run  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--budget-min", type=float, default=60.0)
+    ap.add_argument("--name", default="bench-cifar10-resnet56")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    args = ap.parse_args()
+    teacher, test = SHARED / "cifar10_resnet56.pt", SHARED / "cifar10_test.npz"
+    for path in (teacher, test):
+        if not path.is_file():
+            sys.exit(f"error: benchmark input {path} is missing (it lives in ../shared/data)")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = parse_config(RunConfig, [
+        f"config={ROOT / 'configs/cifar10.yaml'},{ROOT / 'configs/profiles/cpu.yaml'}",
+        f"name={args.name}", f"out_dir={out / 'runs'}",
+        "teacher.arch=resnet56", f"teacher.checkpoint={teacher}", "student.arch=resnet20",
+        f"data.eval={test}", f"time_budget_s={args.budget_min * 60}", *args.overrides,
+    ])
+    start = time.perf_counter()
+    summary = run(cfg)
+    summary["bench_wall_s"] = time.perf_counter() - start
+    metrics = [json.loads(line) for line in open(out / "runs" / args.name / "metrics.jsonl")]
+    write_report(out / args.name, cfg, summary, metrics, args.budget_min)
+
+
+def write_report(stem: Path, cfg: RunConfig, summary: dict, metrics: list[dict], budget_min: float) -> None:
+    rows = ["| epoch | phase | elapsed min | synthesis s | KD s | eval s | buffer | top-1 % |",
+            "|---|---|---|---|---|---|---|---|"]
+    for m in metrics:
+        rows.append(f"| {m['epoch']} | {m['phase']} | {m['elapsed'] / 60:.1f} | {m['syn_time']:.1f} | "
+                    f"{m.get('kd_time', 0):.1f} | {m.get('eval_time', 0):.1f} | {m['buffer']} | "
+                    f"{m['top1']:.2f} |" if "top1" in m else
+                    f"| {m['epoch']} | {m['phase']} | {m['elapsed'] / 60:.1f} | {m['syn_time']:.1f} | - | - | "
+                    f"{m['buffer']} | - |")
+    kd = [m for m in metrics if m["phase"] == "kd"]
+    mean = lambda key, ms: sum(m[key] for m in ms) / max(len(ms), 1)  # noqa: E731
+    reached = next((m for m in kd if m["top1"] >= 60.0), None)
+    text = [
+        f"# CIFAR-10 ResNet-56 -> ResNet-20, {budget_min:.0f} min CPU budget",
+        "",
+        f"- teacher top-1: {summary['teacher_top1']:.2f}%; final student top-1: {summary['final_top1']}; "
+        f"best epoch (test-set selected, optimistic): {summary['best_top1_on_test_set']}",
+        f"- 60% reached: {'epoch %d at %.1f min' % (reached['epoch'], reached['elapsed'] / 60) if reached else 'no'}",
+        f"- wall time {summary['bench_wall_s'] / 60:.1f} min, {summary['epochs_run']} epochs, "
+        f"{summary['buffer_images']} synthetic images in the buffer, device {summary['device']}",
+        f"- mean per KD epoch: synthesis {mean('syn_time', kd):.1f} s, KD {mean('kd_time', kd):.1f} s, "
+        f"eval {mean('eval_time', kd):.1f} s",
+        f"- config: g_steps={cfg.synthesis.g_steps} g_loops={cfg.synthesis.g_loops} "
+        f"bs_gen={cfg.synthesis.batch_size} warmup={cfg.warmup}x{cfg.synthesis.warmup_loops} "
+        f"kd_steps={cfg.kd.kd_steps} bs_kd={cfg.kd.batch_size} epochs={cfg.epochs} lte={cfg.lte.encoder} "
+        f"bf16={cfg.bf16} compile={cfg.compile}",
+        "",
+        *rows,
+    ]
+    stem.with_suffix(".md").write_text("\n".join(text) + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "metrics": [
+        {k: v for k, v in m.items() if k != "per_class"} for m in metrics]}, indent=1))
+    plot(stem.with_suffix(".png"), metrics)
+    print("\n".join(text[:7]))
+
+
+def plot(path: Path, metrics: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kd = [m for m in metrics if "top1" in m]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    a.plot([m["elapsed"] / 60 for m in kd], [m["top1"] for m in kd], marker="o")
+    a.axhline(60, color="gray", ls="--", label="target 60%")
+    a.set(xlabel="wall-clock minutes", ylabel="student top-1 (%)", title="accuracy vs time")
+    a.legend()
+    epochs = [m["epoch"] for m in metrics]
+    b.bar(epochs, [m["syn_time"] for m in metrics], label="synthesis")
+    b.bar(epochs, [m.get("kd_time", 0) for m in metrics], bottom=[m["syn_time"] for m in metrics], label="KD")
+    b.set(xlabel="epoch", ylabel="seconds", title="time per epoch")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

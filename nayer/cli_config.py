@@ -1,0 +1,137 @@
+"""Strict configs: dataclass schema -> YAML files -> `key=value` overrides (lingua style).
+
+Every entry point parses its argv with :func:`parse_config`::
+
+    cfg = parse_config(RunConfig, ["config=configs/cifar10.yaml,configs/profiles/cpu.yaml", "synthesis.g_steps=10"])
+
+`config=` takes one file or a comma-separated list merged left to right; a key that the schema does not
+have fails with :class:`ConfigError`, naming the key, the closest valid key and the valid keys at that level.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says what is allowed."""
+
+
+def _schema_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(node):
+        full = f"{prefix}{f.name}"
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            keys.extend(_schema_keys(value, full + "."))
+        else:
+            keys.append(full)
+    return keys
+
+
+def _check_keys(schema: Any, given: Any, where: str, prefix: str = "") -> None:
+    """Raise ConfigError for the first key of `given` (a plain dict) that `schema` lacks."""
+    if not isinstance(given, dict):
+        return
+    names = {f.name: getattr(schema, f.name) for f in dataclasses.fields(schema)}
+    for key, value in given.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            valid = sorted(names)
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown config key '{full}' in {where}{hint}; valid keys"
+                f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(valid)}"
+            )
+        if dataclasses.is_dataclass(names[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' in {where} is a section; set its fields, e.g. {full}.<field>=...")
+            _check_keys(names[key], value, where, full + ".")
+
+
+def _load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: '{path}'")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except Exception as exc:  # yaml syntax errors come in many types
+        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def parse_config(schema_cls: type[T], argv: Sequence[str]) -> T:
+    """Build a validated config object of `schema_cls` from `config=<files>` and `key=value` items."""
+    schema = schema_cls()
+    merged = OmegaConf.structured(schema)
+    files: list[str] = []
+    overrides: list[str] = []
+    for item in argv:
+        if "=" not in item:
+            raise ConfigError(f"argument '{item}' is not key=value; use config=<file.yaml> or e.g. synthesis.g_steps=10")
+        key, value = item.split("=", 1)
+        if key == "config":
+            files.extend(p for p in value.split(",") if p)
+        else:
+            overrides.append(item)
+    try:
+        for path in files:
+            data = _load_yaml(path)
+            _check_keys(schema, data, f"'{path}'")
+            merged = OmegaConf.merge(merged, data)
+        for item in overrides:
+            key, value = item.split("=", 1)
+            # `key=` clears a string (OmegaConf would read it as null); `key=null` sets an optional to None.
+            override = OmegaConf.from_dotlist([item]) if value else OmegaConf.from_dotlist([f"{key}=''"])
+            _check_keys(schema, OmegaConf.to_container(override), f"override '{item}'")
+            merged = OmegaConf.merge(merged, override)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as exc:
+        # Type errors: keep OmegaConf's first line (it names the value and the expected type) and add the key.
+        msg = str(exc).splitlines()[0]
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"bad value for config key '{key}': {msg}" if key else f"bad config value: {msg}") from None
+    cfg = OmegaConf.to_object(merged)
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        validate()
+    return cfg  # type: ignore[return-value]
+
+
+def config_to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (what a run folder keeps as config.yaml)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config atomically (tmp name + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(config_to_yaml(cfg))
+    os.replace(tmp, path)
+
+
+def schema_keys(schema_cls: type) -> list[str]:
+    """All dotted leaf keys of a schema (for help texts and error messages)."""
+    return _schema_keys(schema_cls())
+
+
+def as_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+__all__ = ["ConfigError", "parse_config", "config_to_yaml", "save_config", "schema_keys", "as_dict", "DictConfig"]

@@ -1,0 +1,149 @@
+"""The run config schema: every knob of NAYER (paper Table 6 + reference scripts) is a key here.
+
+Defaults are the CIFAR-10 values of the spec (`../shared/docs/nayer-spec.md`); `configs/*.yaml` set the other
+datasets. Parsed strictly by :func:`nayer.cli_config.parse_config` (a typo fails and lists the valid keys).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from nayer.cli_config import ConfigError
+
+NOISY_MODES = ("k_to_1", "one_to_one")
+NOISY_ARCHS = ("A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8")
+GENERATOR_BODIES = ("auto", "cifar", "imagenet")
+DEVICES = ("auto", "cpu", "cuda")
+METHODS = ("nayer",)
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "cifar10"  # preset: class count, image size, mean/std, class names
+    class_names: Optional[List[str]] = None  # overrides the preset's names (same count as the teacher's outputs)
+    class_names_file: str = ""  # text file, one name per line (TinyImageNet, custom teachers)
+    mean: Optional[List[float]] = None  # teacher input normalization; None = the preset's
+    std: Optional[List[float]] = None
+    eval: str = ""  # labeled test set: a .npz (shared/data format), an image folder, or digits:test; "" = none
+    eval_batch_size: int = 500
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet56"
+    checkpoint: str = ""  # state_dict file (loaded with weights_only=True)
+    weights: str = ""  # torchvision weights tag, e.g. IMAGENET1K_V2 (tv_* models only)
+
+
+@dataclass
+class LTEConfig:
+    encoder: str = "clip"  # clip | sbert | onehot | file
+    model: str = "ViT-B-32"  # open_clip model name (clip encoder)
+    pretrained: Optional[str] = "openai"  # open_clip tag or local checkpoint path; null = random (tests only)
+    path: str = ""  # precomputed [K, D] tensor (file encoder)
+    template: str = "reference"  # reference ("a image of {name}"), index ("a class of {index}") or a literal
+    cache_dir: str = ".cache/lte"
+
+
+@dataclass
+class NoisyConfig:
+    mode: str = "k_to_1"  # k_to_1: one layer per chunk of K targets; one_to_one: one layer per image
+    arch: str = "A3"  # supplementary Table 5 shape; A3 = BN1d (persistent) + Linear, the reference's
+
+
+@dataclass
+class GeneratorConfig:
+    body: str = "auto"  # cifar (32/64 px) | imagenet (224 px) | auto from the image size
+    nz: int = 1000  # noisy-layer output width = generator input
+    ngf: int = 64
+    paper_variant: bool = False  # paper Table 4: SpectralNorm convs + BN2d after the Sigmoid
+    lr: float = 4e-3
+    beta1: float = 0.5
+    beta2: float = 0.999
+    g_life: int = 10  # epochs between fresh generators
+    noisy: NoisyConfig = field(default_factory=NoisyConfig)
+
+
+@dataclass
+class SynthesisConfig:
+    method: str = "nayer"
+    batch_size: int = 400  # bs gen
+    g_steps: int = 30  # g: generator steps per iteration
+    g_loops: int = 2  # I: iterations per epoch
+    warmup_loops: int = 10  # I during warm-up epochs
+    a_bn: float = 10.0
+    a_cls: float = 0.5
+    a_adv: float = 1.33
+    bn_mmt: float = 0.9  # EMA momentum of the BN-statistics loss (0 = batch statistics only)
+    crop_padding: int = 4
+    flip: bool = True
+    jitter: int = 0  # ImageNet: DeepInversion roll jitter in px
+
+
+@dataclass
+class KDConfig:
+    batch_size: int = 512
+    kd_steps: int = 400  # S: student steps per epoch
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    eta_min: float = 2e-4
+    temperature: float = 20.0
+    crop_padding: int = 4
+    flip: bool = True
+
+
+@dataclass
+class RunConfig:
+    """One NAYER run: Algorithm 1 for `warmup` + `epochs` epochs (or until `time_budget_s`)."""
+
+    name: str = "nayer"
+    out_dir: str = "runs"
+    seed: int = 0
+    epochs: int = 100  # E: epochs with student training, after warm-up
+    warmup: int = 20
+    time_budget_s: float = 0.0  # stop after the epoch that crosses this wall-clock budget; 0 = no budget
+    device: str = "auto"  # auto = cuda when present, else cpu
+    num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    bf16: bool = False  # bf16 autocast for G, teacher and student (2-2.5x on AMX CPUs; Ampere+ GPUs)
+    compile: bool = False  # torch.compile the student and teacher forward passes
+    channels_last: bool = True
+    resume: bool = False  # continue runs/<name> from its last checkpoint
+    grid_classes: int = 10  # rows (classes) in the per-epoch sample grid
+    grid_per_class: int = 8
+    data: DataConfig = field(default_factory=DataConfig)
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    student: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet20"))
+    lte: LTEConfig = field(default_factory=LTEConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
+
+    def validate(self) -> None:
+        """Cross-field checks the type system cannot express; each error names the value and what is allowed."""
+        _choice("run.device", self.device, DEVICES)
+        _choice("synthesis.method", self.synthesis.method, METHODS)
+        _choice("generator.body", self.generator.body, GENERATOR_BODIES)
+        _choice("generator.noisy.mode", self.generator.noisy.mode, NOISY_MODES)
+        _choice("generator.noisy.arch", self.generator.noisy.arch, NOISY_ARCHS)
+        for key, value in [("epochs", self.epochs), ("warmup", self.warmup), ("synthesis.g_loops", self.synthesis.g_loops),
+                           ("synthesis.warmup_loops", self.synthesis.warmup_loops), ("kd.kd_steps", self.kd.kd_steps),
+                           ("generator.g_life", self.generator.g_life - 1)]:
+            if value < 0:
+                raise ConfigError(f"{key} must be >= {0 if key != 'generator.g_life' else 1}, got {value}")
+        for key, value in [("synthesis.batch_size", self.synthesis.batch_size), ("synthesis.g_steps", self.synthesis.g_steps),
+                           ("kd.batch_size", self.kd.batch_size), ("generator.nz", self.generator.nz)]:
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        if self.synthesis.bn_mmt < 0 or self.synthesis.bn_mmt >= 1:
+            raise ConfigError(f"synthesis.bn_mmt must be in [0, 1), got {self.synthesis.bn_mmt}")
+        if self.kd.temperature <= 0:
+            raise ConfigError(f"kd.temperature must be > 0, got {self.kd.temperature}")
+        if self.epochs + self.warmup == 0:
+            raise ConfigError("warmup + epochs is 0: nothing to run")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")

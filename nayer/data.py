@@ -1,0 +1,295 @@
+"""Labeled image sets (real test/train data) and the per-dataset presets a teacher expects.
+
+Everything is held in memory as uint8 NHWC RGB arrays (what :func:`nayer.evaluate.evaluate` takes).
+Three sources are supported, chosen by :func:`load_labeled` from a spec string:
+
+- ``digits:train`` / ``digits:test``: scikit-learn's bundled 8x8 digits (offline), upsampled to 32x32 RGB,
+  the tiny end-to-end fallback when no real data is at hand;
+- a ``.npz`` file with keys ``x`` (uint8 N,H,W,3), ``y`` (int N) and ``classes`` (str), the format of
+  ``/work/shared/data/README.md``;
+- an image folder in torchvision ``ImageFolder`` layout (``root/<class>/<image>``).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class DatasetPreset:
+    """What a teacher trained on this dataset expects as input, and its label names."""
+
+    num_classes: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    class_names: tuple[str, ...] | None  # None: the user must supply them (TinyImageNet wnids have no fixed names)
+
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+# The 100 official CIFAR-100 fine label names in label-index order (copied from the test set's `classes`).
+CIFAR100_CLASSES = (
+    'apple', 'aquarium_fish', 'baby', 'bear', 'beaver', 'bed', 'bee', 'beetle', 'bicycle', 'bottle', 'bowl',
+    'boy', 'bridge', 'bus', 'butterfly', 'camel', 'can', 'castle', 'caterpillar', 'cattle', 'chair',
+    'chimpanzee', 'clock', 'cloud', 'cockroach', 'couch', 'crab', 'crocodile', 'cup', 'dinosaur', 'dolphin',
+    'elephant', 'flatfish', 'forest', 'fox', 'girl', 'hamster', 'house', 'kangaroo', 'keyboard', 'lamp',
+    'lawn_mower', 'leopard', 'lion', 'lizard', 'lobster', 'man', 'maple_tree', 'motorcycle', 'mountain',
+    'mouse', 'mushroom', 'oak_tree', 'orange', 'orchid', 'otter', 'palm_tree', 'pear', 'pickup_truck',
+    'pine_tree', 'plain', 'plate', 'poppy', 'porcupine', 'possum', 'rabbit', 'raccoon', 'ray', 'road',
+    'rocket', 'rose', 'sea', 'seal', 'shark', 'shrew', 'skunk', 'skyscraper', 'snail', 'snake', 'spider',
+    'squirrel', 'streetcar', 'sunflower', 'sweet_pepper', 'table', 'tank', 'telephone', 'television', 'tiger',
+    'tractor', 'train', 'trout', 'tulip', 'turtle', 'wardrobe', 'whale', 'willow_tree', 'wolf', 'woman',
+    'worm',
+)
+
+DIGITS_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+# Pixel mean/std of load_digits("train") (seed 0, test_fraction 0.3) in [0,1]; the three channels are equal
+# because the images are gray. Computed once; tests/test_data.py recomputes them.
+DIGITS_MEAN = (0.3055, 0.3055, 0.3055)
+DIGITS_STD = (0.3237, 0.3237, 0.3237)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_EAGER_PRESETS: dict[str, DatasetPreset] = {
+    # The teacher repos' CIFAR-10 std (0.2023, ...) is not the true std, but it is what their weights expect.
+    "cifar10": DatasetPreset(10, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), CIFAR10_CLASSES),
+    "cifar100": DatasetPreset(100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), CIFAR100_CLASSES),
+    "tiny": DatasetPreset(200, 64, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), None),
+    "digits": DatasetPreset(10, 32, DIGITS_MEAN, DIGITS_STD, DIGITS_CLASSES),
+}
+
+
+@functools.cache
+def _imagenet_preset() -> DatasetPreset:
+    # torchvision's weight metadata ships in the wheel (no download) but importing it costs ~1 s: do it on use.
+    from torchvision.models import ResNet50_Weights
+
+    names = tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
+    return DatasetPreset(1000, 224, IMAGENET_MEAN, IMAGENET_STD, names)
+
+
+class _PresetTable(Mapping[str, DatasetPreset]):
+    """Read-only name -> preset table that builds the ImageNet entry on first access."""
+
+    _names = ("cifar10", "cifar100", "tiny", "imagenet", "digits")
+
+    def __getitem__(self, name: str) -> DatasetPreset:
+        if name == "imagenet":
+            return _imagenet_preset()
+        return _EAGER_PRESETS[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+PRESETS: Mapping[str, DatasetPreset] = _PresetTable()
+
+
+def preset(name: str) -> DatasetPreset:
+    """The preset called `name`; ValueError listing the known names otherwise."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown dataset preset '{name}'; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+@dataclass
+class LabeledImages:
+    """Images with integer labels: x uint8 (N,H,W,3) RGB, y int64 (N,), classes[i] = name of label i."""
+
+    x: np.ndarray
+    y: np.ndarray
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.x.dtype != np.uint8 or self.x.ndim != 4 or self.x.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 (N,H,W,3) RGB, got {self.x.dtype} {tuple(self.x.shape)}")
+        self.y = np.asarray(self.y)
+        if self.y.ndim != 1 or len(self.y) != len(self.x) or not np.issubdtype(self.y.dtype, np.integer):
+            raise ValueError(f"labels must be one integer per image ({len(self.x)}), got {self.y.dtype} "
+                             f"{tuple(self.y.shape)}")
+        self.y = self.y.astype(np.int64, copy=False)
+        self.classes = [str(c) for c in self.classes]
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def load_npz(path: str) -> LabeledImages:
+    """Load a .npz with keys x (uint8 N,H,W,3), y (int N), classes (str); no pickle is allowed."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"npz file not found: '{path}'")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read '{path}' as a .npz archive: {_first_line(exc)}") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"'{path}' holds a single array, not a .npz archive with keys x, y and classes")
+    with data:
+        missing = [k for k in ("x", "y", "classes") if k not in data.files]
+        if missing:
+            raise ValueError(f"'{path}' lacks key(s) {', '.join(missing)}; a labeled .npz needs x, y and classes "
+                             f"(it has {', '.join(data.files) or 'none'})")
+        try:
+            x, y, classes = data["x"], data["y"], [str(c) for c in data["classes"]]
+        except ValueError as exc:  # "Object arrays cannot be loaded when allow_pickle=False"
+            raise ValueError(f"'{path}': {_first_line(exc)}; store x, y and classes as plain (non-object) "
+                             f"arrays") from None
+    try:
+        images = LabeledImages(x, y, classes)
+    except ValueError as exc:
+        raise ValueError(f"'{path}': {exc}") from None
+    _check_labels_match_classes(images, path)
+    return images
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_labels_match_classes(images: LabeledImages, where: str) -> None:
+    k = len(images.classes)
+    if k == 0:
+        raise ValueError(f"'{where}' has an empty class list")
+    bad = (images.y < 0) | (images.y >= k)
+    if bad.any():
+        raise ValueError(f"'{where}' has {int(bad.sum())} label(s) outside [0, {k}) for its {k} classes "
+                         f"(e.g. {int(images.y[bad][0])})")
+
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _resize_center_crop(img, size: int):
+    """Shorter side -> `size` (bilinear, antialiased by PIL), then a centered size x size crop."""
+    from PIL import Image
+
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def load_image_folder(path: str, image_size: int | None) -> LabeledImages:
+    """Load `path/<class>/<image>` (torchvision ImageFolder layout; classes = sorted folder names).
+
+    Images are converted to RGB and brought to image_size x image_size (shorter side resized, center crop).
+    With image_size None they are kept as they are and must all share one size.
+    """
+    from PIL import Image
+
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: '{path}'")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"image folder '{path}' has no class sub-folders; expected {path}/<class>/<image>")
+    images, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(f for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
+        for file in files:
+            with Image.open(file) as img:
+                img = img.convert("RGB")
+                if image_size is not None:
+                    img = _resize_center_crop(img, image_size)
+                arr = np.asarray(img, dtype=np.uint8)
+            if images and arr.shape != images[0].shape:
+                raise ValueError(f"'{file}' is {arr.shape[1]}x{arr.shape[0]} but earlier images are "
+                                 f"{images[0].shape[1]}x{images[0].shape[0]}; pass an image size to resize them")
+            images.append(arr)
+            labels.append(label)
+    if not images:
+        raise ValueError(f"image folder '{path}' has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    return LabeledImages(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+
+
+DIGITS_SPLITS = ("train", "test")
+
+
+@functools.cache
+def _digits_split(split: str, seed: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_digits()
+    images = bunch.images.astype(np.float32) * (255.0 / 16.0)  # 0..16 -> 0..255
+    upsampled = F.interpolate(torch.from_numpy(images)[:, None], size=(32, 32), mode="bilinear",
+                              align_corners=False)[:, 0].numpy()
+    gray = np.clip(np.rint(upsampled), 0, 255).astype(np.uint8)
+    rgb = np.repeat(gray[..., None], 3, axis=-1)
+    labels = bunch.target.astype(np.int64)
+    train_idx, test_idx = train_test_split(np.arange(len(labels)), test_size=test_fraction, stratify=labels,
+                                           random_state=seed)
+    idx = np.sort(train_idx if split == "train" else test_idx)
+    return rgb[idx], labels[idx]
+
+
+def load_digits(split: str, seed: int = 0, test_fraction: float = 0.3) -> LabeledImages:
+    """scikit-learn's 1,797 digits as 32x32 RGB uint8, with a fixed stratified train/test split.
+
+    The 8x8 0..16 images are scaled to 0..255, upsampled bilinearly to 32x32 and repeated to 3 channels.
+    """
+    if split not in DIGITS_SPLITS:
+        raise ValueError(f"unknown digits split '{split}'; use one of: {', '.join(DIGITS_SPLITS)}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"digits test_fraction must be in (0, 1), got {test_fraction}")
+    x, y = _digits_split(split, seed, test_fraction)
+    # Copies, so a caller that edits the arrays cannot corrupt the cached split.
+    return LabeledImages(x.copy(), y.copy(), list(DIGITS_CLASSES))
+
+
+SPEC_FORMS = "'digits:train', 'digits:test', a .npz file (keys x, y, classes) or an image folder (root/<class>/<image>)"
+
+
+def load_labeled(spec: str, image_size: int | None = None) -> LabeledImages:
+    """Load a labeled set from `spec` (see SPEC_FORMS); with image_size, every image must be that size.
+
+    Image folders are resized to image_size; .npz and digits images are not, and a mismatch is an error.
+    """
+    if spec.startswith("digits:"):
+        images = load_digits(spec.split(":", 1)[1])
+    elif os.path.isdir(spec):
+        images = load_image_folder(spec, image_size)
+    elif os.path.isfile(spec):
+        if not spec.endswith(".npz"):
+            raise ValueError(f"'{spec}' is a file but not a .npz; accepted: {SPEC_FORMS}")
+        images = load_npz(spec)
+    else:
+        raise FileNotFoundError(f"data not found: '{spec}'; accepted: {SPEC_FORMS}")
+    if image_size is not None and images.x.shape[1:3] != (image_size, image_size):
+        h, w = images.x.shape[1:3]
+        raise ValueError(f"'{spec}' holds {w}x{h} images but {image_size}x{image_size} are expected")
+    return images
+
+
+def read_class_names(path: str) -> list[str]:
+    """Class names from a text file, one per line in label order (blank lines ignored)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"class-name file not found: '{path}'")
+    names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"class-name file '{path}' has no names; write one class name per line")
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"class-name file '{path}' lists '{name}' twice; names must be unique")
+        seen.add(name)
+    return names

@@ -1,0 +1,172 @@
+"""NAYER's generator: fixed label-text embeddings -> persistent BN1d -> noisy layers -> conv body -> image.
+
+The noisy layers are the paper's key idea (Sec. 3.2): a Linear from the embedding to the generator input that
+is re-initialized (weight ~ N(0,1), bias 0) at the start of every synthesis iteration, so the same few label
+embeddings yield diverse images without a random-noise input. In `k_to_1` mode (the reference's) the batch is
+cut into chunks of K targets (one per class) and chunk i goes through its own layer; in `one_to_one` every
+image has its own layer. All layers of an iteration are held as one stacked weight so the forward is a single
+batched matmul instead of a Python loop over ceil(B/K) modules.
+
+Noisy-layer shapes of supplementary Table 5 (`generator.noisy.arch`); "BN" is the persistent BatchNorm1d on
+the embeddings (part of G, trained, kept across iterations), everything after it is re-initialized:
+A1 Linear | A2 Linear, Linear | A3 BN, Linear (reference, best) | A4 BN, Linear, Linear |
+A5 BN, Linear, Sigmoid | A6 BN, Linear, Tanh | A7 BN, Linear, ReLU | A8 BN, Linear, Dropout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+NOISY_SHAPES: dict[str, tuple[bool, int, str]] = {
+    # arch: (embedding BN1d, number of stacked Linears, activation after the last Linear)
+    "A1": (False, 1, "none"),
+    "A2": (False, 2, "none"),
+    "A3": (True, 1, "none"),
+    "A4": (True, 2, "none"),
+    "A5": (True, 1, "sigmoid"),
+    "A6": (True, 1, "tanh"),
+    "A7": (True, 1, "relu"),
+    "A8": (True, 1, "dropout"),
+}
+
+
+def balanced_targets(batch_size: int, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
+    """[0..K-1] repeated batch_size//K times, then batch_size%K random labels (the reference's K-to-1 batch)."""
+    reps = torch.arange(num_classes).repeat(batch_size // num_classes)
+    extra = torch.randint(0, num_classes, (batch_size % num_classes,), generator=generator)
+    return torch.cat([reps, extra])
+
+
+class NoisyLayers(nn.Module):
+    """`num_layers` independent Linear stacks, applied chunk-wise; re-initialized by :meth:`reinit`."""
+
+    def __init__(self, in_dim: int, out_dim: int, num_layers: int, chunk: int, depth: int = 1,
+                 activation: str = "none"):
+        super().__init__()
+        self.num_layers, self.chunk, self.activation = num_layers, chunk, activation
+        dims = [in_dim] + [out_dim] * depth
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_layers, a, b)) for a, b in zip(dims, dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_layers, 1, b)) for b in dims[1:])
+        self.reinit()
+
+    @torch.no_grad()
+    def reinit(self) -> None:
+        """weight ~ N(0, 1), bias = 0, as the reference's `re_init_le`."""
+        for w in self.weights:
+            w.normal_(0.0, 1.0)
+        for b in self.biases:
+            b.zero_()
+
+    def forward(self, e: Tensor) -> Tensor:
+        n = e.shape[0]
+        if n > self.num_layers * self.chunk:
+            raise ValueError(f"batch of {n} needs more than the {self.num_layers} noisy layers of {self.chunk} rows")
+        used = math.ceil(n / self.chunk)
+        padded = F.pad(e, (0, 0, 0, used * self.chunk - n)).view(used, self.chunk, -1)
+        h = padded
+        for w, b in zip(self.weights, self.biases):
+            h = torch.baddbmm(b[:used], h, w[:used])
+        if self.activation == "sigmoid":
+            h = torch.sigmoid(h)
+        elif self.activation == "tanh":
+            h = torch.tanh(h)
+        elif self.activation == "relu":
+            h = torch.relu(h)
+        elif self.activation == "dropout":
+            h = F.dropout(h, 0.5, self.training)
+        return h.reshape(used * self.chunk, -1)[:n]
+
+
+def _conv(cin: int, cout: int, spectral: bool, bias: bool = False) -> nn.Module:
+    conv = nn.Conv2d(cin, cout, 3, stride=1, padding=1, bias=bias)
+    return nn.utils.parametrizations.spectral_norm(conv) if spectral else conv
+
+
+class CifarBody(nn.Module):
+    """Fast-DFKD/NAYER generator body for 32/64 px: Linear -> 128 x (s/4)^2, two up-conv stages, conv, sigmoid."""
+
+    def __init__(self, nz: int, ngf: int, image_size: int, paper_variant: bool):
+        super().__init__()
+        if image_size % 4:
+            raise ValueError(f"the cifar generator body needs an image size divisible by 4, got {image_size}")
+        self.init_size = image_size // 4
+        self.l1 = nn.Linear(nz, ngf * 2 * self.init_size ** 2)
+        self.conv_blocks = nn.Sequential(
+            nn.BatchNorm2d(ngf * 2),
+            nn.Upsample(scale_factor=2),
+            _conv(ngf * 2, ngf * 2, paper_variant),
+            nn.BatchNorm2d(ngf * 2),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(scale_factor=2),
+            _conv(ngf * 2, ngf, paper_variant),
+            nn.BatchNorm2d(ngf),
+            nn.LeakyReLU(0.2, inplace=True),
+            _conv(ngf, 3, paper_variant, bias=True),
+            nn.Sigmoid(),
+            *([nn.BatchNorm2d(3, affine=False)] if paper_variant else []),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.l1(z).view(z.shape[0], -1, self.init_size, self.init_size)
+        return self.conv_blocks(out)
+
+
+class ImageNetBody(nn.Module):
+    """224 px body: Linear -> 128 x 14x14, four (Up x2, conv3x3, BN, LeakyReLU) stages 128/128/64/64, conv, sigmoid."""
+
+    def __init__(self, nz: int, ngf: int, image_size: int, paper_variant: bool):
+        super().__init__()
+        if image_size % 16:
+            raise ValueError(f"the imagenet generator body needs an image size divisible by 16, got {image_size}")
+        self.init_size = image_size // 16
+        widths = [ngf * 2, ngf * 2, ngf * 2, ngf, ngf]
+        self.l1 = nn.Linear(nz, widths[0] * self.init_size ** 2)
+        layers: list[nn.Module] = [nn.BatchNorm2d(widths[0])]
+        for cin, cout in zip(widths, widths[1:]):
+            layers += [nn.Upsample(scale_factor=2), _conv(cin, cout, paper_variant), nn.BatchNorm2d(cout),
+                       nn.LeakyReLU(0.2, inplace=True)]
+        layers += [_conv(widths[-1], 3, paper_variant, bias=True), nn.Sigmoid()]
+        if paper_variant:
+            layers.append(nn.BatchNorm2d(3, affine=False))
+        self.conv_blocks = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor) -> Tensor:
+        out = self.l1(z).view(z.shape[0], -1, self.init_size, self.init_size)
+        return self.conv_blocks(out)
+
+
+class NayerGenerator(nn.Module):
+    """G(y) = body(noisy(BN1d(LTE[y]))). The embeddings are a fixed buffer (no grad), as in the reference."""
+
+    def __init__(self, embeddings: Tensor, batch_size: int, image_size: int, nz: int = 1000, ngf: int = 64,
+                 body: str = "auto", noisy_mode: str = "k_to_1", noisy_arch: str = "A3", paper_variant: bool = False):
+        super().__init__()
+        if embeddings.ndim != 2:
+            raise ValueError(f"label embeddings must be [classes, dim], got shape {tuple(embeddings.shape)}")
+        if noisy_arch not in NOISY_SHAPES:
+            raise ValueError(f"unknown noisy-layer shape {noisy_arch!r}; choose one of {', '.join(NOISY_SHAPES)}")
+        num_classes, emb_dim = embeddings.shape
+        self.register_buffer("embeddings", embeddings.detach().float().clone())
+        use_bn, depth, activation = NOISY_SHAPES[noisy_arch]
+        self.emb_bn = nn.BatchNorm1d(emb_dim) if use_bn else nn.Identity()
+        chunk = num_classes if noisy_mode == "k_to_1" else 1
+        if noisy_mode not in ("k_to_1", "one_to_one"):
+            raise ValueError(f"unknown noisy mode {noisy_mode!r}; choose k_to_1 or one_to_one")
+        self.noisy = NoisyLayers(emb_dim, nz, math.ceil(batch_size / chunk), chunk, depth, activation)
+        if body == "auto":
+            body = "imagenet" if image_size > 64 else "cifar"
+        bodies = {"cifar": CifarBody, "imagenet": ImageNetBody}
+        if body not in bodies:
+            raise ValueError(f"unknown generator body {body!r}; choose auto, cifar or imagenet")
+        self.body = bodies[body](nz, ngf, image_size, paper_variant)
+
+    def reinit_noisy(self) -> None:
+        self.noisy.reinit()
+
+    def forward(self, targets: Tensor) -> Tensor:
+        e = self.emb_bn(self.embeddings[targets])
+        return self.body(self.noisy(e))

@@ -1,0 +1,131 @@
+"""NAYER's losses (Tran et al., CVPR 2024), as the paper and its reference code define them.
+
+Generator objective (Algorithm 1, line 8): L_G = a_bn * L_BN + a_cls * L_CE + a_adv * L_adv.
+Student objective (Eq. 7): L_KD.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class BNStatisticsLoss:
+    """L_BN, paper Eq. 2 (the DeepInversion feature-statistics prior, with NAYER's momentum EMA).
+
+    Forward hooks on every BatchNorm2d of the teacher take the BN's *input*: per-channel batch mean and biased
+    variance (m, v). With momentum `mmt` (bn_mmt = 0.9) they are mixed with an EMA of earlier iterations:
+    m' = (1 - mmt) * m + mmt * ema_m (first iteration of the run: m' = m), and
+
+        L_BN = sum_layers ||running_mean - m'||_2 + ||running_var - v'||_2
+
+    (plain, unweighted L2 norms). After each synthesis iteration :meth:`update_ema` folds that iteration's last
+    batch statistics into the EMA: ema <- mmt * ema + (1 - mmt) * stats (the first time: ema <- stats). The EMA
+    lives for the whole run (it is checkpointed). Hooks only record inside :meth:`capture`, so the teacher's KD
+    forward passes pay nothing for them.
+    """
+
+    def __init__(self, model: nn.Module, momentum: float = 0.9):
+        self.momentum = momentum
+        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.ema: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        self.batch: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
+        self._active = False
+        self._handles = [layer.register_forward_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)]
+
+    def _make_hook(self, index: int):
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if self._active:
+                x = inputs[0].float()
+                mean = x.mean(dim=(0, 2, 3))
+                var = x.var(dim=(0, 2, 3), unbiased=False)
+                self.batch[index] = (mean, var)
+        return hook
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator["BNStatisticsLoss"]:
+        self._active = True
+        try:
+            yield self
+        finally:
+            self._active = False
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def loss(self) -> Tensor:
+        """L_BN for the statistics recorded by the last teacher forward inside :meth:`capture`."""
+        if not self.layers:
+            raise RuntimeError("the teacher has no BatchNorm2d layer, so the BN loss is undefined; set synthesis.a_bn=0")
+        total = 0.0
+        for layer, stats, ema in zip(self.layers, self.batch, self.ema):
+            if stats is None:
+                raise RuntimeError("BN statistics were not recorded: run the teacher forward inside capture()")
+            mean, var = stats
+            if ema is not None and self.momentum > 0:
+                mean = (1 - self.momentum) * mean + self.momentum * ema[0]
+                var = (1 - self.momentum) * var + self.momentum * ema[1]
+            total = total + torch.norm(layer.running_mean - mean, 2) + torch.norm(layer.running_var - var, 2)
+        return total  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Fold the last recorded batch statistics into the run-long EMA (once per synthesis iteration)."""
+        if self.momentum <= 0:
+            return
+        for i, stats in enumerate(self.batch):
+            if stats is None:
+                continue
+            mean, var = stats[0].detach(), stats[1].detach()
+            if self.ema[i] is None:
+                self.ema[i] = (mean.clone(), var.clone())
+            else:
+                em, ev = self.ema[i]  # type: ignore[misc]
+                self.ema[i] = (self.momentum * em + (1 - self.momentum) * mean,
+                               self.momentum * ev + (1 - self.momentum) * var)
+
+    def state_dict(self) -> dict:
+        return {"ema": [None if e is None else (e[0].cpu(), e[1].cpu()) for e in self.ema]}
+
+    def load_state_dict(self, state: dict) -> None:
+        ema = state["ema"]
+        if len(ema) != len(self.layers):
+            raise ValueError(f"BN-statistics state has {len(ema)} layers but the teacher has {len(self.layers)}")
+        device = self.layers[0].running_mean.device if self.layers else "cpu"
+        self.ema = [None if e is None else (e[0].to(device), e[1].to(device)) for e in ema]
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def class_loss(teacher_logits: Tensor, targets: Tensor) -> Tensor:
+    """L_CE: cross-entropy of the teacher's logits on the generator's target labels (the class prior)."""
+    return F.cross_entropy(teacher_logits.float(), targets)
+
+
+def kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-sample KL(softmax(t/T) || softmax(s/T)) * T^2, summed over classes: shape [B]."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=1)
+    p = F.softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_q, p, reduction="none").sum(1) * temperature ** 2
+
+
+def adversarial_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """L_adv of the generator objective (NAYER Algorithm 1 line 8, the masked form of Fast-DFKD / CMI).
+
+    L_adv = -mean_b( mask_b * KL(softmax(t_b) || softmax(s_b)) ), mask_b = [argmax s_b == argmax t_b], T = 1:
+    the generator seeks images where student and teacher still agree on the class but differ in distribution;
+    samples where they already disagree contribute zero (they are not pushed to be harder).
+    """
+    mask = (student_logits.argmax(1) == teacher_logits.argmax(1)).float()
+    return -(kl_div(student_logits, teacher_logits) * mask).mean()
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 20.0) -> Tensor:
+    """L_KD, paper Eq. 7 (Hinton et al. 2015): KL(softmax(t/T) || softmax(s/T)) * T^2, batch mean."""
+    return kl_div(student_logits, teacher_logits.detach(), temperature).mean()

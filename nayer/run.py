@@ -1,0 +1,240 @@
+"""Single-process NAYER: Algorithm 1 end to end (the reference for the distributed orchestrator).
+
+    python -m nayer.run config=configs/cifar10.yaml teacher.checkpoint=../shared/data/cifar10_resnet56.pt \
+        data.eval=../shared/data/cifar10_test.npz
+    python -m nayer.run config=configs/cifar10.yaml,configs/profiles/cpu.yaml name=quick   # a CPU-sized look
+    python -m nayer.run config=configs/digits.yaml teacher.checkpoint=runs/digits-teacher.pt  # self-contained
+    python -m nayer.run config=... name=<existing run> resume=true                       # continue a killed run
+
+Each epoch: synthesize (warm-up: no adversarial term, no student training) -> append to the memory buffer ->
+S KD steps -> evaluate on the real test set -> metrics.jsonl / TensorBoard / sample grid -> checkpoint.
+Run folder `runs/<name>/`: config.yaml, metrics.jsonl, tb/, samples/epoch-XXXXX.png, buffer/, checkpoint.pt,
+summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from nayer.buffer import InMemoryBuffer
+from nayer.cli_config import ConfigError, config_to_yaml, parse_config, save_config
+from nayer.config import RunConfig
+from nayer.data import load_labeled, preset, read_class_names
+from nayer.evaluate import evaluate
+from nayer.kd import StudentTrainer
+from nayer.lte import encode_labels
+from nayer.models import CheckpointMismatchError, build_model, load_teacher
+from nayer.synthesis import NayerSynthesizer
+from nayer.visualize import save_sample_grid
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` = CUDA when present, else CPU; asking for CUDA without one is an error, not a silent fallback."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device=cuda but no CUDA device is visible; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_data(cfg: RunConfig) -> tuple[list[str], int, list[float], list[float]]:
+    """Class names, image size and normalization from the dataset preset and the config's overrides."""
+    p = preset(cfg.data.dataset)
+    if cfg.data.class_names is not None:
+        names = list(cfg.data.class_names)
+    elif cfg.data.class_names_file:
+        names = read_class_names(cfg.data.class_names_file)
+    else:
+        names = list(p.class_names or [])
+    if not names:
+        raise ConfigError(f"dataset '{cfg.data.dataset}' has no built-in class names: pass data.class_names_file=<txt>")
+    if len(names) != p.num_classes and cfg.data.class_names is None and not cfg.data.class_names_file:
+        raise ConfigError(f"preset '{cfg.data.dataset}' lists {len(names)} names for {p.num_classes} classes")
+    mean = list(cfg.data.mean) if cfg.data.mean is not None else list(p.mean)
+    std = list(cfg.data.std) if cfg.data.std is not None else list(p.std)
+    return names, p.image_size, mean, std
+
+
+class RunFolder:
+    """runs/<name>/: refuses to clobber an existing run unless resuming; atomic checkpoint and JSONL metrics."""
+
+    def __init__(self, cfg: RunConfig):
+        self.path = Path(cfg.out_dir) / cfg.name
+        self.checkpoint = self.path / "checkpoint.pt"
+        if (self.path / "config.yaml").exists() and not cfg.resume:
+            raise ConfigError(f"run folder {self.path} already holds a run; pass resume=true to continue it or "
+                              f"name=<new name>")
+        if cfg.resume:
+            if not self.checkpoint.exists():
+                raise ConfigError(f"resume=true but {self.checkpoint} does not exist; drop resume or check name=")
+            saved = (self.path / "config.yaml").read_text()
+            if _without_resume(saved) != _without_resume(config_to_yaml(cfg)):
+                raise ConfigError(f"resume=true but the config differs from the one in {self.path}/config.yaml; "
+                                  f"resume with the same config (only resume= may change)")
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "samples").mkdir(exist_ok=True)
+        save_config(cfg, self.path / "config.yaml")
+
+    def log(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def save_checkpoint(self, state: dict) -> None:
+        tmp = self.checkpoint.with_name("checkpoint.pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint)
+
+    def write_json(self, name: str, data: dict) -> None:
+        tmp = self.path / (name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, self.path / name)
+
+
+def _without_resume(yaml_text: str) -> str:
+    return "\n".join(line for line in yaml_text.splitlines() if not line.startswith("resume:"))
+
+
+def run(cfg: RunConfig) -> dict:
+    """Run Algorithm 1 as configured; returns the summary (final and best student top-1, times)."""
+    wall_start = time.perf_counter()
+    device = select_device(cfg.device)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    seed_everything(cfg.seed)
+    folder = RunFolder(cfg)
+    names, image_size, mean, std = resolve_data(cfg)
+    k = len(names)
+
+    try:
+        teacher = load_teacher(cfg.teacher.arch, k, cfg.teacher.checkpoint or None, cfg.teacher.weights or None)
+    except CheckpointMismatchError as exc:  # most often: a class-name list of the wrong length
+        raise ConfigError(f"{exc}; note: the run has {k} class names, the teacher's output size must equal that") from None
+    teacher = teacher.to(device)
+    student = build_model(cfg.student.arch, k).to(device)
+    if cfg.channels_last:
+        teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
+    embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cfg.lte.model, cfg.lte.pretrained,
+                               cfg.lte.path or None, cfg.lte.cache_dir or None, device)
+    eval_set = load_labeled(cfg.data.eval, image_size) if cfg.data.eval else None
+    if eval_set is not None and int(eval_set.y.max()) >= k:
+        raise ConfigError(f"evaluation set {cfg.data.eval} has label {int(eval_set.y.max())} but the teacher has {k} classes")
+
+    synthesizer = NayerSynthesizer(teacher, student, embeddings, image_size, mean, std, cfg.generator, cfg.synthesis,
+                                   device, cfg.bf16, cfg.channels_last, cfg.seed)
+    trainer = StudentTrainer(student, teacher, cfg.kd, cfg.epochs, mean, std, device, cfg.bf16, cfg.channels_last)
+    buffer = InMemoryBuffer()
+    sampler = torch.Generator().manual_seed(cfg.seed + 1)
+    kd_model = student
+    if cfg.compile:  # KD and evaluation only: synthesis needs the teacher's BN hooks, which stay eager
+        kd_model = trainer.student = torch.compile(student)
+        trainer.teacher = torch.compile(teacher)
+    start_epoch, best, elapsed_before = 0, {"top1": -1.0, "epoch": -1}, 0.0
+
+    if cfg.resume:
+        state = torch.load(folder.checkpoint, map_location=device, weights_only=True)
+        student.load_state_dict(state["student"])
+        trainer.load_state_dict(state["trainer"])
+        synthesizer.load_state_dict(state["synthesizer"])
+        buffer = InMemoryBuffer.load(folder.path / "buffer", state["buffer_chunks"])
+        sampler.set_state(state["sampler_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state["elapsed"]
+
+    teacher_acc = None
+    if eval_set is not None:
+        teacher_acc = evaluate(teacher, eval_set.x, eval_set.y, mean, std, device, cfg.data.eval_batch_size,
+                               cfg.bf16, k)["top1"]
+        tqdm.write(f"teacher top-1 on {cfg.data.eval}: {teacher_acc:.2f}%")
+
+    writer = _tensorboard(folder.path / "tb")
+    total = cfg.warmup + cfg.epochs
+    bar = tqdm(range(start_epoch, total), desc=cfg.name, unit="epoch", initial=start_epoch, total=total,
+               dynamic_ncols=True)
+    record: dict = {}
+    for epoch in bar:
+        warm = epoch < cfg.warmup
+        result = synthesizer.synthesize(warmup=warm)
+        buffer.append(result.images, result.labels)
+        buffer.save_chunk(folder.path / "buffer", buffer.num_chunks - 1)
+        buffer.reset_order()
+        save_sample_grid(result.images, result.labels, folder.path / "samples" / f"epoch-{epoch:05d}.png",
+                         min(k, cfg.grid_classes), cfg.grid_per_class)
+        record = {"epoch": epoch, "phase": "warmup" if warm else "kd", "buffer": len(buffer), **result.stats}
+        if not warm:
+            record.update(trainer.train_epoch(buffer.batches(cfg.kd.batch_size, cfg.kd.kd_steps, sampler)))
+            if eval_set is not None:
+                t0 = time.perf_counter()
+                ev = evaluate(kd_model, eval_set.x, eval_set.y, mean, std, device, cfg.data.eval_batch_size, cfg.bf16, k)
+                record.update(top1=ev["top1"], per_class=ev["per_class"], eval_time=time.perf_counter() - t0)
+                if ev["top1"] > best["top1"]:
+                    best = {"top1": ev["top1"], "epoch": epoch}
+        record["elapsed"] = elapsed_before + time.perf_counter() - wall_start
+        folder.log(record)
+        _log_tensorboard(writer, record)
+        folder.save_checkpoint({
+            "epoch": epoch, "student": student.state_dict(), "trainer": trainer.state_dict(),
+            "synthesizer": synthesizer.state_dict(), "buffer_chunks": buffer.num_chunks,
+            "sampler_rng": sampler.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
+            "elapsed": record["elapsed"],
+        })
+        bar.set_postfix({k_: (f"{v:.2f}" if isinstance(v, float) else v) for k_, v in record.items()
+                         if k_ in ("top1", "syn_ce", "syn_bn", "kd_loss", "buffer")})
+        if cfg.time_budget_s and record["elapsed"] >= cfg.time_budget_s:
+            tqdm.write(f"time budget of {cfg.time_budget_s:.0f}s reached after epoch {epoch}")
+            break
+    bar.close()
+    if writer is not None:
+        writer.close()
+    torch.save(student.state_dict(), folder.path / "student.pt.tmp")
+    os.replace(folder.path / "student.pt.tmp", folder.path / "student.pt")
+    summary = {"name": cfg.name, "teacher_top1": teacher_acc, "final_top1": record.get("top1"),
+               "best_top1_on_test_set": best["top1"] if best["epoch"] >= 0 else None, "best_epoch": best["epoch"],
+               "epochs_run": record.get("epoch", start_epoch - 1) + 1, "buffer_images": len(buffer),
+               "wall_time_s": elapsed_before + time.perf_counter() - wall_start, "device": str(device)}
+    folder.write_json("summary.json", summary)
+    return summary
+
+
+def _tensorboard(path: Path):
+    from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in tensorboard
+
+    return SummaryWriter(str(path))
+
+
+def _log_tensorboard(writer, record: dict) -> None:
+    if writer is None:
+        return
+    for key, value in record.items():
+        if isinstance(value, (int, float)) and key != "epoch":
+            writer.add_scalar(key, value, record["epoch"])
+    writer.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(RunConfig, args)
+        summary = run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""NAYER synthesis: one epoch of Algorithm 1, lines 3-11 (Tran et al., CVPR 2024).
+
+For each of I iterations (`g_loops`; `warmup_loops` during warm-up):
+  1. re-initialize the noisy layers and create a fresh Adam over all of G (lr 4e-3, betas (0.5, 0.999));
+  2. g times (`g_steps`): x = G(y); x_a = augment(x); t = T(x_a);
+       L = a_bn * L_BN + a_cls * CE(t, y) [+ a_adv * L_adv(S(x_a), t) after warm-up]; keep the x with the lowest L
+       seen in this iteration (best-of-steps, reset every iteration); Adam step on G only;
+  3. fold the iteration's BN statistics into the run-long EMA; emit the kept batch as uint8.
+G is replaced by a fresh generator every `g_life` epochs. Teacher and student never receive gradients here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from nayer.augment import Augment, float_to_uint8
+from nayer.config import GeneratorConfig, SynthesisConfig
+from nayer.evaluate import autocast
+from nayer.generator import NayerGenerator, balanced_targets
+from nayer.losses import BNStatisticsLoss, adversarial_loss, class_loss
+
+
+@dataclass
+class SynthesisResult:
+    images: Tensor  # uint8 [N, 3, H, W]: the kept batch of every iteration
+    labels: Tensor  # int64 [N]
+    stats: dict = field(default_factory=dict)  # mean losses of the kept batches, steps, seconds
+    curves: list = field(default_factory=list)  # per iteration, per step: (total loss, teacher CE)
+
+
+class NayerSynthesizer:
+    """Holds G, its noisy layers and the BN-statistics EMA across epochs; `synthesize()` runs one epoch."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, embeddings: Tensor, image_size: int,
+                 mean: list[float], std: list[float], gen_cfg: GeneratorConfig, syn_cfg: SynthesisConfig,
+                 device: torch.device, bf16: bool = False, channels_last: bool = True, seed: int = 0):
+        self.teacher, self.student = teacher, student
+        self.embeddings = embeddings
+        self.num_classes = embeddings.shape[0]
+        self.image_size = image_size
+        self.gen_cfg, self.cfg = gen_cfg, syn_cfg
+        self.device, self.bf16, self.channels_last = device, bf16, channels_last
+        self.augment = Augment(mean, std, syn_cfg.crop_padding, syn_cfg.flip, syn_cfg.jitter).to(device)
+        self.bn_loss = BNStatisticsLoss(teacher, syn_cfg.bn_mmt)
+        if syn_cfg.a_bn > 0 and len(self.bn_loss) == 0:
+            raise ValueError("the teacher has no BatchNorm2d layer, so the BN loss is undefined; set synthesis.a_bn=0")
+        self.rng = torch.Generator().manual_seed(seed)
+        self.epoch = 0  # epochs synthesized so far (drives the g_life schedule)
+        self.generator = self._new_generator()
+
+    def _new_generator(self) -> NayerGenerator:
+        g = self.gen_cfg
+        gen = NayerGenerator(self.embeddings, self.cfg.batch_size, self.image_size, g.nz, g.ngf, g.body,
+                             g.noisy.mode, g.noisy.arch, g.paper_variant).to(self.device)
+        return gen.to(memory_format=torch.channels_last) if self.channels_last else gen
+
+    def synthesize(self, warmup: bool) -> SynthesisResult:
+        """One epoch of synthesis. `warmup`: no adversarial term, `warmup_loops` iterations."""
+        if self.epoch > 0 and self.epoch % self.gen_cfg.g_life == 0:
+            self.generator = self._new_generator()
+        loops = self.cfg.warmup_loops if warmup else self.cfg.g_loops
+        use_adv = not warmup and self.cfg.a_adv != 0
+        start = time.perf_counter()
+        student_was_training = self.student.training
+        self.student.eval()
+        self.teacher.eval()
+        frozen = [p for m in (self.teacher, self.student) for p in m.parameters() if p.requires_grad]
+        for p in frozen:  # no parameter gradients for T or S: pure waste during synthesis
+            p.requires_grad_(False)
+        images, labels, totals = [], [], {"loss": 0.0, "bn": 0.0, "ce": 0.0, "adv": 0.0}
+        curves: list[list[tuple[float, float]]] = []
+        try:
+            for _ in range(loops):
+                x, y, parts, curve = self._iteration(use_adv)
+                curves.append(curve)
+                images.append(float_to_uint8(x).cpu())
+                labels.append(y.cpu())
+                for k in totals:
+                    totals[k] += parts[k] / max(loops, 1)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+            self.student.train(student_was_training)
+        self.epoch += 1
+        stats = {f"syn_{k}": v for k, v in totals.items()}
+        stats.update(syn_iterations=loops, syn_steps=loops * self.cfg.g_steps, syn_time=time.perf_counter() - start)
+        return SynthesisResult(torch.cat(images), torch.cat(labels), stats, curves)
+
+    def _iteration(self, use_adv: bool) -> tuple[Tensor, Tensor, dict, list[tuple[float, float]]]:
+        cfg = self.cfg
+        gen = self.generator
+        gen.train()
+        gen.reinit_noisy()
+        optimizer = torch.optim.Adam(gen.parameters(), lr=self.gen_cfg.lr, betas=(self.gen_cfg.beta1, self.gen_cfg.beta2))
+        targets = balanced_targets(cfg.batch_size, self.num_classes, self.rng).to(self.device)
+        best_loss, best_x, best_parts = float("inf"), None, {}
+        curve = []
+        for _ in range(cfg.g_steps):
+            with autocast(self.device, self.bf16), self.bn_loss.capture():
+                x = gen(targets).float()  # the kept batch and the augmentation stay in fp32
+                xa = self.augment(x)
+                if self.channels_last:
+                    xa = xa.contiguous(memory_format=torch.channels_last)
+                t_logits = self.teacher(xa)
+                s_logits = self.student(xa) if use_adv else None
+            loss_bn = self.bn_loss.loss() if cfg.a_bn != 0 else torch.zeros((), device=self.device)
+            loss_ce = class_loss(t_logits, targets)
+            loss_adv = adversarial_loss(s_logits, t_logits) if s_logits is not None else torch.zeros((), device=self.device)
+            loss = cfg.a_bn * loss_bn + cfg.a_cls * loss_ce + cfg.a_adv * loss_adv
+            value = loss.item()
+            curve.append((value, loss_ce.item()))
+            if not math.isfinite(value):
+                raise FloatingPointError(f"generator loss is {value} (bn {loss_bn.item()}, ce {loss_ce.item()}, "
+                                         f"adv {loss_adv.item()}) at epoch {self.epoch}: lower generator.lr or a_bn")
+            if value < best_loss or best_x is None:  # best-of-steps: the batch x that produced the lowest L
+                best_loss, best_x = value, x.detach().float()
+                best_parts = {"loss": value, "bn": loss_bn.item(), "ce": loss_ce.item(), "adv": loss_adv.item()}
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        self.bn_loss.update_ema()
+        return best_x, targets, best_parts, curve  # type: ignore[return-value]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.state_dict(), "bn_ema": self.bn_loss.state_dict(),
+                "epoch": self.epoch, "rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.generator.load_state_dict(state["generator"])
+        self.bn_loss.load_state_dict(state["bn_ema"])
+        self.rng.set_state(state["rng"])

@@ -1,0 +1,24 @@
+"""PNG grids of synthetic samples: one row per class, so a person sees at a glance what each label became."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torchvision.utils import save_image
+
+
+def save_sample_grid(images: Tensor, labels: Tensor, path: str | Path, num_classes: int, per_class: int = 8) -> Path:
+    """Row c holds up to `per_class` images of class c (blank where a class has fewer); written atomically."""
+    _, c, h, w = images.shape
+    grid = torch.zeros(num_classes * per_class, c, h, w, dtype=torch.uint8)
+    for cls in range(num_classes):
+        picked = images[labels == cls][:per_class]
+        grid[cls * per_class: cls * per_class + len(picked)] = picked
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    save_image(grid.float() / 255, tmp, nrow=per_class, padding=1)
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,271 @@
+"""The method's moving parts: noisy layers, losses, best-of-steps, buffer, augmentation."""
+
+import pytest
+import torch
+from torch import nn
+
+from nayer.augment import Augment, float_to_uint8, random_crop
+from nayer.buffer import InMemoryBuffer
+from nayer.config import RunConfig
+from nayer.generator import NayerGenerator, balanced_targets
+from nayer.losses import BNStatisticsLoss, adversarial_loss, kd_loss
+from nayer.synthesis import NayerSynthesizer
+
+
+def tiny_net(k=10):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, k))
+
+
+def tiny_synth(batch_size=20, g_steps=3, g_loops=2, k=10, **syn):
+    cfg = RunConfig()
+    cfg.synthesis.batch_size, cfg.synthesis.g_steps, cfg.synthesis.g_loops = batch_size, g_steps, g_loops
+    cfg.synthesis.warmup_loops = g_loops
+    cfg.generator.nz, cfg.generator.ngf = 32, 8
+    for key, value in syn.items():
+        setattr(cfg.synthesis, key, value)
+    teacher = tiny_net(k).eval()
+    with torch.no_grad():  # non-trivial running statistics, as a trained teacher has
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return NayerSynthesizer(teacher, tiny_net(k), torch.randn(k, 12), 16, [0.5] * 3, [0.25] * 3,
+                            cfg.generator, cfg.synthesis, torch.device("cpu"), channels_last=False)
+
+
+def test_balanced_targets_k_to_1():
+    y = balanced_targets(23, 10, torch.Generator().manual_seed(0))
+    assert y.shape == (23,)
+    assert torch.equal(y[:20], torch.arange(10).repeat(2))
+    assert ((y[20:] >= 0) & (y[20:] < 10)).all()
+
+
+@pytest.mark.parametrize("mode,layers", [("k_to_1", 3), ("one_to_one", 25)])
+def test_noisy_layer_shapes(mode, layers):
+    g = NayerGenerator(torch.randn(10, 12), batch_size=25, image_size=32, nz=40, ngf=8, noisy_mode=mode)
+    assert g.noisy.weights[0].shape == (layers, 12, 40)
+    out = g(balanced_targets(25, 10))
+    assert out.shape == (25, 3, 32, 32)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_noisy_chunks_use_their_own_layer():
+    g = NayerGenerator(torch.randn(4, 6), batch_size=8, image_size=16, nz=5, ngf=4, noisy_mode="k_to_1")
+    e = torch.randn(8, 6)
+    out = g.noisy(e)
+    w, b = g.noisy.weights[0], g.noisy.biases[0]
+    assert torch.allclose(out[:4], e[:4] @ w[0] + b[0], atol=1e-5)
+    assert torch.allclose(out[4:], e[4:] @ w[1] + b[1], atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8"])
+def test_noisy_shapes_of_table5(arch):
+    g = NayerGenerator(torch.randn(10, 12), batch_size=20, image_size=32, nz=16, ngf=8, noisy_arch=arch)
+    assert isinstance(g.emb_bn, nn.BatchNorm1d) == (arch not in ("A1", "A2"))
+    assert len(g.noisy.weights) == (2 if arch in ("A2", "A4") else 1)
+    assert g(balanced_targets(20, 10)).shape == (20, 3, 32, 32)
+
+
+def test_noisy_layers_reinit_each_iteration_but_bn1d_persists():
+    syn = tiny_synth(g_loops=1)
+    gen = syn.generator
+    seen_w, seen_bn = [], []
+    original = gen.reinit_noisy
+
+    def spy():
+        original()
+        seen_w.append(gen.noisy.weights[0].detach().clone())
+        seen_bn.append(gen.emb_bn.weight.detach().clone())
+    gen.reinit_noisy = spy
+    syn.synthesize(warmup=True)
+    bn_after_first = gen.emb_bn.weight.detach().clone()
+    w_after_first = gen.noisy.weights[0].detach().clone()
+    syn.synthesize(warmup=True)
+    assert len(seen_w) == 2
+    assert not torch.allclose(seen_w[0], w_after_first)  # the iteration trained the noisy layer ...
+    assert not torch.allclose(seen_w[1], w_after_first)  # ... and the next one starts from fresh weights
+    assert not torch.allclose(seen_w[0], seen_w[1])
+    # the embedding BN1d was trained in iteration 1 and is carried into iteration 2 untouched
+    assert not torch.allclose(bn_after_first, torch.ones_like(bn_after_first))
+    assert torch.equal(seen_bn[1], bn_after_first)
+
+
+def test_reinit_values_are_standard_normal_and_zero_bias():
+    g = NayerGenerator(torch.randn(10, 64), batch_size=100, image_size=32, nz=200, ngf=8)
+    with torch.no_grad():
+        g.noisy.weights[0].fill_(3.0)
+        g.noisy.biases[0].fill_(1.0)
+    g.reinit_noisy()
+    w = g.noisy.weights[0]
+    assert abs(w.mean().item()) < 0.01 and abs(w.std().item() - 1.0) < 0.01
+    assert g.noisy.biases[0].abs().max().item() == 0.0
+
+
+def test_generator_replaced_every_g_life_epochs():
+    syn = tiny_synth(g_loops=1, g_steps=1)
+    syn.gen_cfg.g_life = 2
+    ids = []
+    for _ in range(5):
+        syn.synthesize(warmup=True)
+        ids.append(id(syn.generator))
+    assert ids[0] == ids[1] != ids[2] == ids[3] != ids[4]
+
+
+def test_bn_loss_matches_hand_computation_with_ema():
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    bn1, bn2 = net[1], net[4]
+    with torch.no_grad():
+        for bn in (bn1, bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    loss = BNStatisticsLoss(net, momentum=0.9)
+    x1, x2 = torch.randn(8, 3, 5, 5), torch.randn(8, 3, 5, 5)
+
+    def stats(x):  # inputs of bn1 and bn2, by hand
+        h1 = net[0](x)
+        h2 = net[3](net[2](net[1](h1)))
+        return [(h.mean((0, 2, 3)), h.permute(1, 0, 2, 3).reshape(h.shape[1], -1).var(1, unbiased=False)) for h in (h1, h2)]
+
+    def expected(st, ema):
+        total = 0
+        for bn, (m, v), e in zip((bn1, bn2), st, ema):
+            if e is not None:
+                m, v = 0.1 * m + 0.9 * e[0], 0.1 * v + 0.9 * e[1]
+            total += torch.norm(bn.running_mean - m, 2) + torch.norm(bn.running_var - v, 2)
+        return total
+
+    with torch.no_grad(), loss.capture():
+        net(x1)
+    s1 = stats(x1)
+    assert torch.allclose(loss.loss(), expected(s1, [None, None]), atol=1e-5)  # first iteration: batch stats only
+    loss.update_ema()
+    with torch.no_grad(), loss.capture():
+        net(x2)
+    s2 = stats(x2)
+    assert torch.allclose(loss.loss(), expected(s2, s1), atol=1e-5)
+    loss.update_ema()
+    ema = [(0.9 * a[0] + 0.1 * b[0], 0.9 * a[1] + 0.1 * b[1]) for a, b in zip(s1, s2)]
+    assert torch.allclose(loss.ema[0][0], ema[0][0], atol=1e-6) and torch.allclose(loss.ema[1][1], ema[1][1], atol=1e-6)
+
+
+def test_bn_hooks_record_nothing_outside_capture():
+    net = tiny_net().eval()
+    loss = BNStatisticsLoss(net)
+    net(torch.randn(2, 3, 5, 5))
+    assert loss.batch == [None, None]
+
+
+def test_masked_adversarial_kl_is_zero_where_argmax_differs():
+    t = torch.tensor([[5.0, 0.0, 0.0], [0.0, 4.0, 1.0]])
+    s_disagree = torch.tensor([[0.0, 5.0, 0.0], [3.0, 0.0, 1.0]])
+    assert adversarial_loss(s_disagree, t).item() == 0.0
+    s_agree = torch.tensor([[2.0, 1.0, 0.0], [0.0, 4.0, 1.0]])
+    p = torch.softmax(t[0], 0)
+    kl0 = (p * (p.log() - torch.log_softmax(s_agree[0], 0))).sum()
+    # row 1 agrees exactly (KL 0); row 0 agrees on argmax with KL kl0; mean over the batch of 2, negated
+    assert torch.allclose(adversarial_loss(s_agree, t), -kl0 / 2, atol=1e-6)
+    mixed = torch.stack([s_agree[0], s_disagree[1]])
+    assert torch.allclose(adversarial_loss(mixed, t), -kl0 / 2, atol=1e-6)
+
+
+def test_kd_loss_temperature_scaling():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    T = 20.0
+    p = torch.softmax(t / T, 1)
+    expected = (p * (p.log() - torch.log_softmax(s / T, 1))).sum(1).mean() * T * T
+    assert torch.allclose(kd_loss(s, t, T), expected, atol=1e-5)
+    assert kd_loss(t, t, T).abs().item() < 1e-5
+
+
+def test_best_of_steps_keeps_lowest_loss_batch():
+    syn = tiny_synth(g_steps=6, g_loops=1)
+    produced = []
+    forward = syn.generator.forward
+
+    def recording_forward(targets):
+        x = forward(targets)
+        produced.append(x.detach().clone())
+        return x
+    syn.generator.forward = recording_forward
+    result = syn.synthesize(warmup=True)
+    losses = [total for total, _ in result.curves[0]]
+    assert len(losses) == 6 and len(set(losses)) > 1
+    best = min(range(6), key=lambda i: losses[i])
+    assert torch.equal(result.images, float_to_uint8(produced[best]))
+    assert result.stats["syn_loss"] == pytest.approx(losses[best])
+
+
+def test_synthesis_does_not_touch_teacher_or_student():
+    syn = tiny_synth(g_steps=2, g_loops=2)
+    before_t = [p.clone() for p in syn.teacher.parameters()]
+    before_s = {k: v.clone() for k, v in syn.student.state_dict().items()}
+    syn.synthesize(warmup=False)  # with the adversarial term
+    assert all(torch.equal(a, b) for a, b in zip(before_t, syn.teacher.parameters()))
+    assert all(torch.equal(before_s[k], v) for k, v in syn.student.state_dict().items())
+    assert all(p.grad is None for p in syn.student.parameters())
+    assert all(p.requires_grad for p in syn.student.parameters())  # restored for KD
+
+
+def test_synthesis_output_and_ema_state_round_trip():
+    syn = tiny_synth(batch_size=20, g_steps=2, g_loops=3)
+    r = syn.synthesize(warmup=False)
+    assert r.images.shape == (60, 3, 16, 16) and r.images.dtype == torch.uint8
+    assert torch.equal(r.labels[:20], torch.arange(10).repeat(2))
+    other = tiny_synth(batch_size=20, g_steps=2, g_loops=3)
+    other.teacher.load_state_dict(syn.teacher.state_dict())
+    other.load_state_dict(syn.state_dict())
+    assert other.epoch == 1
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(syn.bn_loss.ema, other.bn_loss.ema))
+
+
+def test_teacher_without_bn_needs_a_bn_zero():
+    cfg = RunConfig()
+    teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    with pytest.raises(ValueError, match="a_bn=0"):
+        NayerSynthesizer(teacher, tiny_net(), torch.randn(10, 8), 16, [0.5] * 3, [0.25] * 3,
+                         cfg.generator, cfg.synthesis, torch.device("cpu"))
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    out = random_crop(x, 2)
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for i in range(2):
+        windows = [padded[i, :, dy:dy + 6, dx:dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(torch.equal(out[i], w) for w in windows)
+
+
+def test_augment_is_differentiable_and_normalizes():
+    aug = Augment([0.5] * 3, [0.5] * 3, crop_padding=0, flip=False)
+    x = torch.full((2, 3, 4, 4), 1.0, requires_grad=True)
+    y = aug(x)
+    assert torch.allclose(y, torch.ones_like(y))
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_buffer_passes_cover_every_image_once():
+    buf = InMemoryBuffer()
+    buf.append(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 2, 2).clone(), torch.arange(10))
+    buf.append(torch.arange(10, 16, dtype=torch.uint8).view(6, 1, 1, 1).expand(6, 3, 2, 2).clone(), torch.arange(6))
+    assert len(buf) == 16
+    seen = torch.cat([x[:, 0, 0, 0] for x, _ in buf.batches(4, 4, torch.Generator().manual_seed(0))])
+    assert sorted(seen.tolist()) == list(range(16))
+
+
+def test_buffer_rejects_float_images_and_persists_chunks(tmp_path):
+    buf = InMemoryBuffer()
+    with pytest.raises(ValueError, match="uint8"):
+        buf.append(torch.rand(2, 3, 4, 4), torch.zeros(2, dtype=torch.long))
+    buf.append(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), torch.tensor([1, 2]))
+    buf.save_chunk(tmp_path, 0)
+    assert not list(tmp_path.glob("*.tmp"))
+    again = InMemoryBuffer.load(tmp_path, 1)
+    assert torch.equal(again.tensors()[1], torch.tensor([1, 2]))
+    with pytest.raises(FileNotFoundError, match="chunk-000001"):
+        InMemoryBuffer.load(tmp_path, 2)
+    with pytest.raises(RuntimeError, match="empty"):
+        InMemoryBuffer().tensors()

@@ -1,0 +1,114 @@
+"""The single-process runner and its strict config: end to end on tiny settings."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nayer.cli_config import ConfigError, parse_config
+from nayer.config import RunConfig
+from nayer.models import build_model
+from nayer.run import main, run
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_args(tmp_path, **extra):
+    args = {
+        "out_dir": str(tmp_path / "runs"), "name": "tiny", "warmup": 1, "epochs": 2,
+        "data.dataset": "digits", "data.eval": "digits:test",
+        "teacher.arch": "resnet20", "student.arch": "resnet20", "lte.encoder": "onehot",
+        "generator.nz": 64, "generator.ngf": 16,
+        "synthesis.batch_size": 20, "synthesis.g_steps": 2, "synthesis.g_loops": 1, "synthesis.warmup_loops": 1,
+        "kd.batch_size": 16, "kd.kd_steps": 2,
+    }
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def test_typo_in_override_fails_and_lists_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        parse_config(RunConfig, ["synthesis.g_step=5"])
+    msg = str(err.value)
+    assert "synthesis.g_step" in msg and "did you mean 'synthesis.g_steps'" in msg and "a_adv" in msg
+
+
+def test_typo_in_yaml_fails_naming_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kd:\n  temprature: 4\n")
+    with pytest.raises(ConfigError, match=r"unknown config key 'kd.temprature' in '.*bad.yaml'.*temperature"):
+        parse_config(RunConfig, [f"config={bad}"])
+
+
+def test_wrong_type_and_bad_choice_fail_clearly():
+    with pytest.raises(ConfigError, match="g_steps"):
+        parse_config(RunConfig, ["synthesis.g_steps=many"])
+    with pytest.raises(ConfigError, match="generator.noisy.mode='k_to_2'.*k_to_1, one_to_one"):
+        parse_config(RunConfig, ["generator.noisy.mode=k_to_2"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        parse_config(RunConfig, ["epochs"])
+    with pytest.raises(ConfigError, match="not found"):
+        parse_config(RunConfig, ["config=nowhere.yaml"])
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "tiny", "imagenet", "digits", "profiles/cpu"])
+def test_shipped_configs_parse(name):
+    cfg = parse_config(RunConfig, [f"config={CONFIGS / (name + '.yaml')}"])
+    assert cfg.synthesis.g_steps >= 1
+
+
+def test_paper_values_in_dataset_configs():
+    c10 = parse_config(RunConfig, [f"config={CONFIGS / 'cifar10.yaml'}"])
+    assert (c10.synthesis.batch_size, c10.synthesis.g_steps, c10.synthesis.g_loops, c10.kd.kd_steps) == (400, 30, 2, 400)
+    assert (c10.synthesis.a_bn, c10.synthesis.a_cls, c10.synthesis.a_adv) == (10.0, 0.5, 1.33)
+    inet = parse_config(RunConfig, [f"config={CONFIGS / 'imagenet.yaml'}"])
+    assert (inet.synthesis.batch_size, inet.synthesis.g_steps, inet.synthesis.g_loops) == (50, 100, 20)
+
+
+def test_tiny_run_end_to_end_and_resume(tmp_path):
+    budget = ["time_budget_s=0.001"]  # stop after the first epoch, as if killed after its checkpoint
+    first = run(parse_config(RunConfig, tiny_args(tmp_path) + budget))
+    folder = tmp_path / "runs" / "tiny"
+    assert first["epochs_run"] == 1
+    for name in ("config.yaml", "metrics.jsonl", "checkpoint.pt", "summary.json", "samples/epoch-00000.png",
+                 "buffer/chunk-000000.pt"):
+        assert (folder / name).exists(), name
+    assert list((folder / "tb").iterdir())
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(parse_config(RunConfig, tiny_args(tmp_path)))
+    with pytest.raises(ConfigError, match="config differs"):
+        run(parse_config(RunConfig, tiny_args(tmp_path, **{"kd.lr": 0.5}) + budget + ["resume=true"]))
+    second = run(parse_config(RunConfig, tiny_args(tmp_path) + budget + ["resume=true"]))
+    assert second["epochs_run"] == 2 and second["buffer_images"] == 40
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert records[0]["phase"] == "warmup" and records[1]["phase"] == "kd"
+    assert 0 <= records[1]["top1"] <= 100 and len(records[1]["per_class"]) == 10
+    student = build_model("resnet20", 10)
+    student.load_state_dict(torch.load(folder / "student.pt", weights_only=True))
+
+
+def test_class_count_mismatch_is_named(tmp_path):
+    ckpt = tmp_path / "t.pt"
+    torch.save(build_model("resnet20", 10).state_dict(), ckpt)
+    args = tiny_args(tmp_path, **{"teacher.checkpoint": str(ckpt), "data.class_names": "[a,b,c]", "data.eval": ""})
+    with pytest.raises(ConfigError, match="3 class names"):
+        run(parse_config(RunConfig, args))
+
+
+def test_main_prints_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(tiny_args(tmp_path, **{"teacher.checkpoint": str(tmp_path / "missing.pt")}))
+    assert "missing.pt" in str(exc.value) and str(exc.value).startswith("error:")
+
+
+def test_imagenet_config_runs_at_224_with_random_resnet50(tmp_path):
+    """The ImageNet path: torchvision ResNet-50 teacher (random init, offline), 1000 class names, 224x224."""
+    args = [f"config={CONFIGS / 'imagenet.yaml'}", "teacher.weights=", f"out_dir={tmp_path}", "name=inet",
+            "lte.encoder=sbert", "warmup=0", "epochs=1", "synthesis.batch_size=2", "synthesis.g_steps=2",
+            "synthesis.g_loops=1", "kd.batch_size=2", "kd.kd_steps=1"]
+    summary = run(parse_config(RunConfig, args))
+    assert summary["buffer_images"] == 2
+    chunk = torch.load(tmp_path / "inet" / "buffer" / "chunk-000000.pt", weights_only=True)
+    assert chunk["images"].shape == (2, 3, 224, 224) and chunk["labels"].max() < 1000
