@@ -8,12 +8,13 @@ as uint8 [N, C, H, W] (floor(x * 255), the reference's PNG round trip) with int6
 from __future__ import annotations
 
 import abc
-import os
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import Tensor
+
+from nayer.runtime import save_torch
 
 
 class MemoryBuffer(abc.ABC):
@@ -78,14 +79,8 @@ class InMemoryBuffer(MemoryBuffer):
 
     # Persistence: one file per appended chunk, written atomically, so a resumed run keeps its buffer.
     def save_chunk(self, directory: str | Path, index: int) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         images, labels = self._chunks[index]
-        path = directory / f"chunk-{index:06d}.pt"
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"images": images, "labels": labels}, tmp)
-        os.replace(tmp, path)
-        return path
+        return save_torch({"images": images, "labels": labels}, Path(directory) / f"chunk-{index:06d}.pt")
 
     @classmethod
     def load(cls, directory: str | Path, num_chunks: int) -> "InMemoryBuffer":

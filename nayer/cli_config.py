@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
@@ -117,14 +116,6 @@ def config_to_yaml(cfg: Any) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def save_config(cfg: Any, path: str | Path) -> None:
-    """Write the resolved config atomically (tmp name + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(config_to_yaml(cfg))
-    os.replace(tmp, path)
-
-
 def schema_keys(schema_cls: type) -> list[str]:
     """All dotted leaf keys of a schema (for help texts and error messages)."""
     return _schema_keys(schema_cls())
@@ -134,4 +125,4 @@ def as_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
-__all__ = ["ConfigError", "parse_config", "config_to_yaml", "save_config", "schema_keys", "as_dict", "DictConfig"]
+__all__ = ["ConfigError", "parse_config", "config_to_yaml", "schema_keys", "as_dict"]

@@ -25,11 +25,12 @@ import json
 import logging
 import os
 import string
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from nayer.runtime import save_torch
 
 logger = logging.getLogger(__name__)
 
@@ -171,19 +172,9 @@ def _load_cache(cache_file: Path, key: dict, num_classes: int) -> torch.Tensor |
 
 
 def _save_cache(cache_file: Path, key: dict, embeddings: torch.Tensor) -> None:
-    """Atomic write: a unique ``*.tmp`` in the same folder, then ``os.replace``, so concurrent
-    workers never read a half-written file."""
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=cache_file.parent, prefix=cache_file.stem + ".", suffix=".tmp",
-                                     delete=False) as tmp:
-        tmp_name = tmp.name
-    try:
-        # The payload is itself a valid input for encoder 'file' (dict with "embeddings").
-        torch.save({"embeddings": embeddings, "key": key}, tmp_name)
-        os.replace(tmp_name, cache_file)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Atomic write (unique tmp + rename), so concurrent workers never read a half-written file.
+    The payload is itself a valid input for encoder 'file' (dict with "embeddings")."""
+    save_torch({"embeddings": embeddings, "key": key}, cache_file)
 
 
 def _encode_clip(

@@ -15,42 +15,25 @@ summary.json.
 from __future__ import annotations
 
 import json
-import os
-import random
 import sys
 import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from nayer.buffer import InMemoryBuffer
-from nayer.cli_config import ConfigError, config_to_yaml, parse_config, save_config
+from nayer.cli_config import ConfigError, config_to_yaml, parse_config
 from nayer.config import RunConfig
 from nayer.data import load_labeled, preset, read_class_names
 from nayer.evaluate import evaluate
 from nayer.kd import StudentTrainer
 from nayer.lte import encode_labels
 from nayer.models import CheckpointMismatchError, build_model, load_teacher
+from nayer.runtime import save_json, save_text, save_torch, seed_everything, select_device
 from nayer.synthesis import NayerSynthesizer
 from nayer.visualize import save_sample_grid
-
-
-def select_device(name: str) -> torch.device:
-    """`auto` = CUDA when present, else CPU; asking for CUDA without one is an error, not a silent fallback."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device=cuda but no CUDA device is visible; use device=auto or device=cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def resolve_data(cfg: RunConfig) -> tuple[list[str], int, list[float], list[float]]:
@@ -89,21 +72,12 @@ class RunFolder:
                                   f"resume with the same config (only resume= may change)")
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / "samples").mkdir(exist_ok=True)
-        save_config(cfg, self.path / "config.yaml")
+        save_text(config_to_yaml(cfg), self.path / "config.yaml")
 
     def log(self, record: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def save_checkpoint(self, state: dict) -> None:
-        tmp = self.checkpoint.with_name("checkpoint.pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint)
-
-    def write_json(self, name: str, data: dict) -> None:
-        tmp = self.path / (name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, self.path / name)
 
 
 def _without_resume(yaml_text: str) -> str:
@@ -169,7 +143,7 @@ def run(cfg: RunConfig) -> dict:
     record: dict = {}
     for epoch in bar:
         warm = epoch < cfg.warmup
-        result = synthesizer.synthesize(warmup=warm)
+        result = synthesizer.synthesize(warmup=warm, progress=True)
         buffer.append(result.images, result.labels)
         buffer.save_chunk(folder.path / "buffer", buffer.num_chunks - 1)
         buffer.reset_order()
@@ -177,7 +151,9 @@ def run(cfg: RunConfig) -> dict:
                          min(k, cfg.grid_classes), cfg.grid_per_class)
         record = {"epoch": epoch, "phase": "warmup" if warm else "kd", "buffer": len(buffer), **result.stats}
         if not warm:
-            record.update(trainer.train_epoch(buffer.batches(cfg.kd.batch_size, cfg.kd.kd_steps, sampler)))
+            batches = buffer.batches(cfg.kd.batch_size, cfg.kd.kd_steps, sampler)
+            record.update(trainer.train_epoch(tqdm(batches, total=cfg.kd.kd_steps, desc="KD", unit="step",
+                                                   leave=False, dynamic_ncols=True)))
             if eval_set is not None:
                 t0 = time.perf_counter()
                 ev = evaluate(kd_model, eval_set.x, eval_set.y, mean, std, device, cfg.data.eval_batch_size, cfg.bf16, k)
@@ -187,12 +163,12 @@ def run(cfg: RunConfig) -> dict:
         record["elapsed"] = elapsed_before + time.perf_counter() - wall_start
         folder.log(record)
         _log_tensorboard(writer, record)
-        folder.save_checkpoint({
+        save_torch({
             "epoch": epoch, "student": student.state_dict(), "trainer": trainer.state_dict(),
             "synthesizer": synthesizer.state_dict(), "buffer_chunks": buffer.num_chunks,
             "sampler_rng": sampler.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
             "elapsed": record["elapsed"],
-        })
+        }, folder.checkpoint)
         bar.set_postfix({k_: (f"{v:.2f}" if isinstance(v, float) else v) for k_, v in record.items()
                          if k_ in ("top1", "syn_ce", "syn_bn", "kd_loss", "buffer")})
         if cfg.time_budget_s and record["elapsed"] >= cfg.time_budget_s:
@@ -201,13 +177,12 @@ def run(cfg: RunConfig) -> dict:
     bar.close()
     if writer is not None:
         writer.close()
-    torch.save(student.state_dict(), folder.path / "student.pt.tmp")
-    os.replace(folder.path / "student.pt.tmp", folder.path / "student.pt")
+    save_torch(student.state_dict(), folder.path / "student.pt")
     summary = {"name": cfg.name, "teacher_top1": teacher_acc, "final_top1": record.get("top1"),
                "best_top1_on_test_set": best["top1"] if best["epoch"] >= 0 else None, "best_epoch": best["epoch"],
                "epochs_run": record.get("epoch", start_epoch - 1) + 1, "buffer_images": len(buffer),
                "wall_time_s": elapsed_before + time.perf_counter() - wall_start, "device": str(device)}
-    folder.write_json("summary.json", summary)
+    save_json(summary, folder.path / "summary.json")
     return summary
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from nayer.augment import Augment, float_to_uint8
 from nayer.config import GeneratorConfig, SynthesisConfig
@@ -59,8 +60,9 @@ class NayerSynthesizer:
                              g.noisy.mode, g.noisy.arch, g.paper_variant).to(self.device)
         return gen.to(memory_format=torch.channels_last) if self.channels_last else gen
 
-    def synthesize(self, warmup: bool) -> SynthesisResult:
-        """One epoch of synthesis. `warmup`: no adversarial term, `warmup_loops` iterations."""
+    def synthesize(self, warmup: bool, progress: bool = False) -> SynthesisResult:
+        """One epoch of synthesis. `warmup`: no adversarial term, `warmup_loops` iterations.
+        `progress`: a transient progress bar over the epoch's generator steps."""
         if self.epoch > 0 and self.epoch % self.gen_cfg.g_life == 0:
             self.generator = self._new_generator()
         loops = self.cfg.warmup_loops if warmup else self.cfg.g_loops
@@ -74,15 +76,18 @@ class NayerSynthesizer:
             p.requires_grad_(False)
         images, labels, totals = [], [], {"loss": 0.0, "bn": 0.0, "ce": 0.0, "adv": 0.0}
         curves: list[list[tuple[float, float]]] = []
+        bar = tqdm(total=loops * self.cfg.g_steps, desc="synthesis", unit="step", leave=False, disable=not progress,
+                   dynamic_ncols=True)
         try:
             for _ in range(loops):
-                x, y, parts, curve = self._iteration(use_adv)
+                x, y, parts, curve = self._iteration(use_adv, bar)
                 curves.append(curve)
                 images.append(float_to_uint8(x).cpu())
                 labels.append(y.cpu())
                 for k in totals:
                     totals[k] += parts[k] / max(loops, 1)
         finally:
+            bar.close()
             for p in frozen:
                 p.requires_grad_(True)
             self.student.train(student_was_training)
@@ -91,7 +96,7 @@ class NayerSynthesizer:
         stats.update(syn_iterations=loops, syn_steps=loops * self.cfg.g_steps, syn_time=time.perf_counter() - start)
         return SynthesisResult(torch.cat(images), torch.cat(labels), stats, curves)
 
-    def _iteration(self, use_adv: bool) -> tuple[Tensor, Tensor, dict, list[tuple[float, float]]]:
+    def _iteration(self, use_adv: bool, bar: tqdm) -> tuple[Tensor, Tensor, dict, list[tuple[float, float]]]:
         cfg = self.cfg
         gen = self.generator
         gen.train()
@@ -112,17 +117,19 @@ class NayerSynthesizer:
             loss_ce = class_loss(t_logits, targets)
             loss_adv = adversarial_loss(s_logits, t_logits) if s_logits is not None else torch.zeros((), device=self.device)
             loss = cfg.a_bn * loss_bn + cfg.a_cls * loss_ce + cfg.a_adv * loss_adv
-            value = loss.item()
-            curve.append((value, loss_ce.item()))
+            parts = dict(zip(("loss", "bn", "ce", "adv"),  # one device sync per step, not four
+                             torch.stack([loss, loss_bn, loss_ce, loss_adv]).detach().float().tolist()))
+            value = parts["loss"]
+            curve.append((value, parts["ce"]))
             if not math.isfinite(value):
-                raise FloatingPointError(f"generator loss is {value} (bn {loss_bn.item()}, ce {loss_ce.item()}, "
-                                         f"adv {loss_adv.item()}) at epoch {self.epoch}: lower generator.lr or a_bn")
+                raise FloatingPointError(f"generator loss is {value} ({parts}) at epoch {self.epoch}: "
+                                         f"lower generator.lr or synthesis.a_bn")
             if value < best_loss or best_x is None:  # best-of-steps: the batch x that produced the lowest L
-                best_loss, best_x = value, x.detach().float()
-                best_parts = {"loss": value, "bn": loss_bn.item(), "ce": loss_ce.item(), "adv": loss_adv.item()}
+                best_loss, best_x, best_parts = value, x.detach(), parts
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            bar.update()
         self.bn_loss.update_ema()
         return best_x, targets, best_parts, curve  # type: ignore[return-value]
 

@@ -15,13 +15,11 @@ and the resolved config.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +30,7 @@ from nayer.cli_config import ConfigError, as_dict, parse_config
 from nayer.data import LabeledImages, PRESETS, load_labeled, preset
 from nayer.evaluate import autocast, evaluate
 from nayer.models import build_model, model_names
+from nayer.runtime import save_json, save_torch, select_device
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +70,7 @@ class TeacherTrainConfig:
                               f"weight_decay={self.weight_decay}, momentum={self.momentum}")
         if self.num_threads < 0:
             raise ConfigError(f"num_threads must be >= 0 (0 = torch default), got {self.num_threads}")
-        resolve_device(self.device)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise a torch device string that exists on this machine."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:<index>") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device '{name}' requested but CUDA is not available here; use device=cpu or auto")
-    return device
+        select_device(self.device)
 
 
 def _check_labels(data: LabeledImages, num_classes: int, spec: str, dataset: str) -> None:
@@ -94,24 +80,11 @@ def _check_labels(data: LabeledImages, num_classes: int, spec: str, dataset: str
                          f"{int(data.y[bad][0])}); dataset '{dataset}' has {num_classes} classes")
 
 
-def _atomic_save(path: str, write: Callable[[str], None]) -> None:
-    """write(tmp) then rename: a crash never leaves a truncated file under the final name."""
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def _write_json(path: str, obj: dict) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def train_teacher(cfg: TeacherTrainConfig) -> dict:
     """Train `cfg.arch` on `cfg.train`, evaluate on `cfg.test`, save; returns {"top1", "path"}."""
     cfg.validate()
     spec = preset(cfg.dataset)
-    device = resolve_device(cfg.device)
+    device = select_device(cfg.device)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
@@ -164,16 +137,12 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         top1 = result["top1"]
         log.info("test top-1 %.2f%% on %d images of '%s'", top1, result["n"], cfg.test)
 
-    out_dir = os.path.dirname(cfg.out)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
     # Plain contiguous tensors: loadable with weights_only=True into a fresh model of any memory format.
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_save(cfg.out, lambda tmp: torch.save(state, tmp))
+    save_torch(state, cfg.out)
     summary = {"top1": top1, "per_class": result.get("per_class"), "n_test": result.get("n"),
                "n_train": n, "train_seconds": round(train_seconds, 1), "config": as_dict(cfg)}
-    json_path = cfg.out + ".json"
-    _atomic_save(json_path, lambda tmp: _write_json(tmp, summary))
+    save_json(summary, cfg.out + ".json")
     log.info("wrote %s (%.0f s of training)", cfg.out, train_seconds)
     return {"top1": top1, "path": cfg.out}
 

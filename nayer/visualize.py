@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from torchvision.utils import save_image
+
+from nayer.runtime import atomic_write
 
 
 def save_sample_grid(images: Tensor, labels: Tensor, path: str | Path, num_classes: int, per_class: int = 8) -> Path:
@@ -17,8 +18,4 @@ def save_sample_grid(images: Tensor, labels: Tensor, path: str | Path, num_class
     for cls in range(num_classes):
         picked = images[labels == cls][:per_class]
         grid[cls * per_class: cls * per_class + len(picked)] = picked
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    save_image(grid.float() / 255, tmp, nrow=per_class, padding=1)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_image(grid.float() / 255, tmp, format="png", nrow=per_class, padding=1))

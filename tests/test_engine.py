@@ -269,3 +269,52 @@ def test_buffer_rejects_float_images_and_persists_chunks(tmp_path):
         InMemoryBuffer.load(tmp_path, 2)
     with pytest.raises(RuntimeError, match="empty"):
         InMemoryBuffer().tensors()
+
+
+@pytest.mark.parametrize("body,size", [("cifar", 32), ("imagenet", 64)])
+def test_paper_variant_has_spectral_norm_and_trailing_bn(body, size):
+    g = NayerGenerator(torch.randn(10, 12), batch_size=10, image_size=size, nz=16, ngf=8, body=body,
+                       paper_variant=True)
+    convs = [m for m in g.body.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(nn.utils.parametrize.is_parametrized(c, "weight") for c in convs)
+    assert isinstance(g.body.conv_blocks[-1], nn.BatchNorm2d)
+    assert g(balanced_targets(10, 10)).shape == (10, 3, size, size)
+    plain = NayerGenerator(torch.randn(10, 12), batch_size=10, image_size=size, nz=16, ngf=8, body=body)
+    assert isinstance(plain.body.conv_blocks[-1], nn.Sigmoid)
+
+
+def test_evaluate_top1_and_per_class():
+    import numpy as np
+
+    from nayer.evaluate import evaluate
+
+    class AlwaysClassOne(nn.Module):
+        def forward(self, x):
+            return torch.tensor([0.0, 1.0, 0.0]).expand(x.shape[0], 3)
+    x = np.zeros((6, 4, 4, 3), dtype=np.uint8)
+    y = np.array([0, 1, 1, 1, 2, 2])
+    result = evaluate(AlwaysClassOne(), x, y, [0.5] * 3, [0.5] * 3, num_classes=3, batch_size=4)
+    assert result["top1"] == pytest.approx(50.0)
+    assert result["per_class"] == [0.0, 100.0, 0.0]
+    with pytest.raises(ValueError, match="uint8 NHWC"):
+        evaluate(AlwaysClassOne(), x.astype(np.float32), y, [0.5] * 3, [0.5] * 3)
+
+
+@pytest.mark.parametrize("arch", ["resnet20_a", "wrn16_1", "vgg11_bn", "alexnet", "resnet18"])
+def test_zoo_models_work_as_teacher_and_student(arch):
+    """Synthesis (hooks, input gradients) and a KD step run with each family in both roles."""
+    from nayer.kd import StudentTrainer
+    from nayer.models import build_model
+
+    cfg = RunConfig()
+    cfg.synthesis.batch_size, cfg.synthesis.g_steps, cfg.synthesis.g_loops = 10, 1, 1
+    cfg.generator.nz, cfg.generator.ngf = 16, 8
+    if arch == "alexnet":
+        cfg.synthesis.a_bn = 0.0  # no BatchNorm: the BN prior must be switched off (supplementary Table 9)
+    teacher = build_model(arch, 10).eval().requires_grad_(False)
+    student = build_model(arch, 10)
+    syn = NayerSynthesizer(teacher, student, torch.randn(10, 8), 32, [0.5] * 3, [0.25] * 3, cfg.generator,
+                           cfg.synthesis, torch.device("cpu"))
+    result = syn.synthesize(warmup=False)
+    trainer = StudentTrainer(student, teacher, cfg.kd, 1, [0.5] * 3, [0.25] * 3, torch.device("cpu"))
+    assert trainer.train_epoch([(result.images, result.labels)])["kd_steps"] == 1

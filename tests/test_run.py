@@ -19,6 +19,7 @@ def tiny_args(tmp_path, **extra):
         "out_dir": str(tmp_path / "runs"), "name": "tiny", "warmup": 1, "epochs": 2,
         "data.dataset": "digits", "data.eval": "digits:test",
         "teacher.arch": "resnet20", "student.arch": "resnet20", "lte.encoder": "onehot",
+        "lte.cache_dir": str(tmp_path / "lte"),
         "generator.nz": 64, "generator.ngf": 16,
         "synthesis.batch_size": 20, "synthesis.g_steps": 2, "synthesis.g_loops": 1, "synthesis.warmup_loops": 1,
         "kd.batch_size": 16, "kd.kd_steps": 2,
@@ -106,7 +107,7 @@ def test_main_prints_one_line_error(tmp_path, capsys):
 def test_imagenet_config_runs_at_224_with_random_resnet50(tmp_path):
     """The ImageNet path: torchvision ResNet-50 teacher (random init, offline), 1000 class names, 224x224."""
     args = [f"config={CONFIGS / 'imagenet.yaml'}", "teacher.weights=", f"out_dir={tmp_path}", "name=inet",
-            "lte.encoder=sbert", "warmup=0", "epochs=1", "synthesis.batch_size=2", "synthesis.g_steps=2",
+            "lte.encoder=sbert", f"lte.cache_dir={tmp_path / 'lte'}", "warmup=0", "epochs=1", "synthesis.batch_size=2", "synthesis.g_steps=2",
             "synthesis.g_loops=1", "kd.batch_size=2", "kd.kd_steps=1"]
     summary = run(parse_config(RunConfig, args))
     assert summary["buffer_images"] == 2
