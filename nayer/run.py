@@ -15,6 +15,7 @@ summary.json.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -55,12 +56,17 @@ def resolve_data(cfg: RunConfig) -> tuple[list[str], int, list[float], list[floa
 
 
 class RunFolder:
-    """runs/<name>/: refuses to clobber an existing run unless resuming; atomic checkpoint and JSONL metrics."""
+    """runs/<name>/: refuses to clobber an existing run unless resuming; atomic checkpoint and JSONL metrics.
+
+    Checked before the inputs load (fail fast), written after they did (a run that failed on a bad input leaves
+    nothing behind that would block the corrected command). A folder holds a run once it has a checkpoint.
+    """
 
     def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
         self.path = Path(cfg.out_dir) / cfg.name
         self.checkpoint = self.path / "checkpoint.pt"
-        if (self.path / "config.yaml").exists() and not cfg.resume:
+        if self.checkpoint.exists() and not cfg.resume:
             raise ConfigError(f"run folder {self.path} already holds a run; pass resume=true to continue it or "
                               f"name=<new name>")
         if cfg.resume:
@@ -70,9 +76,17 @@ class RunFolder:
             if _without_resume(saved) != _without_resume(config_to_yaml(cfg)):
                 raise ConfigError(f"resume=true but the config differs from the one in {self.path}/config.yaml; "
                                   f"resume with the same config (only resume= may change)")
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / "samples").mkdir(exist_ok=True)
-        save_text(config_to_yaml(cfg), self.path / "config.yaml")
+
+    def create(self) -> None:
+        if not self.cfg.resume and self.path.exists():  # leftovers of a run that never reached a checkpoint
+            for stale in ("metrics.jsonl", "buffer", "samples", "tb"):
+                target = self.path / stale
+                if target.is_dir():
+                    shutil.rmtree(target)
+                else:
+                    target.unlink(missing_ok=True)
+        (self.path / "samples").mkdir(parents=True, exist_ok=True)
+        save_text(config_to_yaml(self.cfg), self.path / "config.yaml")
 
     def log(self, record: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
@@ -119,6 +133,7 @@ def run(cfg: RunConfig) -> dict:
         kd_model = trainer.student = torch.compile(student)
         trainer.teacher = torch.compile(teacher)
     start_epoch, best, elapsed_before = 0, {"top1": -1.0, "epoch": -1}, 0.0
+    folder.create()
 
     if cfg.resume:
         state = torch.load(folder.checkpoint, map_location=device, weights_only=True)

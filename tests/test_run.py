@@ -98,10 +98,12 @@ def test_class_count_mismatch_is_named(tmp_path):
         run(parse_config(RunConfig, args))
 
 
-def test_main_prints_one_line_error(tmp_path, capsys):
+def test_main_prints_one_line_error_and_a_fixed_rerun_works(tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(tiny_args(tmp_path, **{"teacher.checkpoint": str(tmp_path / "missing.pt")}))
     assert "missing.pt" in str(exc.value) and str(exc.value).startswith("error:")
+    assert not (tmp_path / "runs" / "tiny" / "config.yaml").exists()  # nothing written for a failed start
+    assert run(parse_config(RunConfig, tiny_args(tmp_path, epochs=0)))["epochs_run"] == 1
 
 
 def test_imagenet_config_runs_at_224_with_random_resnet50(tmp_path):
