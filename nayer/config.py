@@ -6,6 +6,7 @@ datasets. Parsed strictly by :func:`nayer.cli_config.parse_config` (a typo fails
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
@@ -122,7 +123,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Cross-field checks the type system cannot express; each error names the value and what is allowed."""
-        _choice("run.device", self.device, DEVICES)
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            raise ConfigError(f"device={self.device!r} is not allowed; choose auto, cpu, cuda or cuda:<index>")
         _choice("synthesis.method", self.synthesis.method, METHODS)
         _choice("generator.body", self.generator.body, GENERATOR_BODIES)
         _choice("generator.noisy.mode", self.generator.noisy.mode, NOISY_MODES)

@@ -47,6 +47,9 @@ def test_wrong_type_and_bad_choice_fail_clearly():
         parse_config(RunConfig, ["synthesis.g_steps=many"])
     with pytest.raises(ConfigError, match="generator.noisy.mode='k_to_2'.*k_to_1, one_to_one"):
         parse_config(RunConfig, ["generator.noisy.mode=k_to_2"])
+    with pytest.raises(ConfigError, match="device='gpu'.*cuda:<index>"):
+        parse_config(RunConfig, ["device=gpu"])
+    assert parse_config(RunConfig, ["device=cuda:1"]).device == "cuda:1"
     with pytest.raises(ConfigError, match="not key=value"):
         parse_config(RunConfig, ["epochs"])
     with pytest.raises(ConfigError, match="not found"):
