@@ -40,29 +40,41 @@ def check_batch(images: Tensor, labels: Tensor) -> None:
 
 
 class InMemoryBuffer(MemoryBuffer):
-    """All images in one process. Chunks are appended; a contiguous copy is built lazily for sampling."""
+    """All images in one process, held once in a growable store (capacity doubles, so an append costs amortized
+    O(batch) and sampling is a single index): no second, concatenated copy. Appended chunks are remembered as
+    ranges of the store, for saving them."""
 
     def __init__(self) -> None:
-        self._chunks: list[tuple[Tensor, Tensor]] = []
-        self._images: Tensor | None = None
-        self._labels: Tensor | None = None
+        self._images: Tensor | None = None  # [capacity, C, H, W]; rows [0, len) are filled
+        self._labels = torch.empty(0, dtype=torch.long)
+        self._ends: list[int] = []  # cumulative image count after each appended chunk
         self._order = torch.empty(0, dtype=torch.long)  # rest of the current shuffled pass
 
     def append(self, images: Tensor, labels: Tensor) -> None:
         check_batch(images, labels)
-        self._chunks.append((images.detach().cpu().contiguous(), labels.detach().cpu().long()))
-        self._images = self._labels = None
+        n, b = len(self), images.shape[0]
+        if self._images is not None and images.shape[1:] != self._images.shape[1:]:
+            raise ValueError(f"buffer holds images of shape {tuple(self._images.shape[1:])}, "
+                             f"got a batch of {tuple(images.shape[1:])}")
+        if self._images is None or n + b > self._images.shape[0]:
+            capacity = max(n + b, 2 * n)
+            grown = torch.empty((capacity, *images.shape[1:]), dtype=torch.uint8)
+            grown_labels = torch.empty(capacity, dtype=torch.long)
+            if self._images is not None:
+                grown[:n], grown_labels[:n] = self._images[:n], self._labels[:n]
+            self._images, self._labels = grown, grown_labels
+        self._images[n:n + b] = images.detach().cpu()
+        self._labels[n:n + b] = labels.detach().cpu()
+        self._ends.append(n + b)
 
     def __len__(self) -> int:
-        return sum(c[1].shape[0] for c in self._chunks)
+        return self._ends[-1] if self._ends else 0
 
     def tensors(self) -> tuple[Tensor, Tensor]:
+        """Every image and label held (views of the store, for inspection and export)."""
         if self._images is None:
-            if not self._chunks:
-                raise RuntimeError("the memory buffer is empty: synthesize before training the student")
-            self._images = torch.cat([c[0] for c in self._chunks])
-            self._labels = torch.cat([c[1] for c in self._chunks])
-        return self._images, self._labels  # type: ignore[return-value]
+            raise RuntimeError("the memory buffer is empty: synthesize before training the student")
+        return self._images[:len(self)], self._labels[:len(self)]
 
     def batches(self, batch_size: int, num_batches: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         images, labels = self.tensors()
@@ -78,15 +90,21 @@ class InMemoryBuffer(MemoryBuffer):
         self._order = torch.empty(0, dtype=torch.long)
 
     # Persistence: one file per appended chunk, written atomically, so a resumed run keeps its buffer.
+    @staticmethod
+    def chunk_path(directory: str | Path, index: int) -> Path:
+        return Path(directory) / f"chunk-{index:06d}.pt"
+
     def save_chunk(self, directory: str | Path, index: int) -> Path:
-        images, labels = self._chunks[index]
-        return save_torch({"images": images, "labels": labels}, Path(directory) / f"chunk-{index:06d}.pt")
+        start, end = (self._ends[index - 1] if index else 0), self._ends[index]
+        images, labels = self.tensors()
+        return save_torch({"images": images[start:end].clone(), "labels": labels[start:end].clone()},
+                          self.chunk_path(directory, index))
 
     @classmethod
     def load(cls, directory: str | Path, num_chunks: int) -> "InMemoryBuffer":
         buf = cls()
         for i in range(num_chunks):
-            path = Path(directory) / f"chunk-{i:06d}.pt"
+            path = cls.chunk_path(directory, i)
             if not path.is_file():
                 raise FileNotFoundError(f"buffer chunk {path} is missing; the run folder is incomplete")
             data = torch.load(path, map_location="cpu", weights_only=True)
@@ -95,4 +113,4 @@ class InMemoryBuffer(MemoryBuffer):
 
     @property
     def num_chunks(self) -> int:
-        return len(self._chunks)
+        return len(self._ends)

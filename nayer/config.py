@@ -6,16 +6,15 @@ datasets. Parsed strictly by :func:`nayer.cli_config.parse_config` (a typo fails
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from nayer.cli_config import ConfigError
+from nayer.runtime import check_device_name
 
 NOISY_MODES = ("k_to_1", "one_to_one")
 NOISY_ARCHS = ("A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8")
 GENERATOR_BODIES = ("auto", "cifar", "imagenet")
-DEVICES = ("auto", "cpu", "cuda")
 METHODS = ("nayer",)
 
 
@@ -123,8 +122,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Cross-field checks the type system cannot express; each error names the value and what is allowed."""
-        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
-            raise ConfigError(f"device={self.device!r} is not allowed; choose auto, cpu, cuda or cuda:<index>")
+        check_device_name(self.device)
         _choice("synthesis.method", self.synthesis.method, METHODS)
         _choice("generator.body", self.generator.body, GENERATOR_BODIES)
         _choice("generator.noisy.mode", self.generator.noisy.mode, NOISY_MODES)

@@ -66,6 +66,10 @@ class RunFolder:
         self.cfg = cfg
         self.path = Path(cfg.out_dir) / cfg.name
         self.checkpoint = self.path / "checkpoint.pt"
+        self.metrics = self.path / "metrics.jsonl"
+        self.buffer = self.path / "buffer"
+        self.samples = self.path / "samples"
+        self.tensorboard = self.path / "tb"
         if self.checkpoint.exists() and not cfg.resume:
             raise ConfigError(f"run folder {self.path} already holds a run; pass resume=true to continue it or "
                               f"name=<new name>")
@@ -79,17 +83,14 @@ class RunFolder:
 
     def create(self) -> None:
         if not self.cfg.resume and self.path.exists():  # leftovers of a run that never reached a checkpoint
-            for stale in ("metrics.jsonl", "buffer", "samples", "tb"):
-                target = self.path / stale
-                if target.is_dir():
-                    shutil.rmtree(target)
-                else:
-                    target.unlink(missing_ok=True)
-        (self.path / "samples").mkdir(parents=True, exist_ok=True)
+            self.metrics.unlink(missing_ok=True)
+            for stale in (self.buffer, self.samples, self.tensorboard):
+                shutil.rmtree(stale, ignore_errors=True)
+        self.samples.mkdir(parents=True, exist_ok=True)
         save_text(config_to_yaml(self.cfg), self.path / "config.yaml")
 
     def log(self, record: dict) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
+        with open(self.metrics, "a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -140,7 +141,7 @@ def run(cfg: RunConfig) -> dict:
         student.load_state_dict(state["student"])
         trainer.load_state_dict(state["trainer"])
         synthesizer.load_state_dict(state["synthesizer"])
-        buffer = InMemoryBuffer.load(folder.path / "buffer", state["buffer_chunks"])
+        buffer = InMemoryBuffer.load(folder.buffer, state["buffer_chunks"])
         sampler.set_state(state["sampler_rng"])
         torch.set_rng_state(state["torch_rng"])
         start_epoch, best, elapsed_before = state["epoch"] + 1, state["best"], state["elapsed"]
@@ -151,7 +152,7 @@ def run(cfg: RunConfig) -> dict:
                                cfg.bf16, k)["top1"]
         tqdm.write(f"teacher top-1 on {cfg.data.eval}: {teacher_acc:.2f}%")
 
-    writer = _tensorboard(folder.path / "tb")
+    writer = _tensorboard(folder.tensorboard)
     total = cfg.warmup + cfg.epochs
     bar = tqdm(range(start_epoch, total), desc=cfg.name, unit="epoch", initial=start_epoch, total=total,
                dynamic_ncols=True)
@@ -160,9 +161,9 @@ def run(cfg: RunConfig) -> dict:
         warm = epoch < cfg.warmup
         result = synthesizer.synthesize(warmup=warm, progress=True)
         buffer.append(result.images, result.labels)
-        buffer.save_chunk(folder.path / "buffer", buffer.num_chunks - 1)
+        buffer.save_chunk(folder.buffer, buffer.num_chunks - 1)
         buffer.reset_order()
-        save_sample_grid(result.images, result.labels, folder.path / "samples" / f"epoch-{epoch:05d}.png",
+        save_sample_grid(result.images, result.labels, folder.samples / f"epoch-{epoch:05d}.png",
                          min(k, cfg.grid_classes), cfg.grid_per_class)
         record = {"epoch": epoch, "phase": "warmup" if warm else "kd", "buffer": len(buffer), **result.stats}
         if not warm:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -15,14 +16,18 @@ import torch
 from nayer.cli_config import ConfigError
 
 
+def check_device_name(name: str) -> None:
+    """Syntax only (a config may name a GPU the machine parsing it lacks): auto, cpu, cuda or cuda:<index>."""
+    if name != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?", name):
+        raise ConfigError(f"device={name!r} is not allowed; choose auto, cpu, cuda or cuda:<index>")
+
+
 def select_device(name: str) -> torch.device:
     """`auto` = CUDA when present, else CPU. Asking for CUDA without one is an error, not a silent fallback."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:<index>") from None
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device '{name}' requested but CUDA is not available here; use device=cpu or auto")
     return device

@@ -30,7 +30,7 @@ from nayer.cli_config import ConfigError, as_dict, parse_config
 from nayer.data import LabeledImages, PRESETS, load_labeled, preset
 from nayer.evaluate import autocast, evaluate
 from nayer.models import build_model, model_names
-from nayer.runtime import save_json, save_torch, select_device
+from nayer.runtime import check_device_name, save_json, save_torch, select_device
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class TeacherTrainConfig:
                               f"weight_decay={self.weight_decay}, momentum={self.momentum}")
         if self.num_threads < 0:
             raise ConfigError(f"num_threads must be >= 0 (0 = torch default), got {self.num_threads}")
-        select_device(self.device)
+        check_device_name(self.device)
 
 
 def _check_labels(data: LabeledImages, num_classes: int, spec: str, dataset: str) -> None:

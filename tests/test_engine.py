@@ -318,3 +318,16 @@ def test_zoo_models_work_as_teacher_and_student(arch):
     result = syn.synthesize(warmup=False)
     trainer = StudentTrainer(student, teacher, cfg.kd, 1, [0.5] * 3, [0.25] * 3, torch.device("cpu"))
     assert trainer.train_epoch([(result.images, result.labels)])["kd_steps"] == 1
+
+
+def test_buffer_batches_gather_across_chunks_like_the_concatenated_data():
+    buf = InMemoryBuffer()
+    for start, size in ((0, 3), (3, 5), (8, 2)):
+        ids = torch.arange(start, start + size)
+        buf.append(ids.to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 3, 2, 2).clone(), ids * 10)
+    images, labels = buf.tensors()
+    for x, y in buf.batches(4, 5, torch.Generator().manual_seed(1)):
+        idx = x[:, 0, 0, 0].long()
+        assert torch.equal(x, images[idx]) and torch.equal(y, labels[idx])
+    with pytest.raises(ValueError, match=r"shape \(3, 2, 2\)"):
+        buf.append(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
