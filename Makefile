@@ -1,6 +1,8 @@
-# make run   - create .venv, install, run the self-contained example (digits teacher -> data-free student)
+# make run   - create .venv, install, run the self-contained example on the distributed pipeline (local Ray:
+#              2 synthesis actors -> WebDataset buffer -> 2 DeepSpeed ranks; digits teacher -> data-free student)
 # make test  - create .venv, install, run the fast test suite
 # make bench - the CIFAR-10 ResNet-56 -> ResNet-20 benchmark (needs ../shared/data, 60 min)
+# make bench-pipeline - the same through the pipeline, plus synthesis scaling and buffer throughput
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
@@ -9,7 +11,7 @@ RUN_NAME := digits-$(shell date +%Y%m%d-%H%M%S)
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup run test test-all bench
+.PHONY: setup run test test-all bench bench-pipeline
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/python -m nayer.examples.digits name=$(RUN_NAME)
+	$(VENV)/bin/python -m orchestrator.examples.digits name=$(RUN_NAME)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
@@ -29,3 +31,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/cifar10_resnet56.py
+
+bench-pipeline: $(STAMP)
+	$(VENV)/bin/python bench/pipeline_speed.py
+	$(VENV)/bin/python bench/cifar10_resnet56.py --pipeline --name bench-cifar10-resnet56-pipeline

@@ -2,8 +2,10 @@
 
     python bench/cifar10_resnet56.py                      # 60 min budget, writes bench/results/cifar10_resnet56.*
     python bench/cifar10_resnet56.py --budget-min 10 --name quick synthesis.g_steps=5   # extra key=value overrides
+    python bench/cifar10_resnet56.py --pipeline       # the same run on the distributed pipeline (issue 3):
+                                                      # local Ray, 2 synthesis actors, 2 DeepSpeed ranks
 
-Target (issue 2): student top-1 >= 60% on ../shared/data/cifar10_test.npz within 60 minutes on 2 CPU cores.
+Target (issues 2 and 3): student top-1 >= 60% on ../shared/data/cifar10_test.npz within 60 minutes on 2 CPU cores.
 Reports top-1 after every epoch and each epoch's time split into synthesis, KD and evaluation; the budget counts
 everything (set-up, synthesis, KD, evaluation, checkpoints). Not a test: run it by hand; it needs ../shared/data.
 """
@@ -22,6 +24,8 @@ sys.path.insert(0, str(ROOT))
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.config import RunConfig  # noqa: E402
 from nayer.run import run  # noqa: E402
+from orchestrator.config import PipelineConfig  # noqa: E402
+from orchestrator.run import run as run_pipeline  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -31,6 +35,7 @@ def main() -> None:
     ap.add_argument("--budget-min", type=float, default=60.0)
     ap.add_argument("--name", default="bench-cifar10-resnet56")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--pipeline", action="store_true", help="run orchestrator.run instead of nayer.run")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args()
     teacher, test = SHARED / "cifar10_resnet56.pt", SHARED / "cifar10_test.npz"
@@ -39,14 +44,15 @@ def main() -> None:
             sys.exit(f"error: benchmark input {path} is missing (it lives in ../shared/data)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = parse_config(RunConfig, [
+    schema, runner = (PipelineConfig, run_pipeline) if args.pipeline else (RunConfig, run)
+    cfg = parse_config(schema, [
         f"config={ROOT / 'configs/cifar10.yaml'},{ROOT / 'configs/profiles/cpu.yaml'}",
         f"name={args.name}", f"out_dir={out / 'runs'}",
         "teacher.arch=resnet56", f"teacher.checkpoint={teacher}", "student.arch=resnet20",
         f"data.eval={test}", f"time_budget_s={args.budget_min * 60}", *args.overrides,
     ])
     start = time.perf_counter()
-    summary = run(cfg)
+    summary = runner(cfg)
     summary["bench_wall_s"] = time.perf_counter() - start
     metrics = [json.loads(line) for line in open(out / "runs" / args.name / "metrics.jsonl")]
     write_report(out / args.name, cfg, summary, metrics, args.budget_min)
@@ -70,10 +76,19 @@ def write_report(stem: Path, cfg: RunConfig, summary: dict, metrics: list[dict],
         f"- teacher top-1: {summary['teacher_top1']:.2f}%; final student top-1: {summary['final_top1']}; "
         f"best epoch (test-set selected, optimistic): {summary['best_top1_on_test_set']}",
         f"- 60% reached: {'epoch %d at %.1f min' % (reached['epoch'], reached['elapsed'] / 60) if reached else 'no'}",
-        f"- wall time {summary['bench_wall_s'] / 60:.1f} min, {summary['epochs_run']} epochs, "
-        f"{summary['buffer_images']} synthetic images in the buffer, device {summary['device']}",
+        f"- wall time {summary['bench_wall_s'] / 60:.1f} min, {summary.get('epochs_run', summary.get('rounds_run'))} "
+        f"epochs, {summary['buffer_images']} synthetic images in the buffer, "
+        + (f"device {summary['device']}" if "device" in summary else
+           f"pipeline: {summary['synth_workers']} synthesis actors, {summary['trainer_workers']} DeepSpeed ranks"),
         f"- mean per KD epoch: synthesis {mean('syn_time', kd):.1f} s, KD {mean('kd_time', kd):.1f} s, "
         f"eval {mean('eval_time', kd):.1f} s",
+        *([f"- pipeline, mean per KD round: {mean('round_time', kd):.1f} s = synthesis {mean('syn_time', kd):.1f} s "
+           f"(actors' compute {mean('syn_compute_time', kd):.1f} s) + commit {mean('commit_time', kd):.3f} s + "
+           f"KD phase {mean('kd_phase_time', kd):.1f} s (steps {mean('kd_time', kd):.1f} s of which reading "
+           f"{mean('kd_read_time', kd):.2f} s, eval {mean('eval_time', kd):.1f} s, DeepSpeed save "
+           f"{mean('save_time', kd):.2f} s) + driver checkpoint {mean('checkpoint_time', kd):.2f} s; "
+           f"outside compute {100 * mean('outside_compute', kd):.1f}% of the round"]
+          if kd and "round_time" in kd[0] else []),
         f"- config: g_steps={cfg.synthesis.g_steps} g_loops={cfg.synthesis.g_loops} "
         f"bs_gen={cfg.synthesis.batch_size} warmup={cfg.warmup}x{cfg.synthesis.warmup_loops} "
         f"kd_steps={cfg.kd.kd_steps} bs_kd={cfg.kd.batch_size} epochs={cfg.epochs} lte={cfg.lte.encoder} "
@@ -85,7 +100,7 @@ def write_report(stem: Path, cfg: RunConfig, summary: dict, metrics: list[dict],
     stem.with_suffix(".json").write_text(json.dumps({"summary": summary, "metrics": [
         {k: v for k, v in m.items() if k != "per_class"} for m in metrics]}, indent=1))
     plot(stem.with_suffix(".png"), metrics)
-    print("\n".join(text[:7]))
+    print("\n".join(text[:8]))
 
 
 def plot(path: Path, metrics: list[dict]) -> None:

@@ -58,7 +58,7 @@ def kd_rate(bf16: bool, channels_last: bool, compile_: bool, batch: int, steps: 
     teacher, student = models(channels_last)
     trainer = StudentTrainer(student, teacher, cfg.kd, 10, MEAN, STD, torch.device("cpu"), bf16, channels_last)
     if compile_:
-        trainer.student, trainer.teacher = torch.compile(student), torch.compile(teacher)
+        trainer.objective.student, trainer.objective.teacher = torch.compile(student), torch.compile(teacher)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
     for _ in range(2):  # includes compilation
         trainer.step(images)

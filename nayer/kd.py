@@ -18,21 +18,17 @@ from nayer.evaluate import autocast
 from nayer.losses import kd_loss
 
 
-class StudentTrainer:
-    """Owns the student's optimizer and schedule; `train_epoch` runs one epoch of KD steps."""
+class KDObjective:
+    """L_KD of a uint8 batch: augment once, teacher (no grad) and student on the same view. Shared by the
+    single-process trainer below and the DeepSpeed ranks of the orchestrator (which own their optimizer step)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, epochs: int,
-                 mean: list[float], std: list[float], device: torch.device, bf16: bool = False,
-                 channels_last: bool = True):
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, mean: list[float], std: list[float],
+                 device: torch.device, bf16: bool = False, channels_last: bool = True):
         self.student, self.teacher, self.cfg = student, teacher, cfg
         self.device, self.bf16, self.channels_last = device, bf16, channels_last
         self.augment = Augment(mean, std, cfg.crop_padding, cfg.flip).to(device)
-        self.optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(epochs, 1), eta_min=cfg.eta_min)
 
-    def step(self, images: Tensor) -> float:
-        """One KD step on a uint8 batch; returns the loss."""
+    def __call__(self, images: Tensor) -> Tensor:
         x = self.augment(uint8_to_float(images.to(self.device, non_blocking=True)))
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -43,6 +39,27 @@ class StudentTrainer:
         loss = kd_loss(s_logits, t_logits, self.cfg.temperature)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"KD loss is {loss.item()}: the student diverged (try a lower kd.lr)")
+        return loss
+
+
+def make_optimizer(student: nn.Module, cfg: KDConfig, epochs: int) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
+    """SGD (momentum, weight decay) with a cosine over the E student epochs to eta_min, stepped once per epoch."""
+    optimizer = torch.optim.SGD(student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return optimizer, torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(epochs, 1), eta_min=cfg.eta_min)
+
+
+class StudentTrainer:
+    """Owns the student's optimizer and schedule; `train_epoch` runs one epoch of KD steps."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, epochs: int,
+                 mean: list[float], std: list[float], device: torch.device, bf16: bool = False,
+                 channels_last: bool = True):
+        self.objective = KDObjective(student, teacher, cfg, mean, std, device, bf16, channels_last)
+        self.optimizer, self.scheduler = make_optimizer(student, cfg, epochs)
+
+    def step(self, images: Tensor) -> float:
+        """One KD step on a uint8 batch; returns the loss."""
+        loss = self.objective(images)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -51,8 +68,8 @@ class StudentTrainer:
     def train_epoch(self, batches: Iterable[tuple[Tensor, Tensor]]) -> dict:
         """KD over `batches`, then one scheduler step (the cosine is per epoch, as in the reference)."""
         start = time.perf_counter()
-        self.student.train()
-        self.teacher.eval()
+        self.objective.student.train()
+        self.objective.teacher.eval()
         losses = [self.step(images) for images, _ in batches]
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()

@@ -18,6 +18,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from nayer.buffer import InMemoryBuffer
 from nayer.cli_config import ConfigError, config_to_yaml, parse_config
 from nayer.config import RunConfig
-from nayer.data import load_labeled, preset, read_class_names
+from nayer.data import LabeledImages, load_labeled, preset, read_class_names
 from nayer.evaluate import evaluate
 from nayer.kd import StudentTrainer
 from nayer.lte import encode_labels
@@ -55,6 +56,36 @@ def resolve_data(cfg: RunConfig) -> tuple[list[str], int, list[float], list[floa
     return names, p.image_size, mean, std
 
 
+@dataclass
+class RunInputs:
+    """Everything a run reads before its first step, checked: class names, image geometry, the frozen teacher
+    (on CPU), the label-text embeddings and the optional labeled evaluation set."""
+
+    names: list[str]
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    teacher: torch.nn.Module
+    embeddings: torch.Tensor
+    eval_set: LabeledImages | None
+
+
+def load_inputs(cfg: RunConfig, lte_device: torch.device) -> RunInputs:
+    """Load and cross-check the run's inputs; a mismatch (class counts, checkpoint shapes) is a ConfigError."""
+    names, image_size, mean, std = resolve_data(cfg)
+    k = len(names)
+    try:
+        teacher = load_teacher(cfg.teacher.arch, k, cfg.teacher.checkpoint or None, cfg.teacher.weights or None)
+    except CheckpointMismatchError as exc:  # most often: a class-name list of the wrong length
+        raise ConfigError(f"{exc}; note: the run has {k} class names, the teacher's output size must equal that") from None
+    embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cfg.lte.model, cfg.lte.pretrained,
+                               cfg.lte.path or None, cfg.lte.cache_dir or None, lte_device)
+    eval_set = load_labeled(cfg.data.eval, image_size) if cfg.data.eval else None
+    if eval_set is not None and int(eval_set.y.max()) >= k:
+        raise ConfigError(f"evaluation set {cfg.data.eval} has label {int(eval_set.y.max())} but the teacher has {k} classes")
+    return RunInputs(names, image_size, mean, std, teacher, embeddings, eval_set)
+
+
 class RunFolder:
     """runs/<name>/: refuses to clobber an existing run unless resuming; atomic checkpoint and JSONL metrics.
 
@@ -62,10 +93,12 @@ class RunFolder:
     nothing behind that would block the corrected command). A folder holds a run once it has a checkpoint.
     """
 
+    CHECKPOINT = "checkpoint.pt"  # its presence marks a run that can be resumed
+
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.path = Path(cfg.out_dir) / cfg.name
-        self.checkpoint = self.path / "checkpoint.pt"
+        self.checkpoint = self.path / self.CHECKPOINT
         self.metrics = self.path / "metrics.jsonl"
         self.buffer = self.path / "buffer"
         self.samples = self.path / "samples"
@@ -77,17 +110,21 @@ class RunFolder:
             if not self.checkpoint.exists():
                 raise ConfigError(f"resume=true but {self.checkpoint} does not exist; drop resume or check name=")
             saved = (self.path / "config.yaml").read_text()
-            if _without_resume(saved) != _without_resume(config_to_yaml(cfg)):
+            if _run_defining(saved) != _run_defining(config_to_yaml(cfg)):
                 raise ConfigError(f"resume=true but the config differs from the one in {self.path}/config.yaml; "
-                                  f"resume with the same config (only resume= may change)")
+                                  f"resume with the same config (only resume= and time_budget_s= may change)")
 
     def create(self) -> None:
         if not self.cfg.resume and self.path.exists():  # leftovers of a run that never reached a checkpoint
             self.metrics.unlink(missing_ok=True)
-            for stale in (self.buffer, self.samples, self.tensorboard):
+            for stale in self.outputs():
                 shutil.rmtree(stale, ignore_errors=True)
         self.samples.mkdir(parents=True, exist_ok=True)
         save_text(config_to_yaml(self.cfg), self.path / "config.yaml")
+
+    def outputs(self) -> list[Path]:
+        """Folders a run writes into (removed when a run that never checkpointed is started again)."""
+        return [self.buffer, self.samples, self.tensorboard]
 
     def log(self, record: dict) -> None:
         with open(self.metrics, "a") as f:
@@ -95,8 +132,9 @@ class RunFolder:
 
 
 
-def _without_resume(yaml_text: str) -> str:
-    return "\n".join(line for line in yaml_text.splitlines() if not line.startswith("resume:"))
+def _run_defining(yaml_text: str) -> str:
+    """The config minus the keys a resumed run may change: resume itself and the wall-clock budget."""
+    return "\n".join(line for line in yaml_text.splitlines() if not line.startswith(("resume:", "time_budget_s:")))
 
 
 def run(cfg: RunConfig) -> dict:
@@ -107,22 +145,15 @@ def run(cfg: RunConfig) -> dict:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)
     folder = RunFolder(cfg)
-    names, image_size, mean, std = resolve_data(cfg)
-    k = len(names)
 
-    try:
-        teacher = load_teacher(cfg.teacher.arch, k, cfg.teacher.checkpoint or None, cfg.teacher.weights or None)
-    except CheckpointMismatchError as exc:  # most often: a class-name list of the wrong length
-        raise ConfigError(f"{exc}; note: the run has {k} class names, the teacher's output size must equal that") from None
-    teacher = teacher.to(device)
+    inputs = load_inputs(cfg, device)
+    names, image_size, mean, std, embeddings, eval_set = (inputs.names, inputs.image_size, inputs.mean, inputs.std,
+                                                          inputs.embeddings, inputs.eval_set)
+    k = len(names)
+    teacher = inputs.teacher.to(device)
     student = build_model(cfg.student.arch, k).to(device)
     if cfg.channels_last:
         teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
-    embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cfg.lte.model, cfg.lte.pretrained,
-                               cfg.lte.path or None, cfg.lte.cache_dir or None, device)
-    eval_set = load_labeled(cfg.data.eval, image_size) if cfg.data.eval else None
-    if eval_set is not None and int(eval_set.y.max()) >= k:
-        raise ConfigError(f"evaluation set {cfg.data.eval} has label {int(eval_set.y.max())} but the teacher has {k} classes")
 
     synthesizer = NayerSynthesizer(teacher, student, embeddings, image_size, mean, std, cfg.generator, cfg.synthesis,
                                    device, cfg.bf16, cfg.channels_last, cfg.seed)
@@ -131,8 +162,8 @@ def run(cfg: RunConfig) -> dict:
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
     kd_model = student
     if cfg.compile:  # KD and evaluation only: synthesis needs the teacher's BN hooks, which stay eager
-        kd_model = trainer.student = torch.compile(student)
-        trainer.teacher = torch.compile(teacher)
+        kd_model = trainer.objective.student = torch.compile(student)
+        trainer.objective.teacher = torch.compile(teacher)
     start_epoch, best, elapsed_before = 0, {"top1": -1.0, "epoch": -1}, 0.0
     folder.create()
 
@@ -152,7 +183,7 @@ def run(cfg: RunConfig) -> dict:
                                cfg.bf16, k)["top1"]
         tqdm.write(f"teacher top-1 on {cfg.data.eval}: {teacher_acc:.2f}%")
 
-    writer = _tensorboard(folder.tensorboard)
+    writer = tensorboard_writer(folder.tensorboard)
     total = cfg.warmup + cfg.epochs
     bar = tqdm(range(start_epoch, total), desc=cfg.name, unit="epoch", initial=start_epoch, total=total,
                dynamic_ncols=True)
@@ -178,7 +209,7 @@ def run(cfg: RunConfig) -> dict:
                     best = {"top1": ev["top1"], "epoch": epoch}
         record["elapsed"] = elapsed_before + time.perf_counter() - wall_start
         folder.log(record)
-        _log_tensorboard(writer, record)
+        log_tensorboard(writer, record)
         save_torch({
             "epoch": epoch, "student": student.state_dict(), "trainer": trainer.state_dict(),
             "synthesizer": synthesizer.state_dict(), "buffer_chunks": buffer.num_chunks,
@@ -202,13 +233,13 @@ def run(cfg: RunConfig) -> dict:
     return summary
 
 
-def _tensorboard(path: Path):
+def tensorboard_writer(path: Path):
     from torch.utils.tensorboard import SummaryWriter  # imported late: it pulls in tensorboard
 
     return SummaryWriter(str(path))
 
 
-def _log_tensorboard(writer, record: dict) -> None:
+def log_tensorboard(writer, record: dict) -> None:
     if writer is None:
         return
     for key, value in record.items():

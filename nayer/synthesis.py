@@ -60,12 +60,14 @@ class NayerSynthesizer:
                              g.noisy.mode, g.noisy.arch, g.paper_variant).to(self.device)
         return gen.to(memory_format=torch.channels_last) if self.channels_last else gen
 
-    def synthesize(self, warmup: bool, progress: bool = False) -> SynthesisResult:
+    def synthesize(self, warmup: bool, progress: bool = False, loops: int | None = None) -> SynthesisResult:
         """One epoch of synthesis. `warmup`: no adversarial term, `warmup_loops` iterations.
+        `loops`: this synthesizer's share of the epoch's iterations when several split it (default: all).
         `progress`: a transient progress bar over the epoch's generator steps."""
         if self.epoch > 0 and self.epoch % self.gen_cfg.g_life == 0:
             self.generator = self._new_generator()
-        loops = self.cfg.warmup_loops if warmup else self.cfg.g_loops
+        if loops is None:
+            loops = self.cfg.warmup_loops if warmup else self.cfg.g_loops
         use_adv = not warmup and self.cfg.a_adv != 0
         start = time.perf_counter()
         student_was_training = self.student.training
@@ -94,6 +96,10 @@ class NayerSynthesizer:
         self.epoch += 1
         stats = {f"syn_{k}": v for k, v in totals.items()}
         stats.update(syn_iterations=loops, syn_steps=loops * self.cfg.g_steps, syn_time=time.perf_counter() - start)
+        if not images:  # loops == 0: this synthesizer's share of the epoch was empty
+            size = self.image_size
+            return SynthesisResult(torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
+                                   stats, curves)
         return SynthesisResult(torch.cat(images), torch.cat(labels), stats, curves)
 
     def _iteration(self, use_adv: bool, bar: tqdm) -> tuple[Tensor, Tensor, dict, list[tuple[float, float]]]:

@@ -24,17 +24,18 @@ TEACHER = Path("runs/digits-teacher/teacher.pt")
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, schema=RunConfig, runner=run) -> None:
+    """Train the teacher if missing, then distill with `runner` (the single-process run, or the orchestrator's)."""
     start = time.perf_counter()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = parse_config(RunConfig, [f"config={CONFIG_DIR / 'digits.yaml'}", f"teacher.checkpoint={TEACHER}", *args])
+        cfg = parse_config(schema, [f"config={CONFIG_DIR / 'digits.yaml'}", f"teacher.checkpoint={TEACHER}", *args])
         if not TEACHER.is_file():
             teacher_cfg = parse_config(TeacherTrainConfig, [f"config={CONFIG_DIR / 'teacher' / 'digits.yaml'}",
                                                             f"out={TEACHER}", f"arch={cfg.teacher.arch}"])
             TEACHER.parent.mkdir(parents=True, exist_ok=True)
             train_teacher(teacher_cfg)
-        summary = run(cfg)
+        summary = runner(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     ratio = summary["final_top1"] / summary["teacher_top1"] if summary["teacher_top1"] else float("nan")

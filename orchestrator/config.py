@@ -1,0 +1,84 @@
+"""The pipeline's config: every key of a NAYER run (`nayer.config.RunConfig`) plus a `cluster` section that
+sizes the Ray synthesis workers, the DeepSpeed student ranks and the WebDataset buffer.
+
+The same YAML files serve both runners; `configs/cluster/*.yaml` hold cluster shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nayer.cli_config import ConfigError
+from nayer.config import RunConfig
+
+
+@dataclass
+class ClusterConfig:
+    # "" = attach to the cluster in RAY_ADDRESS (set by `ray job submit` and slurm/ scripts) if there is one,
+    # else start a local Ray on this machine (the embedded default). "auto" or host:port = attach to that cluster.
+    address: str = ""
+    synth_workers: int = 2  # N Ray actors, each with its own generator, noisy layers and BN EMA
+    synth_cpus: float = 1.0  # Ray CPUs per synthesis actor; also its torch thread count (at least 1)
+    synth_gpus: float = 0.0
+    trainer_workers: int = 2  # M DeepSpeed data-parallel ranks (Ray Train workers)
+    trainer_cpus: float = 1.0  # Ray CPUs per rank; also its torch thread count (at least 1)
+    trainer_gpus: float = 0.0  # > 0: ranks run on GPUs (ScalingConfig use_gpu)
+    deepspeed: str = "configs/deepspeed/zero0.json"  # DeepSpeed JSON; batch sizes are filled in from kd.batch_size
+    shard_samples: int = 5000  # at most this many images per WebDataset shard
+    shuffle_buffer: int = 2000  # per-rank sample shuffle buffer when reading shards
+    object_store_mb: int = 1024  # local Ray only: the object store's size
+    keep_checkpoints: int = 2  # student (DeepSpeed) checkpoints Ray Train keeps
+
+
+@dataclass
+class PipelineConfig(RunConfig):
+    """A NAYER run on Ray: synthesis actors -> WebDataset buffer -> DeepSpeed ranks under Ray Train."""
+
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    def validate(self) -> None:
+        super().validate()
+        c = self.cluster
+        for key, value in [("cluster.synth_workers", c.synth_workers), ("cluster.trainer_workers", c.trainer_workers),
+                           ("cluster.shard_samples", c.shard_samples), ("cluster.shuffle_buffer", c.shuffle_buffer),
+                           ("cluster.keep_checkpoints", c.keep_checkpoints)]:
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
+        for key, value in [("cluster.synth_cpus", c.synth_cpus), ("cluster.synth_gpus", c.synth_gpus),
+                           ("cluster.trainer_cpus", c.trainer_cpus), ("cluster.trainer_gpus", c.trainer_gpus)]:
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+        if self.kd.batch_size % c.trainer_workers:
+            raise ConfigError(f"kd.batch_size={self.kd.batch_size} must be divisible by cluster.trainer_workers="
+                              f"{c.trainer_workers} (each rank takes an equal share of the global batch)")
+        if self.compile:
+            raise ConfigError("compile=true is single-process only (nayer.run); the DeepSpeed ranks run eager")
+
+
+def threads(cpus: float) -> int:
+    """Torch threads for a worker holding `cpus` Ray CPUs: pinned, so co-located workers do not oversubscribe."""
+    return max(1, int(cpus))
+
+
+def load_deepspeed_config(cfg: PipelineConfig) -> dict:
+    """The DeepSpeed JSON with the batch keys set from the run: global batch kd.batch_size split over the ranks."""
+    path = Path(cfg.cluster.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"cluster.deepspeed={cfg.cluster.deepspeed!r}: no such file (see configs/deepspeed/*.json)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"cluster.deepspeed={cfg.cluster.deepspeed!r} is not valid JSON: {exc}") from None
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"{path}: zero_optimization.stage={stage} is not supported; choose 0, 1 or 2")
+    if "optimizer" in ds or "scheduler" in ds:
+        raise ConfigError(f"{path}: remove 'optimizer'/'scheduler'; the student's SGD and per-epoch cosine come from "
+                          f"the kd.* keys (the spec's schedule)")
+    ds["train_batch_size"] = cfg.kd.batch_size
+    ds["train_micro_batch_size_per_gpu"] = cfg.kd.batch_size // cfg.cluster.trainer_workers
+    ds["gradient_accumulation_steps"] = 1
+    ds["zero_allow_untested_optimizer"] = True  # the client torch SGD under ZeRO >= 1
+    return ds

@@ -1,0 +1,200 @@
+"""NAYER on Ray: the round loop of Algorithm 1 spread over synthesis actors and DeepSpeed student ranks.
+
+    python -m orchestrator.run config=configs/digits.yaml teacher.checkpoint=runs/digits-teacher/teacher.pt
+    python -m orchestrator.run config=configs/cifar10.yaml,configs/profiles/cpu.yaml \\
+        teacher.checkpoint=../shared/data/cifar10_resnet56.pt data.eval=../shared/data/cifar10_test.npz
+    ray job submit --address http://<head>:8265 --working-dir . -- python -m orchestrator.run config=... \\
+        cluster.synth_workers=8 cluster.synth_gpus=1 cluster.trainer_workers=8 cluster.trainer_gpus=1
+    python -m orchestrator.run config=... name=<existing run> resume=true      # continue a killed run
+
+Without cluster.address (and no RAY_ADDRESS) a local Ray is started on this machine. Each round:
+synthesize on N actors -> commit their shards to the manifest -> S DeepSpeed steps on M ranks -> evaluate ->
+checkpoint (student via DeepSpeed + ray.train.report; generators, noisy layers, BN EMA, RNG, manifest and round
+in checkpoints/driver.pt). Warm-up rounds synthesize only. `resume=true` continues from the last committed round
+and drops shards a killed round left behind.
+Run folder `runs/<name>/`: config.yaml, metrics.jsonl, tb/, samples/round-XXXXX.png, buffer/manifest.json +
+buffer/round-XXXXX/worker-YYY-ZZZZZZ.tar, trainer/student/round-XXXXX/ (DeepSpeed), checkpoints/driver.pt,
+student.pt, summary.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import ray
+import torch
+from tqdm import tqdm
+
+from nayer.cli_config import ConfigError, parse_config
+from nayer.evaluate import evaluate
+from nayer.run import RunFolder, load_inputs, log_tensorboard, tensorboard_writer
+from nayer.runtime import save_json, save_torch
+from orchestrator.cluster import connect
+from orchestrator.config import PipelineConfig, load_deepspeed_config
+from orchestrator.shards import Manifest
+from orchestrator.trainer import RoundBoard, TrainerRun, make_trainer
+from orchestrator.workers import SynthesisWorker, split_iterations
+
+SYNTH_STATS = ("syn_loss", "syn_bn", "syn_ce", "syn_adv")
+
+
+class PipelineFolder(RunFolder):
+    """The single-process run folder plus the Ray Train storage (trainer/) and the driver checkpoint."""
+
+    CHECKPOINT = "checkpoints/driver.pt"
+
+    def __init__(self, cfg: PipelineConfig):
+        super().__init__(cfg)
+        self.trainer = self.path / "trainer"
+
+    def outputs(self) -> list[Path]:
+        return [*super().outputs(), self.trainer, self.checkpoint.parent]
+
+
+def round_record(r: int, warm: bool, outputs: list[dict]) -> dict:
+    """Synthesis statistics of a round: losses averaged over the workers' iterations, the slowest worker's time."""
+    iterations = sum(o["stats"]["syn_iterations"] for o in outputs)
+    record: dict = {"epoch": r, "phase": "warmup" if warm else "kd", "syn_iterations": iterations}
+    for key in SYNTH_STATS:
+        record[key] = sum(o["stats"][key] * o["stats"]["syn_iterations"] for o in outputs) / max(iterations, 1)
+    record["syn_compute_time"] = max(o["compute_time"] for o in outputs)
+    record["shard_write_time"] = max(o["write_time"] for o in outputs)
+    return record
+
+
+def run(cfg: PipelineConfig) -> dict:
+    """Run Algorithm 1 on Ray as configured; returns the summary (final and best student top-1, times)."""
+    wall_start = time.perf_counter()
+    folder = PipelineFolder(cfg)
+    ds_config = load_deepspeed_config(cfg)
+    inputs = load_inputs(cfg, torch.device("cpu"))
+    k = len(inputs.names)
+    folder.create()
+    state = torch.load(folder.checkpoint, map_location="cpu", weights_only=True) if cfg.resume else None
+    manifest = Manifest(folder.buffer, state["manifest"] if state else [])
+    if state:  # the committed buffer only: a round killed before its commit leaves shards nobody may read
+        manifest.verify()
+        dropped = manifest.discard_uncommitted()
+        if dropped:
+            tqdm.write(f"resume: dropped {len(dropped)} uncommitted shard file(s) of the killed round")
+    manifest.save()
+
+    teacher_top1 = state["teacher_top1"] if state else None
+    if inputs.eval_set is not None and state is None:
+        teacher_top1 = evaluate(inputs.teacher, inputs.eval_set.x, inputs.eval_set.y, inputs.mean, inputs.std,
+                                torch.device("cpu"), cfg.data.eval_batch_size, cfg.bf16, k)["top1"]
+        tqdm.write(f"teacher top-1 on {cfg.data.eval}: {teacher_top1:.2f}%")
+
+    started_ray = connect(cfg)
+    board, trainer_run = None, None
+    try:
+        c = cfg.cluster
+        teacher_ref = ray.put(inputs.teacher.state_dict())
+        embeddings_ref = ray.put(inputs.embeddings.cpu())
+        actor = ray.remote(SynthesisWorker).options(num_cpus=c.synth_cpus, num_gpus=c.synth_gpus)
+        workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, inputs.image_size, inputs.mean, inputs.std,
+                                str(folder.buffer.resolve()), str(folder.samples.resolve()))
+                   for w in range(c.synth_workers)]
+        student_ref, student_state = None, state["student"] if state else None
+        if state:
+            ray.get([w.load_state_dict.remote(s) for w, s in zip(workers, state["synthesizers"])])
+            if state["student"] is not None:
+                student_ref = ray.put(state["student"])
+        board = RoundBoard.remote()
+        loop_config = {"cfg": cfg, "board": board, "num_classes": k, "deepspeed": ds_config, "teacher": teacher_ref,
+                       "mean": inputs.mean, "std": inputs.std, "resume_from": state["student_checkpoint"] if state else None,
+                       "eval_set": ray.put(inputs.eval_set) if inputs.eval_set is not None else None}
+        trainer_storage = str(folder.trainer.resolve())
+
+        start = state["round"] + 1 if state else 0
+        best = state["best"] if state else {"top1": -1.0, "epoch": -1}
+        elapsed_before = state["elapsed"] if state else 0.0
+        checkpoint_name = state["student_checkpoint_name"] if state else None
+        writer = tensorboard_writer(folder.tensorboard)
+        total = cfg.warmup + cfg.epochs
+        bar = tqdm(range(start, total), desc=cfg.name, unit="round", initial=start, total=total, dynamic_ncols=True)
+        record: dict = {}
+        for r in bar:
+            t0 = time.perf_counter()
+            warm = r < cfg.warmup
+            shares = split_iterations(cfg.synthesis.warmup_loops if warm else cfg.synthesis.g_loops, c.synth_workers)
+            active = sum(1 for s in shares if s > 0)
+            min_shards = math.ceil(c.trainer_workers / max(active, 1))  # every rank gets a shard of every round
+            outputs = ray.get([w.synthesize.remote(r, warm, share, None if warm else student_ref, min_shards, i == 0)
+                               for i, (w, share) in enumerate(zip(workers, shares))])
+            t_synth = time.perf_counter()
+            manifest.commit(r, [entry for o in outputs for entry in o["shards"]])
+            t_commit = time.perf_counter()
+            record = round_record(r, warm, outputs)
+            record.update(buffer=manifest.samples, shards=len(manifest.shards), syn_time=t_synth - t0,
+                          commit_time=t_commit - t_synth)
+            if not warm:
+                if trainer_run is None:  # started at the first KD round: warm-up rounds keep all cores for synthesis
+                    trainer_run = TrainerRun(make_trainer(cfg, trainer_storage, loop_config)).start()
+                board.publish.remote({"round": r, "shards": manifest.snapshot()})
+                result = trainer_run.wait(board.result.remote(r))
+                student_ref = result.pop("student")[0]
+                checkpoint_name = result.pop("checkpoint")
+                record.update(result)
+                record["kd_phase_time"] = time.perf_counter() - t_commit
+                if record.get("top1", -1.0) > best["top1"]:
+                    best = {"top1": record["top1"], "epoch": r}
+            t_ckpt = time.perf_counter()
+            student_state = ray.get(student_ref) if student_ref is not None else None
+            checkpoint_path = str(folder.trainer / "student" / checkpoint_name) if checkpoint_name else None
+            elapsed = elapsed_before + time.perf_counter() - wall_start
+            save_torch({"round": r, "synthesizers": ray.get([w.state_dict.remote() for w in workers]),
+                        "manifest": manifest.shards, "student": student_state, "student_checkpoint": checkpoint_path,
+                        "student_checkpoint_name": checkpoint_name, "best": best, "elapsed": elapsed,
+                        "teacher_top1": teacher_top1}, folder.checkpoint)
+            now = time.perf_counter()
+            compute = record["syn_compute_time"] + record.get("kd_time", 0.0) - record.get("kd_read_time", 0.0) \
+                + record.get("eval_time", 0.0)
+            record.update(checkpoint_time=now - t_ckpt, round_time=now - t0,
+                          outside_compute=1.0 - compute / (now - t0), elapsed=elapsed_before + now - wall_start)
+            folder.log(record)
+            log_tensorboard(writer, record)
+            bar.set_postfix({k_: (f"{v:.2f}" if isinstance(v, float) else v) for k_, v in record.items()
+                             if k_ in ("top1", "syn_ce", "kd_loss", "buffer")})
+            if cfg.time_budget_s and record["elapsed"] >= cfg.time_budget_s:
+                tqdm.write(f"time budget of {cfg.time_budget_s:.0f}s reached after round {r}")
+                break
+        bar.close()
+        writer.close()
+        ray.get(board.stop.remote())
+        if trainer_run is not None:
+            trainer_run.join()
+        if student_state is not None:
+            save_torch(student_state, folder.path / "student.pt")
+    finally:
+        if board is not None:
+            ray.get(board.stop.remote())
+        if started_ray:
+            ray.shutdown()
+    summary = {"name": cfg.name, "teacher_top1": teacher_top1, "final_top1": record.get("top1"),
+               "best_top1_on_test_set": best["top1"] if best["epoch"] >= 0 else None, "best_epoch": best["epoch"],
+               "rounds_run": record.get("epoch", start - 1) + 1, "buffer_images": manifest.samples,
+               "shards": len(manifest.shards), "synth_workers": cfg.cluster.synth_workers,
+               "trainer_workers": cfg.cluster.trainer_workers,
+               "wall_time_s": elapsed_before + time.perf_counter() - wall_start}
+    save_json(summary, folder.path / "summary.json")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = parse_config(PipelineConfig, args)
+        summary = run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: {exc}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Student trainers: M DeepSpeed data-parallel ranks under Ray Train's `TorchTrainer`, alive for the whole run.
+
+Each KD round the driver publishes a manifest snapshot on the `RoundBoard`; every rank reads its disjoint share
+of the shards (`orchestrator.shards.shard_batches`: split_by_node, with_epoch so all ranks step S times), runs S
+DeepSpeed steps of L_KD on its micro-batch (the global batch is kd.batch_size), steps the per-epoch cosine, and
+saves a DeepSpeed checkpoint that `ray.train.report` persists as `round-XXXXX`. Rank 0 evaluates and hands the
+metrics and the new student weights (object store) back to the driver through the board.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import time
+
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+
+from nayer.evaluate import evaluate
+from nayer.kd import KDObjective, make_optimizer
+from nayer.models import build_model
+from orchestrator.config import PipelineConfig, threads
+from orchestrator.shards import rank_samples, shard_batches
+
+
+@ray.remote(num_cpus=0)
+class RoundBoard:
+    """The driver <-> ranks channel: round plans go down in order, per-round results come back."""
+
+    def __init__(self):
+        self.plans: list[dict] = []
+        self.results: dict[int, dict] = {}
+        self.stopped = False
+        self.changed: asyncio.Condition | None = None
+
+    def _condition(self) -> asyncio.Condition:
+        if self.changed is None:  # created inside the actor's event loop
+            self.changed = asyncio.Condition()
+        return self.changed
+
+    async def _notify(self) -> None:
+        async with self._condition():
+            self._condition().notify_all()
+
+    async def publish(self, plan: dict) -> None:
+        self.plans.append(plan)
+        await self._notify()
+
+    async def stop(self) -> None:
+        self.stopped = True
+        await self._notify()
+
+    async def next_plan(self, index: int) -> dict | None:
+        """The index-th KD round's plan; None once the driver has stopped and no such round will come."""
+        async with self._condition():
+            await self._condition().wait_for(lambda: len(self.plans) > index or self.stopped)
+        return self.plans[index] if len(self.plans) > index else None
+
+    async def finish(self, round_index: int, result: dict) -> None:
+        self.results[round_index] = result
+        await self._notify()
+
+    async def result(self, round_index: int) -> dict:
+        async with self._condition():
+            await self._condition().wait_for(lambda: round_index in self.results)
+        return self.results.pop(round_index)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """One DeepSpeed rank (runs inside a Ray Train worker; torch.distributed is already initialized)."""
+    cfg: PipelineConfig = config["cfg"]
+    # Chosen before deepspeed is imported: DeepSpeed picks its accelerator once, at import.
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    import deepspeed
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(threads(cfg.cluster.trainer_cpus))
+    device = ray.train.torch.get_device()
+    board, k = config["board"], config["num_classes"]
+    ds_config = config["deepspeed"]
+    ds_bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
+    bf16 = cfg.bf16 or ds_bf16  # DeepSpeed bf16 keeps bf16 weights: inputs must be autocast to match
+
+    teacher = build_model(cfg.teacher.arch, k)
+    teacher.load_state_dict(ray.get(config["teacher"]))
+    teacher = teacher.to(device).eval().requires_grad_(False)
+    student = build_model(cfg.student.arch, k).to(device)
+    if cfg.channels_last:  # the student's weights stay contiguous (DeepSpeed broadcasts them as flat bytes);
+        teacher = teacher.to(memory_format=torch.channels_last)  # its convs still run channels_last on CL inputs
+    if ds_bf16:
+        student = student.to(torch.bfloat16)  # DeepSpeed bf16 with BatchNorm needs the cast before initialize
+    optimizer, scheduler = make_optimizer(student, cfg.kd, cfg.epochs)  # the cosine steps per round, not per step
+    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+    if config["resume_from"]:
+        with ray.train.Checkpoint(config["resume_from"]).as_directory() as path:
+            _, client = engine.load_checkpoint(path, tag="student")
+        scheduler.load_state_dict(client["scheduler"])
+    objective = KDObjective(engine, teacher, cfg.kd, config["mean"], config["std"], device, bf16, cfg.channels_last)
+    eval_set = ray.get(config["eval_set"]) if rank == 0 and config["eval_set"] is not None else None
+    micro_batch = ds_config["train_micro_batch_size_per_gpu"]
+
+    index = 0
+    while (plan := ray.get(board.next_plan.remote(index))) is not None:
+        index += 1
+        r = plan["round"]
+        torch.manual_seed(cfg.seed * 1000003 + 1009 * r + rank)  # augmentation draws: reproducible on resume
+        per_rank = rank_samples(plan["shards"], world)
+        if min(per_rank) < micro_batch:
+            raise ValueError(f"round {r}: the buffer's {len(plan['shards'])} shards give ranks {per_rank} samples, "
+                             f"fewer than a micro-batch of {micro_batch}; lower kd.batch_size or add warm-up rounds")
+        batches = shard_batches(plan["shards"], micro_batch, cfg.kd.kd_steps, cfg.seed * 7907 + r,
+                                cfg.cluster.shuffle_buffer)
+        engine.train()
+        start, read_time, losses = time.perf_counter(), 0.0, []
+        waited = time.perf_counter()
+        for images, _ in batches:
+            read_time += time.perf_counter() - waited
+            loss = objective(images)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            waited = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        mean_loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+        dist.all_reduce(mean_loss)  # the round's KD loss over all ranks
+        steps = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+        dist.all_gather(steps, torch.tensor([len(losses)], device=device))
+        metrics = {"kd_loss": mean_loss.item() / world, "kd_steps": len(losses), "lr": lr,
+                   "kd_steps_per_rank": [int(t) for t in steps],
+                   "kd_time": time.perf_counter() - start, "kd_read_time": read_time}
+        if eval_set is not None:
+            t0 = time.perf_counter()
+            ev = evaluate(engine.module, eval_set.x, eval_set.y, config["mean"], config["std"], device,
+                          cfg.data.eval_batch_size, bf16, k)
+            metrics.update(top1=ev["top1"], per_class=ev["per_class"], eval_time=time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        name = f"round-{r:05d}"
+        with tempfile.TemporaryDirectory() as tmp:  # every rank writes its part; Ray merges them into one checkpoint
+            engine.save_checkpoint(tmp, tag="student", client_state={"scheduler": scheduler.state_dict(), "round": r})
+            # Ray Train keeps (and later serializes) the dict it is handed: give it its own copy.
+            ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=name)
+        if rank == 0:
+            weights = {key: value.detach().cpu().clone() for key, value in engine.module.state_dict().items()}
+            result = {**metrics, "save_time": time.perf_counter() - t0, "checkpoint": name,
+                      "student": [ray.put(weights)]}  # in a list: the driver receives the reference, not a copy
+            ray.get(board.finish.remote(r, result))
+
+
+class TrainerRun:
+    """`TorchTrainer.fit()` on a driver thread: the ranks live for the whole run while the driver's round loop
+    goes on; `wait()` surfaces a trainer failure instead of waiting forever for its result."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._fit, name="student-trainer", daemon=True)
+
+    def _fit(self) -> None:
+        try:
+            self.trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the driver thread by wait()
+            self.error = exc
+
+    def start(self) -> "TrainerRun":
+        self.thread.start()
+        return self
+
+    def wait(self, ref: ray.ObjectRef):
+        while True:
+            ready, _ = ray.wait([ref], timeout=1.0)
+            if ready:
+                return ray.get(ref)
+            if not self.thread.is_alive():
+                raise RuntimeError(f"the student trainers stopped: {self.error}") from self.error
+
+    def join(self, timeout: float = 120.0) -> None:
+        self.thread.join(timeout)
+        if self.error is not None:
+            raise RuntimeError(f"the student trainers failed: {self.error}") from self.error
+
+
+def make_trainer(cfg: PipelineConfig, storage_path: str, loop_config: dict):
+    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    c = cfg.cluster
+    resources = {"CPU": c.trainer_cpus, **({"GPU": c.trainer_gpus} if c.trainer_gpus > 0 else {})}
+    return TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=c.trainer_workers, use_gpu=c.trainer_gpus > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="student", storage_path=storage_path,
+                             checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints)))

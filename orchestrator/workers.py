@@ -1,0 +1,79 @@
+"""Synthesis workers: Ray actors, each wrapping one `nayer.synthesis.NayerSynthesizer` (its own generator, noisy
+layers and BN-statistics EMA, its own seed) and writing its kept batches as WebDataset shards.
+
+The driver splits a round's I iterations over the N workers (`split_iterations`); each worker's batches are
+class-balanced (`balanced_targets`), so the round is too. Before the adversarial term is used the worker's
+student copy is refreshed from the latest student weights (handed over through the object store).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from nayer.models import build_model
+from nayer.runtime import select_device
+from nayer.synthesis import NayerSynthesizer
+from nayer.visualize import save_sample_grid
+from orchestrator.config import PipelineConfig, threads
+from orchestrator.shards import write_shards
+
+
+def split_iterations(total: int, workers: int) -> list[int]:
+    """Worker w runs total // N iterations, plus one for the first total % N workers (some may get 0)."""
+    return [total // workers + (w < total % workers) for w in range(workers)]
+
+
+def worker_seed(seed: int, worker: int) -> int:
+    return seed + 7919 * worker  # distinct per worker, reproducible per run seed
+
+
+class SynthesisWorker:
+    """One synthesis actor. Created with `ray.remote(SynthesisWorker).options(num_cpus=..., num_gpus=...)`."""
+
+    def __init__(self, cfg: PipelineConfig, worker: int, teacher_state: dict, embeddings: torch.Tensor,
+                 image_size: int, mean: list[float], std: list[float], buffer_root: str, samples_dir: str):
+        torch.set_num_threads(threads(cfg.cluster.synth_cpus))  # pinned: co-located actors do not fight over cores
+        self.cfg, self.worker = cfg, worker
+        self.device = select_device(cfg.device)
+        self.buffer_root, self.samples_dir = Path(buffer_root), Path(samples_dir)
+        k = embeddings.shape[0]
+        teacher = build_model(cfg.teacher.arch, k)
+        teacher.load_state_dict(teacher_state)
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
+        self.student = build_model(cfg.student.arch, k).to(self.device)
+        if cfg.channels_last:
+            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+            self.student = self.student.to(memory_format=torch.channels_last)
+        self.synthesizer = NayerSynthesizer(self.teacher, self.student, embeddings.to(self.device), image_size, mean,
+                                            std, cfg.generator, cfg.synthesis, self.device, cfg.bf16,
+                                            cfg.channels_last, worker_seed(cfg.seed, worker))
+
+    def synthesize(self, round_index: int, warmup: bool, iterations: int, student_state: dict | None,
+                   min_shards: int, grid: bool) -> dict:
+        """Run this worker's share of a round, write its shards; returns manifest entries and statistics."""
+        start = time.perf_counter()
+        # Reseeded per round: a resumed run repeats the augmentation and noisy-layer draws of the original.
+        torch.manual_seed(worker_seed(self.cfg.seed, self.worker) * 100003 + round_index)
+        if student_state is not None:
+            self.student.load_state_dict(student_state)
+        result = self.synthesizer.synthesize(warmup=warmup, loops=iterations)
+        compute = time.perf_counter() - start
+        entries = []
+        if len(result.labels):
+            entries = write_shards(self.buffer_root, round_index, self.worker, result.images, result.labels,
+                                   self.cfg.cluster.shard_samples, min_shards)
+            if grid:
+                save_sample_grid(result.images, result.labels, self.samples_dir / f"round-{round_index:05d}.png",
+                                 min(self.synthesizer.num_classes, self.cfg.grid_classes), self.cfg.grid_per_class)
+        return {"worker": self.worker, "shards": entries, "stats": result.stats, "compute_time": compute,
+                "write_time": time.perf_counter() - start - compute, "node": ray.util.get_node_ip_address()}
+
+    def state_dict(self) -> dict:
+        return self.synthesizer.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.synthesizer.load_state_dict(state)
