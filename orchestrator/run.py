@@ -107,14 +107,16 @@ def run(cfg: PipelineConfig) -> dict:
                 student_ref = ray.put(state["student"])
         board = RoundBoard.remote()
         loop_config = {"cfg": cfg, "board": board, "num_classes": k, "deepspeed": ds_config, "teacher": teacher_ref,
-                       "mean": inputs.mean, "std": inputs.std, "resume_from": state["student_checkpoint"] if state else None,
+                       "mean": inputs.mean, "std": inputs.std, "resume_from": None,
                        "eval_set": ray.put(inputs.eval_set) if inputs.eval_set is not None else None}
         trainer_storage = str(folder.trainer.resolve())
+        if state and state["student_checkpoint"]:  # the DeepSpeed checkpoint of the last committed KD round
+            loop_config["resume_from"] = str(Path(trainer_storage) / "student" / state["student_checkpoint"])
 
         start = state["round"] + 1 if state else 0
         best = state["best"] if state else {"top1": -1.0, "epoch": -1}
         elapsed_before = state["elapsed"] if state else 0.0
-        checkpoint_name = state["student_checkpoint_name"] if state else None
+        checkpoint_name = state["student_checkpoint"] if state else None
         writer = tensorboard_writer(folder.tensorboard)
         total = cfg.warmup + cfg.epochs
         bar = tqdm(range(start, total), desc=cfg.name, unit="round", initial=start, total=total, dynamic_ncols=True)
@@ -146,11 +148,10 @@ def run(cfg: PipelineConfig) -> dict:
                     best = {"top1": record["top1"], "epoch": r}
             t_ckpt = time.perf_counter()
             student_state = ray.get(student_ref) if student_ref is not None else None
-            checkpoint_path = str(folder.trainer / "student" / checkpoint_name) if checkpoint_name else None
             elapsed = elapsed_before + time.perf_counter() - wall_start
             save_torch({"round": r, "synthesizers": ray.get([w.state_dict.remote() for w in workers]),
-                        "manifest": manifest.shards, "student": student_state, "student_checkpoint": checkpoint_path,
-                        "student_checkpoint_name": checkpoint_name, "best": best, "elapsed": elapsed,
+                        "manifest": manifest.shards, "student": student_state, "student_checkpoint": checkpoint_name,
+                        "best": best, "elapsed": elapsed,
                         "teacher_top1": teacher_top1}, folder.checkpoint)
             now = time.perf_counter()
             compute = record["syn_compute_time"] + record.get("kd_time", 0.0) - record.get("kd_read_time", 0.0) \

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 from nayer.models import build_model
@@ -70,7 +69,7 @@ class SynthesisWorker:
                 save_sample_grid(result.images, result.labels, self.samples_dir / f"round-{round_index:05d}.png",
                                  min(self.synthesizer.num_classes, self.cfg.grid_classes), self.cfg.grid_per_class)
         return {"worker": self.worker, "shards": entries, "stats": result.stats, "compute_time": compute,
-                "write_time": time.perf_counter() - start - compute, "node": ray.util.get_node_ip_address()}
+                "write_time": time.perf_counter() - start - compute}
 
     def state_dict(self) -> dict:
         return self.synthesizer.state_dict()

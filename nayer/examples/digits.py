@@ -1,4 +1,4 @@
-"""The self-contained example (`make run`): no download, no data set on disk, a few minutes on 2 CPU cores.
+"""The self-contained example in one process (`make run` runs it on the pipeline: orchestrator.examples.digits):
 
     python -m nayer.examples.digits                    # train the digits teacher if needed, then distill
     python -m nayer.examples.digits name=digits-2 synthesis.g_steps=20   # any nayer.run key=value override
