@@ -144,3 +144,25 @@ def test_shipped_deepspeed_configs_get_the_run_batch_sizes(name):
     ds = load_deepspeed_config(cfg)
     assert ds["train_batch_size"] == cfg.kd.batch_size
     assert ds["train_micro_batch_size_per_gpu"] * cfg.cluster.trainer_workers == cfg.kd.batch_size
+
+
+def test_synthesis_worker_refreshes_its_student_and_writes_balanced_shards(tmp_path):
+    """The actor class in-process: the student copy takes the weights handed over before an adversarial round."""
+    from nayer.models import build_model
+    from orchestrator.workers import SynthesisWorker
+
+    cfg = parse_config(PipelineConfig, ["data.dataset=digits", "teacher.arch=resnet20", "student.arch=resnet20",
+                                        "generator.nz=32", "generator.ngf=8", "synthesis.batch_size=20",
+                                        "synthesis.g_steps=1", "cluster.shard_samples=8"])
+    teacher = build_model("resnet20", 10)
+    worker = SynthesisWorker(cfg, 1, teacher.state_dict(), torch.eye(10), 32, [0.5] * 3, [0.5] * 3,
+                             str(tmp_path / "buffer"), str(tmp_path / "samples"))
+    student = build_model("resnet20", 10)
+    torch.nn.init.constant_(student.fc.weight, 0.25)
+    out = worker.synthesize(4, warmup=False, iterations=2, student_state=student.state_dict(), min_shards=2, grid=True)
+    assert torch.equal(worker.student.fc.weight, student.fc.weight)
+    assert [e["path"] for e in out["shards"]] == [f"round-00004/worker-001-00000{i}.tar" for i in range(5)]
+    assert sum(e["samples"] for e in out["shards"]) == 40 and out["stats"]["syn_iterations"] == 2
+    assert (tmp_path / "samples" / "round-00004.png").is_file()
+    ((_, labels),) = list(shard_batches(Manifest(tmp_path / "buffer", out["shards"]).snapshot(), 40, 1, seed=0))
+    assert torch.bincount(labels, minlength=10).tolist() == [4] * 10  # class-balanced: 2 per class per iteration
