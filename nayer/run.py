@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -248,14 +248,19 @@ def log_tensorboard(writer, record: dict) -> None:
     writer.flush()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def cli(schema: type, runner: Callable[..., dict], argv: Sequence[str] | None = None) -> None:
+    """Parse `argv` (default: the command line) into `schema`, run it, print the summary as one JSON line; a bad
+    input exits with a one-line `error: ...` instead of a traceback."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = parse_config(RunConfig, args)
-        summary = run(cfg)
+        summary = runner(parse_config(schema, args))
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(json.dumps(summary))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli(RunConfig, run, argv)
 
 
 if __name__ == "__main__":

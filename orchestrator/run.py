@@ -19,9 +19,7 @@ student.pt, summary.json.
 
 from __future__ import annotations
 
-import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -30,9 +28,8 @@ import ray
 import torch
 from tqdm import tqdm
 
-from nayer.cli_config import ConfigError, parse_config
 from nayer.evaluate import evaluate
-from nayer.run import RunFolder, load_inputs, log_tensorboard, tensorboard_writer
+from nayer.run import RunFolder, cli, load_inputs, log_tensorboard, tensorboard_writer
 from nayer.runtime import save_json, save_torch
 from orchestrator.cluster import connect
 from orchestrator.config import PipelineConfig, load_deepspeed_config
@@ -188,13 +185,7 @@ def run(cfg: PipelineConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        cfg = parse_config(PipelineConfig, args)
-        summary = run(cfg)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
-    print(json.dumps(summary))
+    cli(PipelineConfig, run, argv)
 
 
 if __name__ == "__main__":
