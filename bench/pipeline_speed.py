@@ -8,7 +8,7 @@
    a single process gets from both cores. Goal (issue 3): 2 actors >= 1.7x one.
 2. Buffer: writing 20,000 32x32 images as shards (uint8 .npy samples, 5000 per shard, temporary name + rename +
    sha256) and reading them back through the per-rank WebDataset reader, images/s and MB/s.
-Uses the real ResNet-56 in ../shared/data when present, else a random one. Run on an idle machine.
+Needs the real ResNet-56 in ../shared/data. Run on an idle machine.
 """
 
 from __future__ import annotations
@@ -85,13 +85,14 @@ def main() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cfg = parse_config(PipelineConfig, [f"config={ROOT / 'configs/cifar10.yaml'},{ROOT / 'configs/profiles/cpu.yaml'}",
                                         f"synthesis.batch_size={args.batch_size}", "teacher.arch=resnet56"])
+    if not TEACHER.is_file():
+        sys.exit(f"error: benchmark input {TEACHER} is missing (it lives in ../shared/data)")
     names, *_ = resolve_data(cfg)
     teacher = build_model("resnet56", len(names))
-    if TEACHER.is_file():
-        teacher.load_state_dict(torch.load(TEACHER, map_location="cpu", weights_only=True))
+    teacher.load_state_dict(torch.load(TEACHER, map_location="cpu", weights_only=True))
     embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cache_dir=str(ROOT / ".cache/lte"))
     ray.init(num_cpus=2, object_store_memory=1 << 30, include_dashboard=False)  # actors only: no Ray Train
-    results: dict = {"teacher": "real ResNet-56" if TEACHER.is_file() else "random ResNet-56", "synthesis": []}
+    results: dict = {"teacher": "real ResNet-56", "synthesis": []}
     with tempfile.TemporaryDirectory() as buffer:
         for workers, cpus in [(1, 1.0), (2, 1.0), (1, 2.0)]:
             row = synthesis_rate(cfg, teacher.state_dict(), embeddings, workers, cpus, args.iterations, buffer)

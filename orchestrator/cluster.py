@@ -1,5 +1,5 @@
 """Where the pipeline runs: a local Ray started by the program itself (the embedded default), or an existing
-cluster (`cluster.address=`, or RAY_ADDRESS as set by `ray job submit` and the slurm/ scripts)."""
+cluster (`cluster.address=`, or RAY_ADDRESS as `ray job submit` sets it for the job's driver)."""
 
 from __future__ import annotations
 

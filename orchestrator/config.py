@@ -1,7 +1,7 @@
 """The pipeline's config: every key of a NAYER run (`nayer.config.RunConfig`) plus a `cluster` section that
 sizes the Ray synthesis workers, the DeepSpeed student ranks and the WebDataset buffer.
 
-The same YAML files serve both runners; `configs/cluster/*.yaml` hold cluster shapes.
+The same YAML files serve both runners (a `cluster` key in a YAML read by `nayer.run` is a typo there).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from nayer.config import RunConfig
 
 @dataclass
 class ClusterConfig:
-    # "" = attach to the cluster in RAY_ADDRESS (set by `ray job submit` and slurm/ scripts) if there is one,
+    # "" = attach to the cluster in RAY_ADDRESS (set by `ray job submit`) if there is one,
     # else start a local Ray on this machine (the embedded default). "auto" or host:port = attach to that cluster.
     address: str = ""
     synth_workers: int = 2  # N Ray actors, each with its own generator, noisy layers and BN EMA

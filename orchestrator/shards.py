@@ -42,6 +42,26 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+class _HashingFile(io.RawIOBase):
+    """A write-only file that feeds a sha256 as it goes: a shard's checksum without reading it back."""
+
+    def __init__(self, path: str):
+        self.file, self.digest, self.size = open(path, "wb"), hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        self.size += len(data)
+        return self.file.write(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.file.close()
+        super().close()
+
+
 def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor, labels: Tensor,
                  max_samples: int, min_shards: int = 1) -> list[dict]:
     """Write uint8 `images` [N, C, H, W] + `labels` [N] as at least `min_shards` shards of at most `max_samples`;
@@ -52,15 +72,21 @@ def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor
     entries = []
     for part, index in enumerate(np.array_split(np.arange(n), count)):
         rel = shard_name(round_index, worker, part)
+        out: dict = {}
 
-        def write(tmp: str, index=index, rel=rel) -> None:
-            with wds.TarWriter(tmp) as sink:
-                for i in index.tolist():
-                    sink.write({"__key__": f"{rel[:-4].replace('/', '-')}-{i:06d}", "npy": images[i].numpy(),
-                                "cls": int(labels[i])})
+        def write(tmp: str, index=index, rel=rel, out=out) -> None:
+            stream = _HashingFile(tmp)
+            try:
+                with wds.TarWriter(stream) as sink:
+                    for i in index.tolist():
+                        sink.write({"__key__": f"{rel[:-4].replace('/', '-')}-{i:06d}", "npy": images[i].numpy(),
+                                    "cls": int(labels[i])})
+            finally:
+                stream.close()
+            out.update(bytes=stream.size, sha256=stream.digest.hexdigest())
 
-        path = atomic_write(root / rel, write)
-        entries.append({"path": rel, "samples": len(index), "bytes": path.stat().st_size, "sha256": sha256(path)})
+        atomic_write(root / rel, write)
+        entries.append({"path": rel, "samples": len(index), **out})
     return entries
 
 
@@ -93,7 +119,8 @@ class Manifest:
 
     def snapshot(self) -> list[dict]:
         """The committed shards with absolute paths: what the trainer ranks of one round read."""
-        return [{"url": str((self.root / s["path"]).resolve()), "samples": s["samples"]} for s in self.shards]
+        root = self.root.resolve()
+        return [{"url": str(root / s["path"]), "samples": s["samples"]} for s in self.shards]
 
     def discard_uncommitted(self) -> list[Path]:
         """Delete shard files the manifest does not list (a round killed before its commit, temporary files);
