@@ -111,8 +111,10 @@ def class_loss(teacher_logits: Tensor, targets: Tensor) -> Tensor:
 def kl_div(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Per-sample KL(softmax(t/T) || softmax(s/T)) * T^2, summed over classes: shape [B]."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=1)
-    p = F.softmax(teacher_logits.float() / temperature, dim=1)
-    return F.kl_div(log_q, p, reduction="none").sum(1) * temperature ** 2
+    # Log-probabilities on both sides: a confident teacher's softmax underflows to 0 for logit gaps > ~100, and
+    # kl_div on a 0 probability gives NaN gradients (for every sample, masked ones too).
+    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(1) * temperature ** 2
 
 
 def adversarial_loss(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:

@@ -331,3 +331,14 @@ def test_buffer_batches_gather_across_chunks_like_the_concatenated_data():
         assert torch.equal(x, images[idx]) and torch.equal(y, labels[idx])
     with pytest.raises(ValueError, match=r"shape \(3, 2, 2\)"):
         buf.append(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, dtype=torch.long))
+
+
+def test_adversarial_gradients_stay_finite_for_a_confident_teacher():
+    # Logit gaps of 300: the teacher's softmax underflows to exactly 0 for the other classes. During synthesis the
+    # gradient reaches the generator through the teacher's logits too.
+    teacher = torch.tensor([[300.0, 0.0, -10.0], [0.0, 250.0, 5.0]], requires_grad=True)
+    student = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 3.0]], requires_grad=True)  # sample 2 masked out
+    loss = adversarial_loss(student, teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all() and torch.isfinite(teacher.grad).all()
+    assert torch.equal(student.grad[1], torch.zeros(3))
