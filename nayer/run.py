@@ -9,7 +9,7 @@
 Each epoch: synthesize (warm-up: no adversarial term, no student training) -> append to the memory buffer ->
 S KD steps -> evaluate on the real test set -> metrics.jsonl / TensorBoard / sample grid -> checkpoint.
 Run folder `runs/<name>/`: config.yaml, metrics.jsonl, tb/, samples/epoch-XXXXX.png, buffer/, checkpoint.pt,
-summary.json.
+summary.json, report.md + plots/ (nayer.report).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from nayer.evaluate import evaluate
 from nayer.kd import StudentTrainer
 from nayer.lte import encode_labels
 from nayer.models import CheckpointMismatchError, build_model, load_teacher
+from nayer.progress import RoundProgress
+from nayer.report import write_report
 from nayer.runtime import save_json, save_text, save_torch, seed_everything, select_device
 from nayer.synthesis import NayerSynthesizer
 from nayer.visualize import save_sample_grid
@@ -185,10 +187,9 @@ def run(cfg: RunConfig) -> dict:
 
     writer = tensorboard_writer(folder.tensorboard)
     total = cfg.warmup + cfg.epochs
-    bar = tqdm(range(start_epoch, total), desc=cfg.name, unit="epoch", initial=start_epoch, total=total,
-               dynamic_ncols=True)
+    progress = RoundProgress(cfg.name, start_epoch, total, unit="epoch")
     record: dict = {}
-    for epoch in bar:
+    for epoch in range(start_epoch, total):
         warm = epoch < cfg.warmup
         result = synthesizer.synthesize(warmup=warm, progress=True)
         buffer.append(result.images, result.labels)
@@ -200,7 +201,7 @@ def run(cfg: RunConfig) -> dict:
         if not warm:
             batches = buffer.batches(cfg.kd.batch_size, cfg.kd.kd_steps, sampler)
             record.update(trainer.train_epoch(tqdm(batches, total=cfg.kd.kd_steps, desc="KD", unit="step",
-                                                   leave=False, dynamic_ncols=True)))
+                                                   leave=False, dynamic_ncols=True, disable=None)))
             if eval_set is not None:
                 t0 = time.perf_counter()
                 ev = evaluate(kd_model, eval_set.x, eval_set.y, mean, std, device, cfg.data.eval_batch_size, cfg.bf16, k)
@@ -216,12 +217,11 @@ def run(cfg: RunConfig) -> dict:
             "sampler_rng": sampler.get_state(), "torch_rng": torch.get_rng_state(), "best": best,
             "elapsed": record["elapsed"],
         }, folder.checkpoint)
-        bar.set_postfix({k_: (f"{v:.2f}" if isinstance(v, float) else v) for k_, v in record.items()
-                         if k_ in ("top1", "syn_ce", "syn_bn", "kd_loss", "buffer")})
+        progress.round_done(record)
         if cfg.time_budget_s and record["elapsed"] >= cfg.time_budget_s:
-            tqdm.write(f"time budget of {cfg.time_budget_s:.0f}s reached after epoch {epoch}")
+            progress.write(f"time budget of {cfg.time_budget_s:.0f}s reached after epoch {epoch}")
             break
-    bar.close()
+    progress.close()
     if writer is not None:
         writer.close()
     save_torch(student.state_dict(), folder.path / "student.pt")
@@ -230,6 +230,7 @@ def run(cfg: RunConfig) -> dict:
                "epochs_run": record.get("epoch", start_epoch - 1) + 1, "buffer_images": len(buffer),
                "wall_time_s": elapsed_before + time.perf_counter() - wall_start, "device": str(device)}
     save_json(summary, folder.path / "summary.json")
+    write_report(folder.path)
     return summary
 
 

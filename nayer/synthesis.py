@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -60,10 +61,12 @@ class NayerSynthesizer:
                              g.noisy.mode, g.noisy.arch, g.paper_variant).to(self.device)
         return gen.to(memory_format=torch.channels_last) if self.channels_last else gen
 
-    def synthesize(self, warmup: bool, progress: bool = False, loops: int | None = None) -> SynthesisResult:
+    def synthesize(self, warmup: bool, progress: bool | Callable[[int], Any] = False,
+                   loops: int | None = None) -> SynthesisResult:
         """One epoch of synthesis. `warmup`: no adversarial term, `warmup_loops` iterations.
         `loops`: this synthesizer's share of the epoch's iterations when several split it (default: all).
-        `progress`: a transient progress bar over the epoch's generator steps."""
+        `progress`: True = a transient tqdm bar over the epoch's generator steps (on a terminal only), or a
+        factory called with the step count that returns an object with tqdm's update/close (e.g. a line logger)."""
         if self.epoch > 0 and self.epoch % self.gen_cfg.g_life == 0:
             self.generator = self._new_generator()
         if loops is None:
@@ -78,8 +81,10 @@ class NayerSynthesizer:
             p.requires_grad_(False)
         images, labels, totals = [], [], {"loss": 0.0, "bn": 0.0, "ce": 0.0, "adv": 0.0}
         curves: list[list[tuple[float, float]]] = []
-        bar = tqdm(total=loops * self.cfg.g_steps, desc="synthesis", unit="step", leave=False, disable=not progress,
-                   dynamic_ncols=True)
+        steps = loops * self.cfg.g_steps
+        bar = progress(steps) if callable(progress) else \
+            tqdm(total=steps, desc="synthesis", unit="step", leave=False, disable=None if progress else True,
+                 dynamic_ncols=True)
         try:
             for _ in range(loops):
                 x, y, parts, curve = self._iteration(use_adv, bar)
@@ -102,7 +107,7 @@ class NayerSynthesizer:
                                    stats, curves)
         return SynthesisResult(torch.cat(images), torch.cat(labels), stats, curves)
 
-    def _iteration(self, use_adv: bool, bar: tqdm) -> tuple[Tensor, Tensor, dict, list[tuple[float, float]]]:
+    def _iteration(self, use_adv: bool, bar: Any) -> tuple[Tensor, Tensor, dict, list[tuple[float, float]]]:
         cfg = self.cfg
         gen = self.generator
         gen.train()

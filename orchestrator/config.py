@@ -30,6 +30,8 @@ class ClusterConfig:
     shuffle_buffer: int = 2000  # per-rank sample shuffle buffer when reading shards
     object_store_mb: int = 1024  # local Ray only: the object store's size
     keep_checkpoints: int = 2  # student (DeepSpeed) checkpoints Ray Train keeps
+    synth_max_restarts: int = 0  # Ray restarts a dead synthesis actor this often (from the last checkpoint)
+    trainer_max_failures: int = 0  # Ray Train restarts the DeepSpeed ranks this often (from the last checkpoint)
 
 
 @dataclass
@@ -46,6 +48,10 @@ class PipelineConfig(RunConfig):
                            ("cluster.keep_checkpoints", c.keep_checkpoints)]:
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
+        for key, value in [("cluster.synth_max_restarts", c.synth_max_restarts),
+                           ("cluster.trainer_max_failures", c.trainer_max_failures)]:
+            if value < -1:
+                raise ConfigError(f"{key} must be >= 0 (or -1: without limit), got {value}")
         for key, value in [("cluster.synth_cpus", c.synth_cpus), ("cluster.synth_gpus", c.synth_gpus),
                            ("cluster.trainer_cpus", c.trainer_cpus), ("cluster.trainer_gpus", c.trainer_gpus)]:
             if value < 0:

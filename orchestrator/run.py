@@ -3,32 +3,36 @@
     python -m orchestrator.run config=configs/digits.yaml teacher.checkpoint=runs/digits-teacher/teacher.pt
     python -m orchestrator.run config=configs/cifar10.yaml,configs/profiles/cpu.yaml \\
         teacher.checkpoint=../shared/data/cifar10_resnet56.pt data.eval=../shared/data/cifar10_test.npz
-    ray job submit --address http://<head>:8265 --working-dir . -- python -m orchestrator.run config=... \\
-        cluster.synth_workers=8 cluster.synth_gpus=1 cluster.trainer_workers=8 cluster.trainer_gpus=1
+    ray job submit --address http://<head>:8265 --working-dir . --runtime-env configs/ray/runtime_env.yaml -- \\
+        python -m orchestrator.run config=... out_dir=/shared/runs cluster.synth_workers=8 cluster.synth_gpus=1 \\
+        cluster.trainer_workers=8 cluster.trainer_gpus=1
     python -m orchestrator.run config=... name=<existing run> resume=true      # continue a killed run
 
 Without cluster.address (and no RAY_ADDRESS) a local Ray is started on this machine. Each round:
 synthesize on N actors -> commit their shards to the manifest -> S DeepSpeed steps on M ranks -> evaluate ->
 checkpoint (student via DeepSpeed + ray.train.report; generators, noisy layers, BN EMA, RNG, manifest and round
 in checkpoints/driver.pt). Warm-up rounds synthesize only. `resume=true` continues from the last committed round
-and drops shards a killed round left behind.
+and drops shards a killed round left behind. SIGTERM / SIGUSR1 stop the run after the round in progress is
+checkpointed (slurm/ray_cluster_requeue.sbatch relies on it).
 Run folder `runs/<name>/`: config.yaml, metrics.jsonl, tb/, samples/round-XXXXX.png, buffer/manifest.json +
 buffer/round-XXXXX/worker-YYY-ZZZZZZ.tar, trainer/student/round-XXXXX/ (DeepSpeed), checkpoints/driver.pt,
-student.pt, summary.json.
+student.pt, summary.json, report.md + plots/ (nayer.report).
 """
 
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ray
 import torch
-from tqdm import tqdm
-
 from nayer.evaluate import evaluate
+from nayer.progress import RoundProgress
+from nayer.report import write_report
 from nayer.run import RunFolder, cli, load_inputs, log_tensorboard, tensorboard_writer
 from nayer.runtime import save_json, save_torch
 from orchestrator.cluster import connect
@@ -64,8 +68,43 @@ def round_record(r: int, warm: bool, outputs: list[dict]) -> dict:
     return record
 
 
-def run(cfg: PipelineConfig) -> dict:
-    """Run Algorithm 1 on Ray as configured; returns the summary (final and best student top-1, times)."""
+class StopOnSignal:
+    """SIGTERM or SIGUSR1 (a scheduler's preemption notice; SLURM's `--signal` before the time limit) -> finish
+    the round in progress, checkpoint it and stop, so `resume=true` continues after it. Installed on the main
+    thread only (Python's rule); a Tune trial runs the driver on another thread and Tune stops it itself."""
+
+    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
+
+    def __init__(self):
+        self.received: str | None = None
+        self.previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def arm(self) -> None:
+        """Called after ray.init: Ray's core worker installs a SIGTERM handler of its own that aborts the process."""
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def disarm(self) -> None:
+        for s, handler in self.previous.items():
+            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
+                signal.signal(s, handler)
+        self.previous = {}
+
+
+def run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None = None) -> dict:
+    """Run Algorithm 1 on Ray as configured; returns the summary (final and best student top-1, times).
+    `on_round(record)` is called with each round's metrics after its checkpoint (Tune reports them)."""
+    stop = StopOnSignal()
+    try:
+        return _run(cfg, on_round, stop)
+    finally:
+        stop.disarm()
+
+
+def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: StopOnSignal) -> dict:
     wall_start = time.perf_counter()
     folder = PipelineFolder(cfg)
     ds_config = load_deepspeed_config(cfg)
@@ -78,30 +117,34 @@ def run(cfg: PipelineConfig) -> dict:
         manifest.verify()
         dropped = manifest.discard_uncommitted()
         if dropped:
-            tqdm.write(f"resume: dropped {len(dropped)} uncommitted shard file(s) of the killed round")
+            print(f"resume: dropped {len(dropped)} uncommitted shard file(s) of the killed round", flush=True)
     manifest.save()
 
     teacher_top1 = state["teacher_top1"] if state else None
     if inputs.eval_set is not None and state is None:
         teacher_top1 = evaluate(inputs.teacher, inputs.eval_set.x, inputs.eval_set.y, inputs.mean, inputs.std,
                                 torch.device("cpu"), cfg.data.eval_batch_size, cfg.bf16, k)["top1"]
-        tqdm.write(f"teacher top-1 on {cfg.data.eval}: {teacher_top1:.2f}%")
+        print(f"teacher top-1 on {cfg.data.eval}: {teacher_top1:.2f}%", flush=True)
 
     started_ray = connect(cfg)
+    stop.arm()
     board, trainer_run = None, None
     try:
         c = cfg.cluster
         teacher_ref = ray.put(inputs.teacher.state_dict())
         embeddings_ref = ray.put(inputs.embeddings.cpu())
-        actor = ray.remote(SynthesisWorker).options(num_cpus=c.synth_cpus, num_gpus=c.synth_gpus)
+        # A crashed actor is restarted (state: the last checkpoint) and its round's task retried; its shards
+        # are rewritten under the same names, and nothing of a round is visible before the driver commits it.
+        actor = ray.remote(SynthesisWorker).options(num_cpus=c.synth_cpus, num_gpus=c.synth_gpus,
+                                                    max_restarts=c.synth_max_restarts,
+                                                    max_task_retries=c.synth_max_restarts)
         workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, inputs.image_size, inputs.mean, inputs.std,
-                                str(folder.buffer.resolve()), str(folder.samples.resolve()))
+                                str(folder.buffer.resolve()), str(folder.samples.resolve()),
+                                str(folder.checkpoint.resolve()))
                    for w in range(c.synth_workers)]
         student_ref, student_state = None, state["student"] if state else None
-        if state:
-            ray.get([w.load_state_dict.remote(s) for w, s in zip(workers, state["synthesizers"])])
-            if state["student"] is not None:
-                student_ref = ray.put(state["student"])
+        if state and state["student"] is not None:
+            student_ref = ray.put(state["student"])
         board = RoundBoard.remote()
         loop_config = {"cfg": cfg, "board": board, "num_classes": k, "deepspeed": ds_config, "teacher": teacher_ref,
                        "mean": inputs.mean, "std": inputs.std, "resume_from": None,
@@ -116,9 +159,9 @@ def run(cfg: PipelineConfig) -> dict:
         checkpoint_name = state["student_checkpoint"] if state else None
         writer = tensorboard_writer(folder.tensorboard)
         total = cfg.warmup + cfg.epochs
-        bar = tqdm(range(start, total), desc=cfg.name, unit="round", initial=start, total=total, dynamic_ncols=True)
+        progress = RoundProgress(cfg.name, start, total)
         record: dict = {}
-        for r in bar:
+        for r in range(start, total):
             t0 = time.perf_counter()
             warm = r < cfg.warmup
             shares = split_iterations(cfg.synthesis.warmup_loops if warm else cfg.synthesis.g_loops, c.synth_workers)
@@ -157,12 +200,16 @@ def run(cfg: PipelineConfig) -> dict:
                           outside_compute=1.0 - compute / (now - t0), elapsed=elapsed_before + now - wall_start)
             folder.log(record)
             log_tensorboard(writer, record)
-            bar.set_postfix({k_: (f"{v:.2f}" if isinstance(v, float) else v) for k_, v in record.items()
-                             if k_ in ("top1", "syn_ce", "kd_loss", "buffer")})
-            if cfg.time_budget_s and record["elapsed"] >= cfg.time_budget_s:
-                tqdm.write(f"time budget of {cfg.time_budget_s:.0f}s reached after round {r}")
+            progress.round_done(record)
+            if on_round is not None:
+                on_round(record)
+            if stop.received:
+                progress.write(f"{stop.received}: stopped after round {r} (checkpointed); continue with resume=true")
                 break
-        bar.close()
+            if cfg.time_budget_s and record["elapsed"] >= cfg.time_budget_s:
+                progress.write(f"time budget of {cfg.time_budget_s:.0f}s reached after round {r}")
+                break
+        progress.close()
         writer.close()
         ray.get(board.stop.remote())
         if trainer_run is not None:
@@ -178,9 +225,10 @@ def run(cfg: PipelineConfig) -> dict:
                "best_top1_on_test_set": best["top1"] if best["epoch"] >= 0 else None, "best_epoch": best["epoch"],
                "rounds_run": record.get("epoch", start - 1) + 1, "buffer_images": manifest.samples,
                "shards": len(manifest.shards), "synth_workers": cfg.cluster.synth_workers,
-               "trainer_workers": cfg.cluster.trainer_workers,
+               "trainer_workers": cfg.cluster.trainer_workers, "stopped_by": stop.received,
                "wall_time_s": elapsed_before + time.perf_counter() - wall_start}
     save_json(summary, folder.path / "summary.json")
+    write_report(folder.path)
     return summary
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from nayer.evaluate import evaluate
 from nayer.kd import KDObjective, make_optimizer
 from nayer.models import build_model
+from nayer.progress import LineProgress
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.shards import rank_samples, shard_batches
 
@@ -34,6 +35,7 @@ class RoundBoard:
     def __init__(self):
         self.plans: list[dict] = []
         self.results: dict[int, dict] = {}
+        self.delivered: set[int] = set()
         self.stopped = False
         self.changed: asyncio.Condition | None = None
 
@@ -54,11 +56,19 @@ class RoundBoard:
         self.stopped = True
         await self._notify()
 
-    async def next_plan(self, index: int) -> dict | None:
-        """The index-th KD round's plan; None once the driver has stopped and no such round will come."""
+    async def next_plan(self, after_round: int) -> dict | None:
+        """The plan of the first KD round after `after_round`; None once the driver has stopped without one."""
+        def later() -> dict | None:
+            return next((p for p in self.plans if p["round"] > after_round), None)
+
         async with self._condition():
-            await self._condition().wait_for(lambda: len(self.plans) > index or self.stopped)
-        return self.plans[index] if len(self.plans) > index else None
+            await self._condition().wait_for(lambda: later() is not None or self.stopped)
+        return later()
+
+    async def awaited(self, round_index: int) -> bool:
+        """True while the driver still waits for this round's result (published, result not yet delivered)."""
+        return any(p["round"] == round_index for p in self.plans) and round_index not in self.results \
+            and round_index not in self.delivered
 
     async def finish(self, round_index: int, result: dict) -> None:
         self.results[round_index] = result
@@ -67,6 +77,7 @@ class RoundBoard:
     async def result(self, round_index: int) -> dict:
         async with self._condition():
             await self._condition().wait_for(lambda: round_index in self.results)
+        self.delivered.add(round_index)
         return self.results.pop(round_index)
 
 
@@ -96,18 +107,32 @@ def train_loop_per_worker(config: dict) -> None:
         student = student.to(torch.bfloat16)  # DeepSpeed bf16 with BatchNorm needs the cast before initialize
     optimizer, scheduler = make_optimizer(student, cfg.kd, cfg.epochs)  # the cosine steps per round, not per step
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
-    if config["resume_from"]:
-        with ray.train.Checkpoint(config["resume_from"]).as_directory() as path:
-            _, client = engine.load_checkpoint(path, tag="student")
-        scheduler.load_state_dict(client["scheduler"])
     objective = KDObjective(engine, teacher, cfg.kd, config["mean"], config["std"], device, bf16, cfg.channels_last)
     eval_set = ray.get(config["eval_set"]) if rank == 0 and config["eval_set"] is not None else None
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
 
-    index = 0
-    while (plan := ray.get(board.next_plan.remote(index))) is not None:
-        index += 1
-        r = plan["round"]
+    def finish(r: int, metrics: dict, started: float) -> None:
+        """Rank 0 hands the round's metrics and the new student weights (object store) to the driver."""
+        weights = {key: value.detach().cpu().clone() for key, value in engine.module.state_dict().items()}
+        result = {**metrics, "save_time": time.perf_counter() - started, "checkpoint": f"round-{r:05d}",
+                  "student": [ray.put(weights)]}  # in a list: the driver receives the reference, not a copy
+        ray.get(board.finish.remote(r, result))
+
+    # Ray Train's latest checkpoint when it restarted these ranks after a failure (cluster.trainer_max_failures),
+    # else the one of the run being resumed; either way the ranks continue after the round it holds.
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(config["resume_from"])
+                                               if config["resume_from"] else None)
+    done = -1
+    if checkpoint is not None:
+        with checkpoint.as_directory() as path:
+            _, client = engine.load_checkpoint(path, tag="student")
+        scheduler.load_state_dict(client["scheduler"])
+        done = client["round"]
+        if rank == 0 and ray.get(board.awaited.remote(done)):  # failed after saving, before handing it over
+            finish(done, client["metrics"], time.perf_counter())
+
+    while (plan := ray.get(board.next_plan.remote(done))) is not None:
+        r = done = plan["round"]
         torch.manual_seed(cfg.seed * 1000003 + 1009 * r + rank)  # augmentation draws: reproducible on resume
         per_rank = rank_samples(plan["shards"], world)
         if min(per_rank) < micro_batch:
@@ -117,6 +142,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 cfg.cluster.shuffle_buffer)
         engine.train()
         start, read_time, losses = time.perf_counter(), 0.0, []
+        progress = LineProgress(cfg.kd.kd_steps, f"round {r} KD rank {rank}") if rank == 0 else None
         waited = time.perf_counter()
         for images, _ in batches:
             read_time += time.perf_counter() - waited
@@ -124,7 +150,11 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
+            if progress is not None:
+                progress.update()
             waited = time.perf_counter()
+        if progress is not None:
+            progress.close()
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         mean_loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
@@ -140,17 +170,14 @@ def train_loop_per_worker(config: dict) -> None:
                           cfg.data.eval_batch_size, bf16, k)
             metrics.update(top1=ev["top1"], per_class=ev["per_class"], eval_time=time.perf_counter() - t0)
         t0 = time.perf_counter()
-        name = f"round-{r:05d}"
         with tempfile.TemporaryDirectory() as tmp:  # every rank writes its part; Ray merges them into one checkpoint
-            engine.save_checkpoint(tmp, tag="student", client_state={"scheduler": scheduler.state_dict(), "round": r})
+            engine.save_checkpoint(tmp, tag="student", client_state={"scheduler": scheduler.state_dict(), "round": r,
+                                                                     "metrics": metrics})
             # Ray Train keeps (and later serializes) the dict it is handed: give it its own copy.
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=name)
+                             checkpoint_dir_name=f"round-{r:05d}")
         if rank == 0:
-            weights = {key: value.detach().cpu().clone() for key, value in engine.module.state_dict().items()}
-            result = {**metrics, "save_time": time.perf_counter() - t0, "checkpoint": name,
-                      "student": [ray.put(weights)]}  # in a list: the driver receives the reference, not a copy
-            ray.get(board.finish.remote(r, result))
+            finish(r, metrics, t0)
 
 
 class TrainerRun:
@@ -187,7 +214,7 @@ class TrainerRun:
 
 
 def make_trainer(cfg: PipelineConfig, storage_path: str, loop_config: dict):
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     c = cfg.cluster
@@ -197,4 +224,5 @@ def make_trainer(cfg: PipelineConfig, storage_path: str, loop_config: dict):
         scaling_config=ScalingConfig(num_workers=c.trainer_workers, use_gpu=c.trainer_gpus > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name="student", storage_path=storage_path,
-                             checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints),
+                             failure_config=FailureConfig(max_failures=c.trainer_max_failures)))

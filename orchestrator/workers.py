@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from nayer.models import build_model
+from nayer.progress import LineProgress
 from nayer.runtime import select_device
 from nayer.synthesis import NayerSynthesizer
 from nayer.visualize import save_sample_grid
@@ -34,7 +35,8 @@ class SynthesisWorker:
     """One synthesis actor. Created with `ray.remote(SynthesisWorker).options(num_cpus=..., num_gpus=...)`."""
 
     def __init__(self, cfg: PipelineConfig, worker: int, teacher_state: dict, embeddings: torch.Tensor,
-                 image_size: int, mean: list[float], std: list[float], buffer_root: str, samples_dir: str):
+                 image_size: int, mean: list[float], std: list[float], buffer_root: str, samples_dir: str,
+                 driver_checkpoint: str):
         torch.set_num_threads(threads(cfg.cluster.synth_cpus))  # pinned: co-located actors do not fight over cores
         self.cfg, self.worker = cfg, worker
         self.device = select_device(cfg.device)
@@ -50,6 +52,11 @@ class SynthesisWorker:
         self.synthesizer = NayerSynthesizer(self.teacher, self.student, embeddings.to(self.device), image_size, mean,
                                             std, cfg.generator, cfg.synthesis, self.device, cfg.bf16,
                                             cfg.channels_last, worker_seed(cfg.seed, worker))
+        # A resumed run, or this actor restarted by Ray after a crash (cluster.synth_max_restarts): continue from
+        # the state of the last committed round, which is what the driver's checkpoint holds.
+        if Path(driver_checkpoint).is_file():
+            state = torch.load(driver_checkpoint, map_location=self.device, weights_only=True)
+            self.synthesizer.load_state_dict(state["synthesizers"][worker])
 
     def synthesize(self, round_index: int, warmup: bool, iterations: int, student_state: dict | None,
                    min_shards: int, grid: bool) -> dict:
@@ -59,7 +66,9 @@ class SynthesisWorker:
         torch.manual_seed(worker_seed(self.cfg.seed, self.worker) * 100003 + round_index)
         if student_state is not None:
             self.student.load_state_dict(student_state)
-        result = self.synthesizer.synthesize(warmup=warmup, loops=iterations)
+        desc = f"round {round_index} synthesis worker {self.worker}"
+        result = self.synthesizer.synthesize(warmup=warmup, loops=iterations,
+                                             progress=lambda steps: LineProgress(steps, desc))
         compute = time.perf_counter() - start
         entries = []
         if len(result.labels):
@@ -73,6 +82,3 @@ class SynthesisWorker:
 
     def state_dict(self) -> dict:
         return self.synthesizer.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.synthesizer.load_state_dict(state)

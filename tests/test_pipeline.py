@@ -2,6 +2,10 @@
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +79,30 @@ def test_pipeline_end_to_end_then_resume_after_a_killed_round(tmp_path, local_ra
     assert (folder / "samples" / "round-00002.png").is_file()
     student = build_model("resnet20", 10)
     student.load_state_dict(torch.load(folder / "student.pt", weights_only=True))
+
+
+def test_sigterm_stops_after_a_checkpointed_round_and_resume_finishes(tmp_path, local_ray):
+    """What slurm/ray_cluster_requeue.sbatch relies on: SIGTERM -> the round in progress is finished and
+    checkpointed, the driver exits 0; the same command with resume=true completes the run."""
+    folder = tmp_path / "runs" / "tiny"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as from a shell
+    args = tiny_args(tmp_path, epochs=4)
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.run", *args], cwd=Path(__file__).parents[1], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (folder / "metrics.jsonl").is_file() or len(records(folder)) < 2:  # a KD round has finished
+        assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0][-3000:]
+        time.sleep(0.5)
+    driver.send_signal(signal.SIGTERM)
+    driver.send_signal(signal.SIGTERM)  # SLURM signals every process of the job, the script forwards one more
+    output = driver.communicate(timeout=180)[0]
+    assert driver.returncode == 0, output[-3000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and 2 <= summary["rounds_run"] < 5
+    assert "continue with resume=true" in output
+    done = run(parse_config(PipelineConfig, args + ["resume=true"]))
+    assert done["rounds_run"] == 5 and done["stopped_by"] is None
+    assert [r["epoch"] for r in records(folder)] == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("deepspeed", ["zero2_bf16"])

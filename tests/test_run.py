@@ -91,6 +91,10 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
     assert 0 <= records[1]["top1"] <= 100 and len(records[1]["per_class"]) == 10
     student = build_model("resnet20", 10)
     student.load_state_dict(torch.load(folder / "student.pt", weights_only=True))
+    report = (folder / "report.md").read_text()
+    assert "| status | finished |" in report and "![Accuracy per round](plots/accuracy.png)" in report
+    for plot in ("accuracy", "round_time", "per_class"):
+        assert (folder / "plots" / f"{plot}.png").stat().st_size > 0
 
 
 def test_class_count_mismatch_is_named(tmp_path):

@@ -147,7 +147,8 @@ def test_shipped_deepspeed_configs_get_the_run_batch_sizes(name):
 
 
 def test_synthesis_worker_refreshes_its_student_and_writes_balanced_shards(tmp_path):
-    """The actor class in-process: the student copy takes the weights handed over before an adversarial round."""
+    """The actor class in-process: the student copy takes the weights handed over before an adversarial round; an
+    actor (re)started next to a driver checkpoint continues from the synthesizer state it holds."""
     from nayer.models import build_model
     from orchestrator.workers import SynthesisWorker
 
@@ -155,8 +156,13 @@ def test_synthesis_worker_refreshes_its_student_and_writes_balanced_shards(tmp_p
                                         "generator.nz=32", "generator.ngf=8", "synthesis.batch_size=20",
                                         "synthesis.g_steps=1", "cluster.shard_samples=8"])
     teacher = build_model("resnet20", 10)
-    worker = SynthesisWorker(cfg, 1, teacher.state_dict(), torch.eye(10), 32, [0.5] * 3, [0.5] * 3,
-                             str(tmp_path / "buffer"), str(tmp_path / "samples"))
+    driver_checkpoint = tmp_path / "checkpoints" / "driver.pt"
+
+    def new_worker():
+        return SynthesisWorker(cfg, 1, teacher.state_dict(), torch.eye(10), 32, [0.5] * 3, [0.5] * 3,
+                               str(tmp_path / "buffer"), str(tmp_path / "samples"), str(driver_checkpoint))
+
+    worker = new_worker()  # no driver checkpoint yet: a fresh synthesizer
     student = build_model("resnet20", 10)
     torch.nn.init.constant_(student.fc.weight, 0.25)
     out = worker.synthesize(4, warmup=False, iterations=2, student_state=student.state_dict(), min_shards=2, grid=True)
@@ -166,3 +172,10 @@ def test_synthesis_worker_refreshes_its_student_and_writes_balanced_shards(tmp_p
     assert (tmp_path / "samples" / "round-00004.png").is_file()
     ((_, labels),) = list(shard_batches(Manifest(tmp_path / "buffer", out["shards"]).snapshot(), 40, 1, seed=0))
     assert torch.bincount(labels, minlength=10).tolist() == [4] * 10  # class-balanced: 2 per class per iteration
+
+    driver_checkpoint.parent.mkdir()
+    torch.save({"synthesizers": [{}, worker.state_dict()]}, driver_checkpoint)
+    restarted = new_worker()
+    assert restarted.synthesizer.epoch == worker.synthesizer.epoch == 1
+    for key, value in worker.synthesizer.generator.state_dict().items():
+        assert torch.equal(restarted.synthesizer.generator.state_dict()[key], value), key

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None, schema=RunConfig, runner=run) -> None:
     ratio = summary["final_top1"] / summary["teacher_top1"] if summary["teacher_top1"] else float("nan")
     result = {"teacher_top1": summary["teacher_top1"], "student_top1": summary["final_top1"],
               "student_over_teacher": round(ratio, 4), "wall_time_s": round(time.perf_counter() - start, 1),
-              "run_folder": str(Path(cfg.out_dir) / cfg.name)}
+              "run_folder": str(Path(cfg.out_dir) / cfg.name), "report": str(Path(cfg.out_dir) / cfg.name / "report.md")}
     print(json.dumps(result))
 
 

@@ -1,0 +1,505 @@
+"""Capacity plan for NAYER on ImageNet at 8, 64 and 512 GPUs, built from per-image costs measured on this machine.
+
+    python bench/capacity.py                                   # measure (~1.5 min on 2 idle cores) + plan
+    python bench/capacity.py --plan-only --gpu-util 0.2        # re-plan from results/capacity.json, other assumptions
+    python bench/capacity.py --threads 1 --max-load 1.0 --max-wait 600 --scales 8 64 512
+
+Writes bench/results/capacity.{json,md}. docs/scaling.md explains the plan.
+
+Measured with the project's own code (random weights: the cost does not depend on them):
+  * FLOPs (torch.utils.flop_counter: matmuls and convolutions, forward and backward) of one generator step of a real
+    `NayerSynthesizer` (adversarial round), of one `KDObjective` step and of `evaluate`, per image;
+  * CPU seconds per image of the same steps (fp32 and bf16 autocast, `--threads` threads), each timing preceded by a
+    load check: the 1-min load average must be <= --max-load (polled every 20 s, up to --max-wait s); the load and the
+    cores other processes kept busy during the timing (/proc/stat minus this process) are recorded with it;
+  * shard bytes per image (`write_shards`), per-rank reader images/s (`shard_batches`), manifest bytes per entry;
+  * checkpoint sizes: synthesizer state (generator + noisy layers + BN EMA), student, teacher, student + SGD state.
+Settings: configs/imagenet.yaml (ResNet-50 -> ResNet-18, 224 px) and, as a cross-check against the measured pipeline
+round, the CIFAR-10 benchmark's config (configs/cifar10.yaml + profiles/cpu.yaml, ResNet-56 -> ResNet-20, 32 px).
+The plan turns the ImageNet numbers into GPU time with the ASSUMPTIONS given as options (GPU peak and utilization,
+per-step overhead, bandwidths); nothing in it was measured on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from nayer.cli_config import parse_config  # noqa: E402
+from nayer.evaluate import evaluate  # noqa: E402
+from nayer.kd import KDObjective, StudentTrainer  # noqa: E402
+from nayer.models import build_model  # noqa: E402
+from nayer.run import resolve_data  # noqa: E402
+from nayer.synthesis import NayerSynthesizer  # noqa: E402
+from orchestrator.config import PipelineConfig  # noqa: E402
+from orchestrator.shards import Manifest, shard_batches, write_shards  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+CPU = torch.device("cpu")
+# flop_batch: FLOPs are counted at b and 2b and fitted as fixed + per-image (the K-to-1 noisy layer pads its matmul
+# to K rows, a per-batch cost), then taken at the config's batch. time_batch / kd_batch: CPU timing batches (ImageNet
+# small to stay within minutes; CIFAR = the pipeline benchmark's generator batch and per-rank micro-batch).
+SETTINGS = {
+    "imagenet": dict(argv=[f"config={ROOT}/configs/imagenet.yaml"], flop_batch=2, time_batch=8, kd_batch=8,
+                     time_steps=2, reader_images=1024, reader_batch=16),
+    "cifar10": dict(argv=[f"config={ROOT}/configs/cifar10.yaml,{ROOT}/configs/profiles/cpu.yaml",
+                          "teacher.arch=resnet56", "student.arch=resnet20"], flop_batch=10, time_batch=200,
+                    kd_batch=128, time_steps=3, reader_images=8192, reader_batch=128),
+}
+EMB_DIM = {"clip": 512, "sbert": 384}  # label-embedding width of the configs' encoders (ViT-B-32, MiniLM)
+
+
+# ---------------------------------------------------------------------------------------------------- machine load
+def cpu_jiffies() -> tuple[int, int]:
+    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def timed(fn, units: int, args: argparse.Namespace) -> dict:
+    """Wait for a quiet machine, run `fn` once, return seconds per unit with the load it ran under."""
+    waited, load = 0.0, os.getloadavg()[0]
+    while load > args.max_load and waited < args.max_wait:
+        print(f"  load {load:.2f} > {args.max_load}: waiting 20 s", flush=True)
+        time.sleep(20)
+        waited, load = waited + 20, os.getloadavg()[0]
+    busy0, total0 = cpu_jiffies()
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    fn()
+    wall = time.perf_counter() - t0
+    busy1, total1 = cpu_jiffies()
+    cores_busy = (busy1 - busy0) / max(total1 - total0, 1) * os.cpu_count()
+    return {"s_per_unit": wall / units, "wall_s": wall, "units": units, "load1_before": round(load, 2),
+            "waited_s": waited, "other_cores_busy": round(max(cores_busy - (time.process_time() - cpu0) / wall, 0), 2)}
+
+
+# ---------------------------------------------------------------------------------------------------- measurements
+def flops(fn) -> tuple[int, dict]:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops(), {k: sum(v.values()) for k, v in counter.get_flop_counts().items()}
+
+
+@torch.no_grad()
+def calibrate_bn(model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """Random weights with BN running statistics (0, 1) blow activations up (random ResNet-56: logits ~1e4): set
+    them to those of noise images, as a trained net's are of its data (the cost does not depend on the weights)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: one forward sets the statistics of this batch
+    model.train()(torch.randn(8, 3, size, size))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    return model.eval()
+
+
+class BoundedTeacher(torch.nn.Module):
+    """A random teacher's logits squashed into +-10 (elementwise, not counted as FLOPs). On generator images a random
+    ResNet-50's logits differ by > 100: its softmax underflows to exact zeros and the backward of the adversarial
+    KL (nayer.losses.kl_div, gradient through the teacher's softmax) turns NaN. A trained teacher is far tamer."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 10 * torch.tanh(self.net(x) / 10)
+
+
+def file_bytes(obj, path: Path) -> int:
+    torch.save(obj, path)
+    return path.stat().st_size
+
+
+def measure_setting(name: str, spec: dict, args: argparse.Namespace, tmp: Path) -> dict:
+    cfg = parse_config(PipelineConfig, spec["argv"])
+    names, size, mean, std = resolve_data(cfg)
+    k = len(names)
+    emb = torch.randn(k, EMB_DIM[cfg.lte.encoder])
+    teacher = BoundedTeacher(calibrate_bn(build_model(cfg.teacher.arch, k), size)).eval().requires_grad_(False)
+    student = calibrate_bn(build_model(cfg.student.arch, k), size)
+    if cfg.channels_last:  # as the synthesis workers and DeepSpeed ranks hold them
+        teacher, student = (m.to(memory_format=torch.channels_last) for m in (teacher, student))
+    syn, bs = cfg.synthesis, cfg.synthesis.batch_size
+
+    def synthesizer(batch: int, bf16: bool) -> NayerSynthesizer:
+        return NayerSynthesizer(teacher, student, emb, size, mean, std, cfg.generator,
+                                dataclasses.replace(syn, batch_size=batch, g_steps=1), CPU, bf16, cfg.channels_last)
+
+    print(f"[{name}] FLOPs", flush=True)
+    b = spec["flop_batch"]
+    counts = {}
+    for batch in (b, 2 * b):  # one adversarial generator step (warmup=False: student forward + its input gradient)
+        s = synthesizer(batch, bf16=False)
+        counts[batch], adv_parts = flops(lambda: s.synthesize(warmup=False, loops=1))
+        s.bn_loss.remove()
+    slope = (counts[2 * b] - counts[b]) / b
+    syn_step = slope + (counts[b] - slope * b) / bs  # per image at the config's generator batch
+    s = synthesizer(2 * b, bf16=False)  # same step without the adversarial term: the student's share is the rest
+    no_adv = flops(lambda: s.synthesize(warmup=True, loops=1))[0]
+    gen_share = adv_parts["NayerGenerator"] / counts[2 * b]
+    ema = s.bn_loss.state_dict()
+    s.bn_loss.remove()
+    kd_obj = KDObjective(student, teacher, cfg.kd, mean, std, CPU)
+    images = torch.randint(0, 256, (spec["kd_batch"], 3, size, size), dtype=torch.uint8)
+    kd_flops = flops(lambda: kd_obj(images).backward())[0] / len(images)
+    x_eval = np.random.randint(0, 256, (8, size, size, 3), dtype=np.uint8)
+    eval_flops = flops(lambda: evaluate(student, x_eval, np.zeros(8, dtype=np.int64), mean, std, CPU, 8))[0] / 8
+
+    print(f"[{name}] checkpoint sizes", flush=True)
+    ck = synthesizer(bs, bf16=False)  # built at the config's batch: the noisy-layer count depends on it
+    ck.bn_loss.load_state_dict(ema)  # a filled BN EMA, as after the first iteration of a run
+    sizes = {"synthesizer_state": file_bytes(ck.state_dict(), tmp / "syn.pt"),
+             "generator_params": sum(p.numel() for p in ck.generator.parameters()),
+             "student_state": file_bytes(student.state_dict(), tmp / "student.pt"),
+             "teacher_state": file_bytes(teacher.net.state_dict(), tmp / "teacher.pt"),
+             "student_params": sum(p.numel() for p in student.parameters())}
+    ck.bn_loss.remove()
+
+    print(f"[{name}] CPU timings ({args.threads} thread(s))", flush=True)
+    timings = {}
+    for bf16 in (False, True):
+        tag = "bf16" if bf16 else "fp32"
+        s = synthesizer(spec["time_batch"], bf16)
+        s.synthesize(warmup=False, loops=1)  # warm-up step (allocations, oneDNN primitive caches)
+        s.cfg = dataclasses.replace(s.cfg, g_steps=spec["time_steps"])
+        timings[f"synthesis_{tag}"] = timed(lambda: s.synthesize(warmup=False, loops=1),
+                                            spec["time_steps"] * spec["time_batch"], args)
+        s.bn_loss.remove()
+        # lr 0: KD on noise diverges at the configs' rates (NaN check); SGD does the same work at any rate
+        trainer = StudentTrainer(student, teacher, dataclasses.replace(cfg.kd, lr=0.0), cfg.epochs, mean, std, CPU,
+                                 bf16, cfg.channels_last)
+        batch = torch.randint(0, 256, (spec["kd_batch"], 3, size, size), dtype=torch.uint8)
+        trainer.step(batch)
+        timings[f"kd_{tag}"] = timed(lambda: [trainer.step(batch) for _ in range(spec["time_steps"])],
+                                     spec["time_steps"] * spec["kd_batch"], args)
+        for key in (f"synthesis_{tag}", f"kd_{tag}"):
+            print(f"  {key}: {timings[key]['s_per_unit'] * 1e3:.1f} ms/image (load {timings[key]['load1_before']}, "
+                  f"other cores busy {timings[key]['other_cores_busy']})", flush=True)
+    # the DeepSpeed ZeRO-0 checkpoint holds the module and the client optimizer (SGD momentum after a step)
+    sizes["student_and_sgd_state"] = file_bytes({"module": student.state_dict(),
+                                                 "optimizer": trainer.optimizer.state_dict()}, tmp / "ds.pt")
+
+    print(f"[{name}] shards, reader, manifest", flush=True)
+    n = spec["reader_images"]
+    shard_root = tmp / f"buffer-{name}"
+    entries = write_shards(shard_root, 0, 0, torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8),
+                           torch.randint(0, k, (n,)), cfg.cluster.shard_samples, min_shards=2)
+    manifest = Manifest(shard_root)
+    manifest.commit(0, entries)
+    nb = 2 * n // spec["reader_batch"]  # two passes: with_epoch repeats, as a rank does when S x mb > its shards
+    reader = timed(lambda: sum(1 for _ in shard_batches(manifest.snapshot(), spec["reader_batch"], nb, 0,
+                                                        cfg.cluster.shuffle_buffer)), nb * spec["reader_batch"], args)
+    many = Manifest(tmp / f"manifest-{name}")  # 100 rounds of 2 entries: bytes and save time per entry
+    (many.root / entries[0]["path"]).parent.mkdir(parents=True, exist_ok=True)
+    for e in entries:
+        (many.root / e["path"]).touch()
+    for r in range(100):
+        many.commit(r, entries)
+    t0 = time.perf_counter()
+    many.save()
+    save_s = time.perf_counter() - t0
+    return {
+        "config": " ".join(spec["argv"]).replace(f"{ROOT}/", ""), "image_size": size, "classes": k,
+        "teacher": cfg.teacher.arch, "student": cfg.student.arch,
+        "synthesis_batch": bs, "g_steps": syn.g_steps, "g_loops": syn.g_loops,
+        "kd_batch": cfg.kd.batch_size, "kd_steps": cfg.kd.kd_steps, "epochs": cfg.epochs,
+        "shard_samples": cfg.cluster.shard_samples,
+        "flops": {"synthesis_per_image_step": syn_step, "synthesis_generator_share": gen_share,
+                  "synthesis_student_share": 1 - no_adv / counts[2 * b],
+                  "synthesis_per_kept_image": syn_step * syn.g_steps, "kd_per_image": kd_flops,
+                  "eval_per_image": eval_flops},
+        "bytes": {"shard_per_image": sum(e["bytes"] for e in entries) / n,
+                  "manifest_per_entry": (many.root / "manifest.json").stat().st_size / len(many.shards),
+                  "snapshot_per_entry_pickled": len(pickle.dumps(many.snapshot())) / len(many.shards),
+                  **sizes},
+        "manifest_save_s_per_entry": save_s / len(many.shards),
+        "cpu": {**timings, "reader": reader, "threads": args.threads},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- the plan
+def round_model(m: dict, ns: int, nt: int, k: int, a: argparse.Namespace) -> dict | None:
+    """One round of the pipeline as orchestrator/run.py runs it, with ns synthesis GPUs and nt trainer GPUs.
+
+    The phases alternate (student broadcast -> synthesis -> commit -> KD -> eval -> checkpoints): a round is their
+    sum and each pool idles while the other works. Recipe rule: keep the paper's KD image-passes per synthesized
+    image (S x B / (I x bs) = 256) and at least `--min-micro-batch` images per rank; k > 1 merges k paper rounds into
+    one (I and S x B times k, epochs / k): the same total images and KD passes, fewer rounds (fewer per-round costs,
+    fewer student refreshes). Returns None for a split the code would reject or that leaves synthesis GPUs idle."""
+    f, by = m["flops"], m["bytes"]
+    rate, oh, gbs = a.gpu_tflops * 1e12 * a.gpu_util, a.step_overhead_ms / 1e3, 1e9
+    if nt <= m["kd_batch"] // a.min_micro_batch:  # the paper's batch fits: keep it
+        if m["kd_batch"] % nt:
+            return None  # orchestrator/config.py: kd.batch_size must be divisible by cluster.trainer_workers
+        mb = m["kd_batch"] // nt
+    else:
+        mb = a.min_micro_batch
+    loops, epochs, batch = m["g_loops"] * k, math.ceil(m["epochs"] / k), mb * nt
+    new_images = loops * m["synthesis_batch"]
+    if ns > loops or new_images < nt * mb:  # workers.split_iterations gives the extra actors nothing to do;
+        return None  # trainer.py: in the first KD round every rank needs a micro-batch of samples
+    steps = round(m["kd_steps"] * m["kd_batch"] * k / batch)
+    shuffle = min(2000, steps * mb // 10)  # a rank decodes this many images it never uses per round (buffer fill)
+    ds = "zero0" if nt <= a.gpus_per_node else "zero2_bf16"  # bf16 gradients halve the cross-node all-reduce
+    grad_bytes = by["student_params"] * (2 if ds == "zero2_bf16" else 4)
+    ring = a.intranode_gbs if nt <= a.gpus_per_node else a.allreduce_gbs
+    reader_rate = 1 / m["cpu"]["reader"]["s_per_unit"]  # one core per rank: the reader runs inside the KD loop
+    iters = math.ceil(loops / ns)
+    shards_round = ns * max(math.ceil(iters * m["synthesis_batch"] / m["shard_samples"]), math.ceil(nt / ns))
+    entries = shards_round * epochs  # at the last round
+    t = {
+        "student broadcast to actors": by["student_state"] * ns / (a.objstore_gbs * gbs),
+        "synthesis compute": iters * m["g_steps"] * m["synthesis_batch"] * f["synthesis_per_image_step"] / rate,
+        "synthesis step overhead": iters * m["g_steps"] * oh,
+        "shard write": new_images * by["shard_per_image"] / (a.storage_gbs * gbs),
+        "manifest commit + publish": entries * (m["manifest_save_s_per_entry"]
+                                                + by["snapshot_per_entry_pickled"] * nt / (a.objstore_gbs * gbs)),
+        "KD compute": steps * mb * f["kd_per_image"] / rate,
+        "KD step overhead": steps * oh,
+        "KD all-reduce": steps * 2 * (nt - 1) / nt * grad_bytes / (ring * gbs),
+        "KD shard reading (1 core/rank)": (steps * mb + shuffle) / reader_rate,
+        "eval on rank 0": a.eval_images * f["eval_per_image"] / rate,
+    }
+    driver_ckpt = ns * by["synthesizer_state"] + by["student_state"] + entries * by["manifest_per_entry"]
+    t["checkpoints (driver + DeepSpeed)"] = (ns * by["synthesizer_state"] / (a.objstore_gbs * gbs)
+                                              + (driver_ckpt + by["student_and_sgd_state"]) / (a.ckpt_gbs * gbs))
+    round_s = sum(t.values())
+    kd_s = sum(v for key, v in t.items() if key.startswith("KD"))
+    useful = (loops * m["g_steps"] * m["synthesis_batch"] * f["synthesis_per_image_step"]
+              + steps * batch * f["kd_per_image"] + a.eval_images * f["eval_per_image"]) / rate
+    syn_s = t["synthesis compute"] + t["synthesis step overhead"]
+    syn_rate = iters * m["synthesis_batch"] / syn_s  # kept images/s of one synthesis GPU
+    kd_rate = steps * mb / kd_s  # per trainer GPU
+    read_bytes = steps * batch * by["shard_per_image"]
+    return {
+        "synth_gpus": ns, "trainer_gpus": nt, "rounds_merged": k, "g_loops": loops, "epochs": epochs,
+        "kd_batch": batch, "micro_batch": mb, "kd_steps": steps, "shuffle_buffer": shuffle, "deepspeed": ds,
+        "times_s": t, "round_s": round_s, "run_h": epochs * round_s / 3600,
+        "gpu_compute_util": useful / ((ns + nt) * round_s),
+        "synth_images_per_s_per_gpu": syn_rate, "kd_images_per_s_per_gpu": kd_rate, "kd_images_per_s": nt * kd_rate,
+        "kd_passes_per_new_image": steps * batch / new_images,
+        "overlap_synth_per_trainer_gpu": kd_rate / (steps * batch / new_images * syn_rate),
+        "overlap_synth_per_trainer_gpu_flops_only": new_images * f["synthesis_per_kept_image"]
+        / (steps * batch * f["kd_per_image"]),
+        "buffer_bytes_per_round": new_images * by["shard_per_image"],
+        "buffer_bytes_end": epochs * new_images * by["shard_per_image"],
+        "shard_write_gbs": new_images * by["shard_per_image"] / syn_s / gbs,
+        "kd_read_bytes_per_round": read_bytes, "kd_read_gbs_uncached": read_bytes / kd_s / gbs,
+        "buffer_per_node_end": epochs * new_images * by["shard_per_image"] * min(a.gpus_per_node, nt) / nt,
+        "shards_per_round": shards_round, "manifest_entries_end": entries,
+        "manifest_bytes_end": entries * by["manifest_per_entry"], "driver_checkpoint_bytes": driver_ckpt,
+        "deepspeed_checkpoint_bytes": by["student_and_sgd_state"],
+        "first_bottleneck": max((key for key in t if key not in ("synthesis compute", "KD compute")), key=t.get),
+    }
+
+
+def snippet(r: dict, gpus: int, m: dict, lr: float) -> str:
+    """The plan as a YAML layered on configs/imagenet.yaml (`plan` validates it with the pipeline's own parser)."""
+    lines = [f"# {gpus} GPUs available: {r['synth_gpus']} synthesis actors + {r['trainer_gpus']} DeepSpeed ranks "
+             f"(bench/capacity.py model)", "# python -m orchestrator.run config=configs/imagenet.yaml,<this file> ...",
+             "bf16: true"]
+    if r["rounds_merged"] > 1:
+        lines += [f"epochs: {r['epochs']}  # {r['rounds_merged']} paper rounds per round: same images and KD passes",
+                  "synthesis:", f"  g_loops: {r['g_loops']}"]
+    if r["kd_batch"] != m["kd_batch"]:
+        lines += ["kd:", f"  batch_size: {r['kd_batch']}  # {r['micro_batch']} per rank",
+                  f"  kd_steps: {r['kd_steps']}",
+                  f"  # lr: re-tune for this batch (linear scaling would give "
+                  f"{lr * r['kd_batch'] / m['kd_batch']:.2g}; not validated)"]
+    lines += ["cluster:", f"  synth_workers: {r['synth_gpus']}", "  synth_gpus: 1",
+              f"  trainer_workers: {r['trainer_gpus']}", "  trainer_gpus: 1",
+              f"  deepspeed: configs/deepspeed/{r['deepspeed']}.json",
+              f"  shuffle_buffer: {r['shuffle_buffer']}"]
+    return "\n".join(lines) + "\n"
+
+
+def plan(m: dict, a: argparse.Namespace) -> dict:
+    """For each scale: among the options (not every GPU has to be used) whose modeled run is within --slack of the
+    shortest, the one closest to the paper's recipe (fewest merged rounds), then with the fewest GPUs; its config."""
+    config = f"config={ROOT}/configs/imagenet.yaml"
+    lr = parse_config(PipelineConfig, [config]).kd.lr
+    out = {}
+    for gpus in a.scales:
+        options = [r for k in range(1, a.max_merge + 1) for ns in range(1, gpus) for nt in range(1, gpus - ns + 1)
+                   if (r := round_model(m, ns, nt, k, a)) is not None]
+        fastest = min(r["run_h"] for r in options)
+        best = min((r for r in options if r["run_h"] <= fastest * (1 + a.slack)),
+                   key=lambda r: (r["rounds_merged"], r["synth_gpus"] + r["trainer_gpus"], r["run_h"]))
+        paper = min((r for r in options if r["rounds_merged"] == 1), key=lambda r: r["run_h"])
+        best["paper_rounds"] = {key: paper[key] for key in ("synth_gpus", "trainer_gpus", "round_s", "run_h",
+                                                             "gpu_compute_util", "first_bottleneck")}
+        best["config_yaml"] = snippet(best, gpus, m, lr)
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:  # fails loudly if a key or value is invalid
+            f.write(best["config_yaml"])
+            f.flush()
+            parse_config(PipelineConfig, [f"{config},{f.name}"])
+        out[str(gpus)] = best
+    return out
+
+
+def cifar_check(c: dict) -> dict:
+    """What the per-image CPU costs imply for the measured CIFAR pipeline round (2 one-thread actors, one iteration
+    of g=10 steps on 200 images each; 2 one-thread ranks, S=150 steps of 128; bench-cifar10-resnet56-pipeline.md)."""
+    cpu = c["cpu"]
+    syn = c["g_steps"] * c["synthesis_batch"] * cpu["synthesis_bf16"]["s_per_unit"]
+    micro = c["kd_batch"] // 2
+    read = (c["kd_steps"] * micro + 2000) * cpu["reader"]["s_per_unit"]
+    kd = c["kd_steps"] * micro * cpu["kd_bf16"]["s_per_unit"]
+    return {"synthesis_s": {"model": syn, "measured_pipeline": 24.7},
+            "kd_compute_s": {"model": kd, "measured_pipeline": 51.0 - 3.67},
+            "kd_reading_s": {"model": read, "measured_pipeline": 3.67}}
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def gb(x: float) -> str:
+    return f"{x / 1e9:,.2f} GB" if x >= 1e8 else f"{x / 1e6:,.1f} MB"
+
+
+def markdown(res: dict) -> str:
+    ms = res["measured"]
+    lines = ["# Capacity plan: per-image costs measured here, ImageNet plan modeled from them", "",
+             f"`python bench/capacity.py` on {res['machine']}; measurement runtime {res['runtime_s']:.0f} s. FLOPs: "
+             "torch.utils.flop_counter (matmuls and convolutions, forward + backward). Plan: docs/scaling.md.", "",
+             "## Measured (this machine)", "", "| per image | " + " | ".join(ms) + " |", "|---|" + "---|" * len(ms)]
+
+    def cpu(key: str, unit: str):
+        return lambda c: (f"{c['cpu'][key]['s_per_unit'] * 1e3:.1f} ms/{unit} (load {c['cpu'][key]['load1_before']}, "
+                          f"others {c['cpu'][key]['other_cores_busy']})")
+
+    rows = [("setting", lambda c: f"{c['teacher']} -> {c['student']}, {c['image_size']} px"),
+            ("synthesis GFLOP per generator step", lambda c: f"{c['flops']['synthesis_per_image_step'] / 1e9:.2f} "
+             f"(generator {c['flops']['synthesis_generator_share']:.0%}, student "
+             f"{c['flops']['synthesis_student_share']:.0%}, teacher the rest)"),
+            ("synthesis GFLOP per kept image", lambda c: f"{c['flops']['synthesis_per_kept_image'] / 1e9:,.0f} "
+             f"(g = {c['g_steps']})"),
+            ("KD GFLOP", lambda c: f"{c['flops']['kd_per_image'] / 1e9:.2f}"),
+            ("eval GFLOP", lambda c: f"{c['flops']['eval_per_image'] / 1e9:.2f}"),
+            ("CPU synthesis fp32", cpu("synthesis_fp32", "image-step")),
+            ("CPU synthesis bf16", cpu("synthesis_bf16", "image-step")),
+            ("CPU KD fp32", cpu("kd_fp32", "image")), ("CPU KD bf16", cpu("kd_bf16", "image")),
+            ("shard reader, 1 core", lambda c: f"{1 / c['cpu']['reader']['s_per_unit']:,.0f} images/s "
+             f"(load {c['cpu']['reader']['load1_before']}, others {c['cpu']['reader']['other_cores_busy']})"),
+            ("shard bytes", lambda c: f"{c['bytes']['shard_per_image']:,.0f}"),
+            ("manifest bytes per entry: JSON / pickled snapshot", lambda c: f"{c['bytes']['manifest_per_entry']:.0f} / "
+             f"{c['bytes']['snapshot_per_entry_pickled']:.0f}"),
+            ("synthesizer state (generator + noisy layers + BN EMA)", lambda c: f"{gb(c['bytes']['synthesizer_state'])}"
+             f" ({c['bytes']['generator_params'] / 1e6:.1f} M generator parameters)"),
+            ("student state / + SGD momentum", lambda c: f"{gb(c['bytes']['student_state'])} / "
+             f"{gb(c['bytes']['student_and_sgd_state'])}"),
+            ("teacher state", lambda c: gb(c["bytes"]["teacher_state"]))]
+    lines += [f"| {label} | " + " | ".join(fn(c) for c in ms.values()) + " |" for label, fn in rows]
+    lines += ["", f"CPU timings with {ms['imagenet']['cpu']['threads']} thread(s); load = 1-min load average before "
+              "the timing, others = cores other processes kept busy during it.", "",
+              "## CIFAR-10 cross-check: per-image costs vs. the measured pipeline round", "",
+              "| seconds per round | from per-image costs | measured (bench-cifar10-resnet56-pipeline) |",
+              "|---|---|---|"]
+    lines += [f"| {key} | {v['model']:.1f} | {v['measured_pipeline']:.1f} |" for key, v in res["cifar_check"].items()]
+    lines += ["", "## ASSUMPTIONS of the plan (not measured)", ""]
+    lines += [f"- `--{k.replace('_', '-')} {v}`" for k, v in res["assumptions"].items()]
+    plans = list(res["plan"].values())
+    lines += ["", "## Plan (model)", "", "| | " + " | ".join(f"{g} GPUs" for g in res["plan"]) + " |",
+              "|---|" + "---|" * len(plans)]
+    table = [("synthesis : trainer GPUs", lambda r: f"{r['synth_gpus']} : {r['trainer_gpus']}"),
+             ("paper rounds per round (k) / g_loops / epochs",
+              lambda r: f"{r['rounds_merged']} / {r['g_loops']} / {r['epochs']}"),
+             ("kd.batch_size (per rank) / kd_steps",
+              lambda r: f"{r['kd_batch']} ({r['micro_batch']}) / {r['kd_steps']}"),
+             ("deepspeed / shuffle_buffer", lambda r: f"{r['deepspeed']} / {r['shuffle_buffer']}"),
+             *[(f"s: {key}", lambda r, key=key: f"{r['times_s'][key]:.2f}") for key in plans[0]["times_s"]],
+             ("round s / whole run h", lambda r: f"{r['round_s']:.1f} / {r['run_h']:.2f}"),
+             ("GPU compute utilization", lambda r: f"{r['gpu_compute_util']:.0%}"),
+             ("kept images/s per synthesis GPU", lambda r: f"{r['synth_images_per_s_per_gpu']:.1f}"),
+             ("KD images/s per trainer GPU / all trainers",
+              lambda r: f"{r['kd_images_per_s_per_gpu']:,.0f} / {r['kd_images_per_s']:,.0f}"),
+             ("KD passes per synthesized image", lambda r: f"{r['kd_passes_per_new_image']:.0f}"),
+             ("synthesis GPUs per trainer GPU if the phases overlapped (FLOPs only)",
+              lambda r: f"{r['overlap_synth_per_trainer_gpu']:.2f} "
+                        f"({r['overlap_synth_per_trainer_gpu_flops_only']:.2f})"),
+             ("buffer growth per round / after all rounds",
+              lambda r: f"{gb(r['buffer_bytes_per_round'])} / {gb(r['buffer_bytes_end'])}"),
+             ("shard writes during synthesis, GB/s", lambda r: f"{r['shard_write_gbs']:.2f}"),
+             ("KD reads per round / GB/s if none were cached",
+              lambda r: f"{gb(r['kd_read_bytes_per_round'])} / {r['kd_read_gbs_uncached']:.1f}"),
+             ("buffer read by one node's ranks (end)", lambda r: gb(r["buffer_per_node_end"])),
+             ("shards per round / manifest entries (end)",
+              lambda r: f"{r['shards_per_round']} / {r['manifest_entries_end']:,}"),
+             ("manifest (end)", lambda r: gb(r["manifest_bytes_end"])),
+             ("driver checkpoint, written every round", lambda r: gb(r["driver_checkpoint_bytes"])),
+             ("DeepSpeed checkpoint, every round", lambda r: gb(r["deepspeed_checkpoint_bytes"])),
+             ("first bottleneck (largest non-compute term)", lambda r: r["first_bottleneck"]),
+             ("fastest with the paper's rounds (k = 1): split, round s, run h, utilization, first bottleneck",
+              lambda r: "{synth_gpus} : {trainer_gpus}, {round_s:.1f} s, {run_h:.2f} h, {gpu_compute_util:.0%}, "
+                        "{first_bottleneck}".format(**r["paper_rounds"]))]
+    lines += [f"| {label} | " + " | ".join(str(fn(r)) for r in plans) + " |" for label, fn in table]
+    for gpus, r in res["plan"].items():
+        lines += ["", f"### {gpus} GPUs", "", "```yaml", r["config_yaml"].rstrip(), "```"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan-only", action="store_true", help="re-plan from results/capacity.json (no measurement)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the CPU timings (1 = a pipeline worker)")
+    ap.add_argument("--max-load", type=float, default=1.0, help="wait before a timing while the 1-min load is higher")
+    ap.add_argument("--max-wait", type=float, default=600.0, help="seconds to wait per timing for a quiet machine")
+    ap.add_argument("--scales", type=int, nargs="+", default=[8, 64, 512], help="GPU counts to plan for")
+    ap.add_argument("--slack", type=float, default=0.05, help="choose among the options whose run is this close "
+                    "to the shortest")
+    g = ap.add_argument_group("ASSUMPTIONS of the plan (not measured)")
+    g.add_argument("--gpu-tflops", type=float, default=312.0, help="GPU dense bf16 peak (A100: 312)")
+    g.add_argument("--gpu-util", type=float, default=0.30, help="share of the peak these conv nets reach")
+    g.add_argument("--step-overhead-ms", type=float, default=5.0,
+                   help="fixed cost per synthesis or KD step (kernel launches, Python, loss sync, optimizer)")
+    g.add_argument("--intranode-gbs", type=float, default=100.0, help="all-reduce bandwidth per GPU within a node")
+    g.add_argument("--allreduce-gbs", type=float, default=20.0, help="all-reduce bandwidth per GPU across nodes")
+    g.add_argument("--storage-gbs", type=float, default=10.0, help="aggregate shared-filesystem bandwidth")
+    g.add_argument("--ckpt-gbs", type=float, default=1.0, help="one process (driver, rank 0) writing to the shared FS")
+    g.add_argument("--objstore-gbs", type=float, default=2.0, help="Ray object transfer out of one node")
+    g.add_argument("--gpus-per-node", type=int, default=8)
+    g.add_argument("--min-micro-batch", type=int, default=16, help="KD images per rank (the paper's 128 over 8 GPUs)")
+    g.add_argument("--max-merge", type=int, default=4, help="at most this many paper rounds merged into one")
+    g.add_argument("--eval-images", type=int, default=50000, help="ImageNet val, evaluated on rank 0 every round")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    out = RESULTS / "capacity.json"
+    if args.plan_only:
+        res = json.loads(out.read_text())
+    else:
+        torch.set_num_threads(args.threads)
+        torch.manual_seed(0)
+        with tempfile.TemporaryDirectory() as tmp:
+            measured = {name: measure_setting(name, spec, args, Path(tmp)) for name, spec in SETTINGS.items()}
+        res = {"measured": measured, "runtime_s": time.perf_counter() - start,
+               "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}"}
+    measuring = ("plan_only", "threads", "max_load", "max_wait", "slack", "scales")
+    assumptions = {k: v for k, v in vars(args).items() if k not in measuring}
+    res.update(assumptions=assumptions, cifar_check=cifar_check(res["measured"]["cifar10"]),
+               plan=plan(res["measured"]["imagenet"], args))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    (RESULTS / "capacity.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Progress for long work that stays readable where carriage-return bars do not: Ray's log forwarding (every
+worker line arrives prefixed, out of order with other workers), `ray job logs`, and sbatch output files.
+
+On a terminal the round loop shows a tqdm bar; anywhere else it prints one line per round. Workers never draw
+bars: `LineProgress` prints a plain line every `interval` seconds, and only for phases that last that long.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+from tqdm import tqdm
+
+ROUND_FIELDS = ("top1", "syn_ce", "kd_loss", "buffer")
+
+
+class LineProgress:
+    """tqdm's `update`/`close` interface, printing `desc: n/total unit (pct%), rate` lines instead of a bar:
+    at most one per `interval` seconds, plus a closing line if any was printed (short phases stay silent)."""
+
+    def __init__(self, total: int, desc: str, unit: str = "step", interval: float = 30.0,
+                 write: Callable[[str], None] = print):
+        self.total, self.desc, self.unit, self.interval, self.write = total, desc, unit, interval, write
+        self.n, self.start = 0, time.perf_counter()
+        self.last = self.start
+        self.printed = False
+
+    def _line(self, now: float) -> None:
+        rate = self.n / max(now - self.start, 1e-9)
+        pct = 100 * self.n / self.total if self.total else 100.0
+        self.write(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({pct:.0f}%), {rate:.2f} {self.unit}s/s, "
+                   f"{now - self.start:.0f}s")
+        self.printed, self.last = True, now
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.perf_counter()
+        if now - self.last >= self.interval:
+            self._line(now)
+
+    def close(self) -> None:
+        if self.printed and self.n != 0:
+            self._line(time.perf_counter())
+
+
+class RoundProgress:
+    """The round loop's display: a tqdm bar on a terminal, else one line per finished round."""
+
+    def __init__(self, name: str, start: int, total: int, unit: str = "round"):
+        self.name, self.total, self.unit = name, total, unit
+        self.bar = tqdm(desc=name, unit=unit, initial=start, total=total, dynamic_ncols=True) \
+            if sys.stdout.isatty() else None
+
+    def round_done(self, record: dict) -> None:
+        shown = {k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in record.items() if k in ROUND_FIELDS}
+        if self.bar is not None:
+            self.bar.set_postfix(shown)
+            self.bar.update()
+            return
+        fields = " ".join(f"{k}={v}" for k, v in shown.items())
+        print(f"{self.name} {self.unit} {record['epoch'] + 1}/{self.total} [{record['phase']}] {fields} "
+              f"elapsed={record['elapsed']:.0f}s", flush=True)
+
+    def write(self, message: str) -> None:
+        if self.bar is not None:
+            tqdm.write(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,175 @@
+"""The end-of-run report: metrics.jsonl -> report.md + plots/*.png, for either runner's run folder.
+
+    python -m nayer.report runs/<name>          # (re)write runs/<name>/report.md and runs/<name>/plots/
+
+Both runners call `write_report` when they finish; the command rebuilds it for a run that was stopped or is
+still going. What a person looks at first: top-1 per round, where each round's time went (synthesis / commit /
+KD / checkpoint), the latest synthetic-sample grid and the per-class accuracy of the final student.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on cluster nodes
+import matplotlib.pyplot as plt  # noqa: E402
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from nayer.data import preset  # noqa: E402
+from nayer.runtime import atomic_write, save_text  # noqa: E402
+
+# Round time split, in the order a round runs. KD covers the whole student phase (steps, evaluation, the
+# trainers' checkpoint); a single-process run has no commit step and times KD and evaluation separately.
+TIME_PARTS = (("synthesis", ("syn_time",)), ("commit", ("commit_time",)),
+              ("KD + eval", ("kd_phase_time",)), ("checkpoint", ("checkpoint_time",)))
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {folder} is not a run folder (or no round has finished)")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def round_times(record: dict) -> dict[str, float]:
+    """Seconds per part of one round (see TIME_PARTS); single-process runs: KD = kd_time + eval_time."""
+    times = {part: sum(record.get(k, 0.0) for k in keys) for part, keys in TIME_PARTS}
+    if "kd_phase_time" not in record:
+        times["KD + eval"] = record.get("kd_time", 0.0) + record.get("eval_time", 0.0)
+    return times
+
+
+def _save_figure(fig, path: Path) -> Path:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    plt.close(fig)
+    return path
+
+
+def plot_accuracy(records: list[dict], teacher_top1: float | None, path: Path) -> Path | None:
+    scored = [r for r in records if "top1" in r]
+    if not scored:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["epoch"] for r in scored], [r["top1"] for r in scored], marker="o", ms=3, label="student")
+    if teacher_top1 is not None:
+        ax.axhline(teacher_top1, color="gray", ls="--", label=f"teacher {teacher_top1:.2f}%")
+    ax.set(xlabel="round", ylabel="top-1 on the test set (%)", title="student accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save_figure(fig, path)
+
+
+def plot_round_times(records: list[dict], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    rounds = [r["epoch"] for r in records]
+    bottom = [0.0] * len(records)
+    for part, _ in TIME_PARTS:
+        values = [round_times(r)[part] for r in records]
+        if any(values):
+            ax.bar(rounds, values, bottom=bottom, label=part)
+            bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set(xlabel="round (warm-up rounds synthesize only)", ylabel="seconds", title="time per round")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend()
+    return _save_figure(fig, path)
+
+
+def plot_per_class(per_class: list[float], names: list[str] | None, path: Path) -> Path:
+    k = len(per_class)
+    fig, ax = plt.subplots(figsize=(max(6, min(0.35 * k, 24)), 3.5))
+    ax.bar(range(k), per_class)
+    if names and len(names) == k and k <= 40:
+        ax.set_xticks(range(k), names, rotation=60, ha="right", fontsize=8)
+    ax.set(xlabel="class", ylabel="top-1 (%)", ylim=(0, 100), title="final student: accuracy per class")
+    ax.grid(alpha=0.3, axis="y")
+    return _save_figure(fig, path)
+
+
+def _class_names(folder: Path) -> list[str] | None:
+    """The class names of the run's config: its own list, else its dataset preset's (None: indices)."""
+    config = folder / "config.yaml"
+    data = OmegaConf.load(config).get("data", {}) if config.is_file() else {}
+    if data.get("class_names"):
+        return list(data["class_names"])
+    try:
+        return list(preset(data.get("dataset", "")).class_names or []) or None
+    except ValueError:
+        return None
+
+
+def _status(summary: dict) -> str:
+    if not summary:
+        return "no summary: the run is in progress or was killed (resume=true continues it)"
+    if summary.get("stopped_by"):
+        return f"stopped by {summary['stopped_by']} after a checkpoint (resume=true continues it)"
+    return "finished"
+
+
+def _fmt(value, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def write_report(folder: str | Path) -> Path:
+    """Write `report.md` and `plots/*.png` in the run folder from its metrics.jsonl (and summary.json if the run
+    finished); returns the report's path."""
+    folder = Path(folder)
+    records = read_metrics(folder)
+    summary_path = folder / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    plots = folder / "plots"
+    scored = [r for r in records if "top1" in r]
+    teacher = summary.get("teacher_top1")
+    accuracy = plot_accuracy(records, teacher, plots / "accuracy.png")
+    times = plot_round_times(records, plots / "round_time.png")
+    per_class = plot_per_class(scored[-1]["per_class"], _class_names(folder), plots / "per_class.png") \
+        if scored and scored[-1].get("per_class") else None
+    grids = sorted((folder / "samples").glob("*.png"))
+
+    last = records[-1]
+    best = max(scored, key=lambda r: r["top1"]) if scored else None
+    total = {part: sum(round_times(r)[part] for r in records) for part, _ in TIME_PARTS}
+    spent = sum(total.values()) or 1.0
+    lines = [
+        f"# Run `{folder.name}`", "",
+        "| | |", "|---|---|",
+        f"| teacher top-1 | {_fmt(teacher)}% |",
+        f"| student top-1, last round | {_fmt(scored[-1]['top1'] if scored else None)}% |",
+        f"| best round (test set) | {_fmt(best['top1'] if best else None)}% at round {best['epoch'] if best else '-'} |",
+        f"| rounds | {len(records)} ({sum(r['phase'] == 'warmup' for r in records)} warm-up) |",
+        f"| synthetic images in the buffer | {last.get('buffer', '-')} |",
+        f"| wall time | {_fmt(last.get('elapsed'), '.0f')} s |",
+        f"| status | {_status(summary)} |", "",
+        "Where the time went: " + ", ".join(f"{part} {total[part]:.0f} s ({100 * total[part] / spent:.0f}%)"
+                                            for part, _ in TIME_PARTS if total[part]), "",
+    ]
+    for title, image in (("Accuracy per round", accuracy), ("Time per round", times),
+                         (f"Synthetic samples, {grids[-1].stem} (one row per class)" if grids else "", grids[-1] if grids else None),
+                         ("Per-class accuracy of the final student", per_class)):
+        if image is not None:
+            lines += [f"## {title}", "", f"![{title}]({image.relative_to(folder).as_posix()})", ""]
+    lines += ["## Rounds", "", "| round | phase | top-1 % | syn CE | KD loss | " + " | ".join(f"{p} s" for p, _ in TIME_PARTS) + " |",
+              "|" + "---|" * (5 + len(TIME_PARTS))]
+    for r in records:
+        t = round_times(r)
+        lines.append(f"| {r['epoch']} | {r['phase']} | {_fmt(r.get('top1'))} | {_fmt(r.get('syn_ce'), '.3f')} | "
+                     f"{_fmt(r.get('kd_loss'), '.3f')} | " + " | ".join(f"{t[p]:.1f}" for p, _ in TIME_PARTS) + " |")
+    return save_text("\n".join(lines) + "\n", folder / "report.md")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 1:
+        sys.exit("usage: python -m nayer.report runs/<name>")
+    try:
+        print(write_report(args[0]))
+    except FileNotFoundError as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()

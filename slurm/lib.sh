@@ -1,0 +1,142 @@
+# shellcheck shell=bash
+# Shared by slurm/ray_cluster.sbatch and slurm/ray_cluster_requeue.sbatch (sourced, never run): pick the program,
+# start a per-job Ray cluster on the allocated nodes, stop it again on exit.
+#
+# Ports: every job owns a block of 200 ports, base = 20000 + (SLURM_JOB_ID % 225) * 200 (so 20000..64999), and
+# two jobs whose ids differ modulo 225 never share a port, even on the same node (Ray's fixed defaults - 6379,
+# 8265, 10001, workers on 10002-19999 - collide as soon as two jobs share a node). RAY_PORT_BASE=<n> moves the
+# block to n..n+199. Offsets in the block:
+#   +0 GCS (--port)            +1 dashboard               +2 Ray client server     +3 node manager
+#   +4 object manager          +5 dashboard agent (http)  +6 dashboard agent (grpc)
+#   +7 runtime env agent       +8 metrics export          +9..+199 worker processes (one per process: 191 a node)
+# Every node of the job uses the same ports: each runs one Ray node of the job, so they cannot collide.
+
+readonly RAY_PORT_BLOCK=200
+readonly RAY_PORT_JOBS=225
+# Ray puts unix sockets at <temp dir>/session_<date>_<time>_<us>_<pid>/sockets/plasma_store (about 65 characters
+# below the temp dir) and a socket path may not exceed 107 bytes.
+readonly RAY_TEMP_DIR_MAX=40
+
+ray_step_pids=()  # the background `srun ... ray start --block` steps, stopped by ray_cluster_stop
+
+slurm_log() {
+    printf '[slurm] %s\n' "$*" >&2
+}
+
+slurm_die() {  # slurm_die <exit status> <message>
+    slurm_log "error: $2"
+    exit "$1"
+}
+
+# Prints its arguments shell-quoted, for logging only (the program is always run from an argv array).
+quoted() {
+    local shown
+    printf -v shown '%q ' "$@"
+    printf '%s' "${shown% }"
+}
+
+# run -> orchestrator.run, tune -> orchestrator.tune; sets PROGRAM_MODULE (read by the scripts).
+# shellcheck disable=SC2034
+select_program() {
+    case $1 in
+        run) PROGRAM_MODULE=orchestrator.run ;;
+        tune) PROGRAM_MODULE=orchestrator.tune ;;
+        *) slurm_die 2 "unknown program '$1': the first argument must be run or tune" ;;
+    esac
+}
+
+# Sets ray_head_port_args (head only) and ray_node_port_args (every node) from the job's port block.
+ray_ports() {
+    local base
+    if [[ -n ${RAY_PORT_BASE-} ]]; then
+        if ! [[ $RAY_PORT_BASE =~ ^[0-9]+$ ]] ||
+            ((10#$RAY_PORT_BASE < 1024 || 10#$RAY_PORT_BASE + RAY_PORT_BLOCK > 65536)); then
+            slurm_die 2 "RAY_PORT_BASE=$RAY_PORT_BASE: need an integer in 1024..$((65536 - RAY_PORT_BLOCK))"
+        fi
+        base=$((10#$RAY_PORT_BASE))
+    else
+        base=$((20000 + 10#$SLURM_JOB_ID % RAY_PORT_JOBS * RAY_PORT_BLOCK))
+    fi
+    RAY_GCS_PORT=$base
+    ray_head_port_args=(--port="$base" --dashboard-port=$((base + 1)) --ray-client-server-port=$((base + 2)))
+    ray_node_port_args=(
+        --node-manager-port=$((base + 3)) --object-manager-port=$((base + 4))
+        --dashboard-agent-listen-port=$((base + 5)) --dashboard-agent-grpc-port=$((base + 6))
+        --runtime-env-agent-port=$((base + 7)) --metrics-export-port=$((base + 8))
+        --min-worker-port=$((base + 9)) --max-worker-port=$((base + RAY_PORT_BLOCK - 1))
+    )
+}
+
+# Starts a Ray head on the first node of the job and a Ray worker on each other node, each as a background srun
+# step, waits until the head answers, and exports RAY_ADDRESS (<head ip>:<GCS port>). Installs an EXIT trap that
+# stops the cluster again.
+ray_cluster_start() {
+    [[ ${SLURM_JOB_ID-} =~ ^[0-9]+$ && -n ${SLURM_JOB_NODELIST-} ]] ||
+        slurm_die 2 "SLURM_JOB_ID/SLURM_JOB_NODELIST are not set: submit this script with sbatch"
+    ray_ports
+
+    local hostnames nodes head ip_out head_ip node cpus gpus temp_dir timeout deadline
+    hostnames=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    mapfile -t nodes <<<"$hostnames"
+    head=${nodes[0]}
+    [[ -n $head ]] || slurm_die 1 "scontrol show hostnames '$SLURM_JOB_NODELIST' listed no nodes"
+    ip_out=$(srun --nodes=1 --ntasks=1 -w "$head" hostname --ip-address)
+    read -r head_ip _ <<<"$ip_out"  # a host with several interfaces lists several addresses: take the first
+    [[ -n $head_ip ]] || slurm_die 1 "hostname --ip-address on $head printed no address"
+    RAY_ADDRESS=$head_ip:$RAY_GCS_PORT
+    export RAY_ADDRESS
+
+    # Ray gets the CPUs and GPUs Slurm gave one task (nodes are assumed alike). srun no longer inherits
+    # --cpus-per-task from sbatch (Slurm >= 22.05), so it is passed on, or the step would be confined to one CPU.
+    cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+    gpus=${SLURM_GPUS_PER_TASK:-${SLURM_GPUS_ON_NODE:-0}}
+    gpus=${gpus##*:}  # --gpus-per-task=a100:2 -> 2
+    [[ $gpus =~ ^[0-9]+$ ]] || slurm_die 2 "cannot read a GPU count from SLURM_GPUS_PER_TASK/SLURM_GPUS_ON_NODE"
+    # One temp dir per job: sessions, logs and sockets of two jobs on a node stay apart.
+    temp_dir=${RAY_TMPDIR_ROOT:-/tmp}/ray-${USER:-$(id -un)}-$SLURM_JOB_ID
+    if ((${#temp_dir} > RAY_TEMP_DIR_MAX)); then
+        slurm_log "warning: Ray temp dir $temp_dir is longer than $RAY_TEMP_DIR_MAX characters: Ray's socket paths" \
+            "may exceed the 107-byte limit; set RAY_TMPDIR_ROOT to a shorter directory"
+    fi
+
+    trap ray_cluster_stop EXIT
+    slurm_log "job $SLURM_JOB_ID: ${#nodes[@]} node(s) ${nodes[*]}; Ray head on $head at $RAY_ADDRESS," \
+        "$cpus CPUs and $gpus GPUs a node, temp dir $temp_dir"
+    # The dashboard (and the state API Ray Train polls) listens on loopback unless RAY_DASHBOARD_HOST says otherwise.
+    srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" -w "$head" \
+        ray start --head --node-ip-address="$head_ip" "${ray_head_port_args[@]}" "${ray_node_port_args[@]}" \
+        --temp-dir="$temp_dir" --num-cpus="$cpus" --num-gpus="$gpus" \
+        --dashboard-host="${RAY_DASHBOARD_HOST:-127.0.0.1}" --block &
+    ray_step_pids+=("$!")
+
+    timeout=${RAY_START_TIMEOUT:-120}
+    [[ $timeout =~ ^[0-9]+$ ]] || slurm_die 2 "RAY_START_TIMEOUT=$timeout: need a number of seconds"
+    deadline=$((SECONDS + 10#$timeout))
+    until ray status --address="$RAY_ADDRESS" >/dev/null 2>&1; do
+        kill -0 "${ray_step_pids[0]}" 2>/dev/null ||
+            slurm_die 1 "the Ray head on $head exited while starting (port taken?): see its output above"
+        ((SECONDS < deadline)) || slurm_die 1 "the Ray head at $RAY_ADDRESS did not answer within $timeout s"
+        sleep 2
+    done
+    slurm_log "Ray head is up"
+
+    # Workers let Ray pick their node IP: it takes the address through which the node reaches the head.
+    for node in "${nodes[@]:1}"; do
+        slurm_log "starting a Ray worker on $node"
+        srun --nodes=1 --ntasks=1 --cpus-per-task="$cpus" -w "$node" \
+            ray start --address="$RAY_ADDRESS" "${ray_node_port_args[@]}" \
+            --temp-dir="$temp_dir" --num-cpus="$cpus" --num-gpus="$gpus" --block &
+        ray_step_pids+=("$!")
+    done
+}
+
+# SIGTERM to an srun step reaches its `ray start --block`, which shuts down only its own node's Ray processes.
+# (`ray stop` would kill every Ray process of this user on the node, including those of the user's other jobs.)
+# The temp dir with the Ray logs is kept.
+ray_cluster_stop() {
+    ((${#ray_step_pids[@]})) || return 0
+    slurm_log "stopping the Ray cluster"
+    kill -TERM "${ray_step_pids[@]}" 2>/dev/null || true
+    wait "${ray_step_pids[@]}" 2>/dev/null || true
+    ray_step_pids=()
+}

@@ -1,0 +1,72 @@
+"""The end-of-run report and the progress display, on hand-written metrics (no run needed)."""
+
+import json
+
+import pytest
+
+from nayer.progress import LineProgress, RoundProgress
+from nayer.report import main, round_times, write_report
+
+PIPELINE_ROUNDS = [
+    {"epoch": 0, "phase": "warmup", "buffer": 40, "syn_time": 5.0, "commit_time": 0.5, "checkpoint_time": 0.5,
+     "syn_ce": 2.0, "elapsed": 6.0},
+    {"epoch": 1, "phase": "kd", "buffer": 80, "syn_time": 4.0, "commit_time": 0.5, "kd_phase_time": 10.0,
+     "checkpoint_time": 1.5, "syn_ce": 1.0, "kd_loss": 0.3, "top1": 40.0, "per_class": [30.0, 50.0], "elapsed": 22.0},
+]
+
+
+def write_run(folder, records, summary=None, dataset="digits"):
+    folder.mkdir(parents=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "config.yaml").write_text(f"data:\n  dataset: {dataset}\n  class_names: [cat, dog]\n")
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+
+
+def test_round_time_split_for_both_runners():
+    assert round_times(PIPELINE_ROUNDS[1]) == {"synthesis": 4.0, "commit": 0.5, "KD + eval": 10.0, "checkpoint": 1.5}
+    single = {"syn_time": 3.0, "kd_time": 7.0, "eval_time": 1.0}  # nayer.run: no commit, KD and eval apart
+    assert round_times(single) == {"synthesis": 3.0, "commit": 0.0, "KD + eval": 8.0, "checkpoint": 0.0}
+
+
+def test_report_of_a_finished_and_of_a_stopped_run(tmp_path):
+    done = tmp_path / "done"
+    write_run(done, PIPELINE_ROUNDS, {"teacher_top1": 90.0, "stopped_by": None})
+    text = write_report(done).read_text()
+    assert "| teacher top-1 | 90.00% |" in text and "| student top-1, last round | 40.00% |" in text
+    assert "| status | finished |" in text and "| 1 | kd | 40.00 | 1.000 | 0.300 | 4.0 | 0.5 | 10.0 | 1.5 |" in text
+    # 22 s of which synthesis 9 s: the shares are of the summed parts.
+    assert "synthesis 9 s (41%), commit 1 s (5%), KD + eval 10 s (45%), checkpoint 2 s (9%)" in text
+    assert all((done / "plots" / f"{p}.png").stat().st_size > 0 for p in ("accuracy", "round_time", "per_class"))
+
+    stopped = tmp_path / "stopped"
+    write_run(stopped, PIPELINE_ROUNDS[:1], {"teacher_top1": None, "stopped_by": "SIGTERM"})
+    text = write_report(stopped).read_text()
+    assert "stopped by SIGTERM" in text and "plots/per_class.png" not in text  # no KD round yet: no accuracy
+
+
+def test_report_cli_names_a_folder_that_is_not_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="is not a run folder"):
+        main([str(tmp_path)])
+
+
+def test_line_progress_prints_plain_lines_only_for_long_phases():
+    lines = []
+    quiet = LineProgress(10, "round 3 synthesis worker 0", interval=3600, write=lines.append)
+    for _ in range(10):
+        quiet.update()
+    quiet.close()
+    assert lines == []  # a short phase stays silent
+    chatty = LineProgress(4, "round 3 KD rank 0", interval=0, write=lines.append)
+    for _ in range(4):
+        chatty.update()
+    chatty.close()
+    assert len(lines) == 5 and lines[-1].startswith("round 3 KD rank 0: 4/4 steps (100%)")
+    assert not any("\r" in line for line in lines)
+
+
+def test_round_progress_prints_one_line_per_round_off_a_terminal(capsys):
+    progress = RoundProgress("run-1", 0, 2)  # pytest's captured stdout is not a terminal
+    progress.round_done({"epoch": 1, "phase": "kd", "top1": 40.0, "kd_loss": 0.25, "buffer": 80, "elapsed": 22.0})
+    progress.close()
+    assert capsys.readouterr().out == "run-1 round 2/2 [kd] top1=40.00 kd_loss=0.25 buffer=80 elapsed=22s\n"
