@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -31,7 +30,9 @@ from nayer.cli_config import parse_config  # noqa: E402
 from nayer.lte import encode_labels  # noqa: E402
 from nayer.models import build_model  # noqa: E402
 from nayer.run import resolve_data  # noqa: E402
+from orchestrator.cluster import start_local_ray  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
+from orchestrator.faults import FaultPlan  # noqa: E402
 from orchestrator.shards import Manifest, shard_batches, write_shards  # noqa: E402
 from orchestrator.workers import SynthesisWorker  # noqa: E402
 
@@ -43,8 +44,10 @@ def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.T
     """Kept images per wall second for `workers` actors each running `iterations` adversarial iterations."""
     cfg.cluster.synth_cpus = cpus
     names, size, mean, std = resolve_data(cfg)
+    no_checkpoint = str(Path(buffer) / "driver.pt")  # fresh synthesizers: no driver checkpoint to restore
     actors = [ray.remote(SynthesisWorker).options(num_cpus=cpus).remote(cfg, w, teacher_state, embeddings, size,
-                                                                        mean, std, buffer, buffer)
+                                                                        mean, std, buffer, buffer, no_checkpoint,
+                                                                        FaultPlan())
               for w in range(workers)]
     student = build_model(cfg.student.arch, len(names)).state_dict()
     ray.get([a.synthesize.remote(0, False, 1, student, 1, False) for a in actors])  # warm: first-call costs
@@ -82,7 +85,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=200)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     cfg = parse_config(PipelineConfig, [f"config={ROOT / 'configs/cifar10.yaml'},{ROOT / 'configs/profiles/cpu.yaml'}",
                                         f"synthesis.batch_size={args.batch_size}", "teacher.arch=resnet56"])
     if not TEACHER.is_file():
@@ -91,7 +93,7 @@ def main() -> None:
     teacher = build_model("resnet56", len(names))
     teacher.load_state_dict(torch.load(TEACHER, map_location="cpu", weights_only=True))
     embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cache_dir=str(ROOT / ".cache/lte"))
-    ray.init(num_cpus=2, object_store_memory=1 << 30, include_dashboard=False)  # actors only: no Ray Train
+    start_local_ray(2, 1 << 30)
     results: dict = {"teacher": "real ResNet-56", "synthesis": []}
     with tempfile.TemporaryDirectory() as buffer:
         for workers, cpus in [(1, 1.0), (2, 1.0), (1, 2.0)]:

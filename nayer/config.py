@@ -7,15 +7,17 @@ datasets. Parsed strictly by :func:`nayer.cli_config.parse_config` (a typo fails
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import ClassVar, List, Optional
 
 from nayer.cli_config import ConfigError
+from nayer.models import model_names
 from nayer.runtime import check_device_name
 
 NOISY_MODES = ("k_to_1", "one_to_one")
 NOISY_ARCHS = ("A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8")
 GENERATOR_BODIES = ("auto", "cifar", "imagenet")
 METHODS = ("nayer",)
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 @dataclass
@@ -98,6 +100,9 @@ class KDConfig:
 class RunConfig:
     """One NAYER run: Algorithm 1 for `warmup` + `epochs` epochs (or until `time_budget_s`)."""
 
+    # Keys a resumed run may set differently: how long and how it reacts to faults, never what it computes.
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("resume", "time_budget_s", "on_nonfinite")
+
     name: str = "nayer"
     out_dir: str = "runs"
     seed: int = 0
@@ -112,6 +117,9 @@ class RunConfig:
     resume: bool = False  # continue runs/<name> from its last checkpoint
     grid_classes: int = 10  # rows (classes) in the per-epoch sample grid
     grid_per_class: int = 8
+    # A NaN/inf generator or KD loss: stop = end the run naming the round and step (the last checkpoint stays
+    # resumable); skip = leave that step out (no optimizer step), count it in metrics.jsonl and go on.
+    on_nonfinite: str = "stop"
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet20"))
@@ -123,10 +131,13 @@ class RunConfig:
     def validate(self) -> None:
         """Cross-field checks the type system cannot express; each error names the value and what is allowed."""
         check_device_name(self.device)
-        _choice("synthesis.method", self.synthesis.method, METHODS)
-        _choice("generator.body", self.generator.body, GENERATOR_BODIES)
-        _choice("generator.noisy.mode", self.generator.noisy.mode, NOISY_MODES)
-        _choice("generator.noisy.arch", self.generator.noisy.arch, NOISY_ARCHS)
+        check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
+        check_choice("teacher.arch", self.teacher.arch, tuple(model_names()))
+        check_choice("student.arch", self.student.arch, tuple(model_names()))
+        check_choice("synthesis.method", self.synthesis.method, METHODS)
+        check_choice("generator.body", self.generator.body, GENERATOR_BODIES)
+        check_choice("generator.noisy.mode", self.generator.noisy.mode, NOISY_MODES)
+        check_choice("generator.noisy.arch", self.generator.noisy.arch, NOISY_ARCHS)
         for key, value in [("epochs", self.epochs), ("warmup", self.warmup), ("synthesis.g_loops", self.synthesis.g_loops),
                            ("synthesis.warmup_loops", self.synthesis.warmup_loops), ("kd.kd_steps", self.kd.kd_steps),
                            ("generator.g_life", self.generator.g_life - 1)]:
@@ -138,12 +149,14 @@ class RunConfig:
                 raise ConfigError(f"{key} must be >= 1, got {value}")
         if self.synthesis.bn_mmt < 0 or self.synthesis.bn_mmt >= 1:
             raise ConfigError(f"synthesis.bn_mmt must be in [0, 1), got {self.synthesis.bn_mmt}")
+        if self.time_budget_s < 0:
+            raise ConfigError(f"time_budget_s must be >= 0 (0 = no budget), got {self.time_budget_s}")
         if self.kd.temperature <= 0:
             raise ConfigError(f"kd.temperature must be > 0, got {self.kd.temperature}")
         if self.epochs + self.warmup == 0:
             raise ConfigError("warmup + epochs is 0: nothing to run")
 
 
-def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of: {', '.join(allowed)}")

@@ -15,7 +15,18 @@ from torch import Tensor, nn
 from nayer.augment import Augment, uint8_to_float
 from nayer.config import KDConfig
 from nayer.evaluate import autocast
-from nayer.losses import kd_loss
+from nayer.losses import NonFiniteLossError, kd_loss
+
+
+def finite_or_skip(loss: Tensor, policy: str, where: str) -> bool:
+    """True if the KD loss is finite. Otherwise on_nonfinite=stop raises NonFiniteLossError naming `where` (round,
+    step, rank); skip returns False: the caller leaves the step out."""
+    if bool(torch.isfinite(loss)):
+        return True
+    if policy == "stop":
+        raise NonFiniteLossError(f"KD loss is {loss.item()} at {where}: the student diverged; lower kd.lr, or set "
+                                 "on_nonfinite=skip")
+    return False
 
 
 class KDObjective:
@@ -36,10 +47,7 @@ class KDObjective:
             with torch.no_grad():
                 t_logits = self.teacher(x)
             s_logits = self.student(x)
-        loss = kd_loss(s_logits, t_logits, self.cfg.temperature)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"KD loss is {loss.item()}: the student diverged (try a lower kd.lr)")
-        return loss
+        return kd_loss(s_logits, t_logits, self.cfg.temperature)
 
 
 def make_optimizer(student: nn.Module, cfg: KDConfig, epochs: int) -> tuple[torch.optim.SGD, torch.optim.lr_scheduler.LRScheduler]:
@@ -53,28 +61,35 @@ class StudentTrainer:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, epochs: int,
                  mean: list[float], std: list[float], device: torch.device, bf16: bool = False,
-                 channels_last: bool = True):
+                 channels_last: bool = True, on_nonfinite: str = "stop"):
         self.objective = KDObjective(student, teacher, cfg, mean, std, device, bf16, channels_last)
         self.optimizer, self.scheduler = make_optimizer(student, cfg, epochs)
+        self.on_nonfinite = on_nonfinite
 
-    def step(self, images: Tensor) -> float:
-        """One KD step on a uint8 batch; returns the loss."""
+    def step(self, images: Tensor, where: str = "a KD step") -> float | None:
+        """One KD step on a uint8 batch; returns the loss, or None for a non-finite one left out (on_nonfinite)."""
         loss = self.objective(images)
         self.optimizer.zero_grad(set_to_none=True)
+        if not finite_or_skip(loss, self.on_nonfinite, where):
+            return None
         loss.backward()
         self.optimizer.step()
         return loss.item()
 
-    def train_epoch(self, batches: Iterable[tuple[Tensor, Tensor]]) -> dict:
+    def train_epoch(self, batches: Iterable[tuple[Tensor, Tensor]], epoch: int = 0) -> dict:
         """KD over `batches`, then one scheduler step (the cosine is per epoch, as in the reference)."""
         start = time.perf_counter()
         self.objective.student.train()
         self.objective.teacher.eval()
-        losses = [self.step(images) for images, _ in batches]
+        steps = [self.step(images, f"round {epoch}, KD step {i}") for i, (images, _) in enumerate(batches)]
+        losses = [loss for loss in steps if loss is not None]
+        if len(losses) < len(steps):
+            print(f"round {epoch}: {len(steps) - len(losses)} KD step(s) with a non-finite loss skipped "
+                  "(on_nonfinite=skip)", flush=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        return {"kd_loss": sum(losses) / max(len(losses), 1), "kd_steps": len(losses), "lr": lr,
-                "kd_time": time.perf_counter() - start}
+        return {"kd_loss": sum(losses) / max(len(losses), 1), "kd_steps": len(losses),
+                "kd_nonfinite_steps": len(steps) - len(losses), "lr": lr, "kd_time": time.perf_counter() - start}
 
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}

@@ -13,6 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nayer.runtime import RunError
+
+
+class NonFiniteLossError(RunError, FloatingPointError):
+    """A NaN or inf generator or KD loss under on_nonfinite=stop; the message names the round and step."""
+
 
 class BNStatisticsLoss:
     """L_BN, paper Eq. 2 (the DeepInversion feature-statistics prior, with NAYER's momentum EMA).

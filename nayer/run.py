@@ -14,15 +14,17 @@ summary.json, report.md + plots/ (nayer.report).
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from nayer.buffer import InMemoryBuffer
@@ -35,7 +37,7 @@ from nayer.lte import encode_labels
 from nayer.models import CheckpointMismatchError, build_model, load_teacher
 from nayer.progress import RoundProgress
 from nayer.report import write_report
-from nayer.runtime import save_json, save_text, save_torch, seed_everything, select_device
+from nayer.runtime import RunError, save_json, save_text, save_torch, seed_everything, select_device
 from nayer.synthesis import NayerSynthesizer
 from nayer.visualize import save_sample_grid
 
@@ -45,6 +47,9 @@ def resolve_data(cfg: RunConfig) -> tuple[list[str], int, list[float], list[floa
     p = preset(cfg.data.dataset)
     if cfg.data.class_names is not None:
         names = list(cfg.data.class_names)
+        if not names:
+            raise ConfigError("data.class_names is an empty list: give one name per teacher output, or drop the key "
+                              f"to use the '{cfg.data.dataset}' preset's names")
     elif cfg.data.class_names_file:
         names = read_class_names(cfg.data.class_names_file)
     else:
@@ -111,10 +116,12 @@ class RunFolder:
         if cfg.resume:
             if not self.checkpoint.exists():
                 raise ConfigError(f"resume=true but {self.checkpoint} does not exist; drop resume or check name=")
-            saved = (self.path / "config.yaml").read_text()
-            if _run_defining(saved) != _run_defining(config_to_yaml(cfg)):
-                raise ConfigError(f"resume=true but the config differs from the one in {self.path}/config.yaml; "
-                                  f"resume with the same config (only resume= and time_budget_s= may change)")
+            changed = config_changes(OmegaConf.load(self.path / "config.yaml"), OmegaConf.structured(cfg),
+                                     type(cfg).RESUME_MAY_CHANGE)
+            if changed:
+                raise ConfigError(f"resume=true but the config differs from the one in {self.path}/config.yaml: "
+                                  f"{'; '.join(changed[:4])}; resume with the same config (only "
+                                  f"{', '.join(type(cfg).RESUME_MAY_CHANGE)} may change)")
 
     def create(self) -> None:
         if not self.cfg.resume and self.path.exists():  # leftovers of a run that never reached a checkpoint
@@ -134,9 +141,18 @@ class RunFolder:
 
 
 
-def _run_defining(yaml_text: str) -> str:
-    """The config minus the keys a resumed run may change: resume itself and the wall-clock budget."""
-    return "\n".join(line for line in yaml_text.splitlines() if not line.startswith(("resume:", "time_budget_s:")))
+def config_changes(saved: Any, current: Any, may_change: Sequence[str]) -> list[str]:
+    """`key: saved -> current` for every leaf key that differs, except `may_change` (dotted keys)."""
+    flat_saved, flat_current = _flatten(OmegaConf.to_container(saved)), _flatten(OmegaConf.to_container(current))
+    return [f"{key}: {flat_saved.get(key)!r} -> {flat_current.get(key)!r}"
+            for key in sorted(set(flat_saved) | set(flat_current))
+            if key not in may_change and flat_saved.get(key) != flat_current.get(key)]
+
+
+def _flatten(node: Any, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
 
 
 def run(cfg: RunConfig) -> dict:
@@ -158,8 +174,9 @@ def run(cfg: RunConfig) -> dict:
         teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
 
     synthesizer = NayerSynthesizer(teacher, student, embeddings, image_size, mean, std, cfg.generator, cfg.synthesis,
-                                   device, cfg.bf16, cfg.channels_last, cfg.seed)
-    trainer = StudentTrainer(student, teacher, cfg.kd, cfg.epochs, mean, std, device, cfg.bf16, cfg.channels_last)
+                                   device, cfg.bf16, cfg.channels_last, cfg.seed, cfg.on_nonfinite)
+    trainer = StudentTrainer(student, teacher, cfg.kd, cfg.epochs, mean, std, device, cfg.bf16, cfg.channels_last,
+                             cfg.on_nonfinite)
     buffer = InMemoryBuffer()
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
     kd_model = student
@@ -199,9 +216,13 @@ def run(cfg: RunConfig) -> dict:
                          min(k, cfg.grid_classes), cfg.grid_per_class)
         record = {"epoch": epoch, "phase": "warmup" if warm else "kd", "buffer": len(buffer), **result.stats}
         if not warm:
+            if len(buffer) == 0:
+                raise RunError(f"the memory buffer is empty at KD epoch {epoch}: no synthesis batch was kept so far "
+                               f"({result.stats['syn_nonfinite_steps']} non-finite generator steps this epoch); add "
+                               "warm-up epochs (warmup=) or synthesis iterations (synthesis.g_loops=)")
             batches = buffer.batches(cfg.kd.batch_size, cfg.kd.kd_steps, sampler)
             record.update(trainer.train_epoch(tqdm(batches, total=cfg.kd.kd_steps, desc="KD", unit="step",
-                                                   leave=False, dynamic_ncols=True, disable=None)))
+                                                   leave=False, dynamic_ncols=True, disable=None), epoch))
             if eval_set is not None:
                 t0 = time.perf_counter()
                 ev = evaluate(kd_model, eval_set.x, eval_set.y, mean, std, device, cfg.data.eval_batch_size, cfg.bf16, k)
@@ -249,14 +270,30 @@ def log_tensorboard(writer, record: dict) -> None:
     writer.flush()
 
 
-def cli(schema: type, runner: Callable[..., dict], argv: Sequence[str] | None = None) -> None:
+USER_ERRORS = (ConfigError, OSError, ValueError, RunError)  # reported in one line; anything else is a bug
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error's message (ours are one line; an OS error adds what the disk said)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full: {exc}; free space and run again with resume=true"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def cli(schema: type, runner: Callable[..., dict], argv: Sequence[str] | None = None,
+        explain: Callable[[BaseException], BaseException] = lambda exc: exc) -> None:
     """Parse `argv` (default: the command line) into `schema`, run it, print the summary as one JSON line; a bad
-    input exits with a one-line `error: ...` instead of a traceback."""
+    input or a failure the run can name exits with a one-line `error: ...` instead of a traceback. `explain`
+    finds the error inside wrappers (Ray's task and worker-group errors)."""
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         summary = runner(parse_config(schema, args))
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
+    except Exception as exc:  # noqa: BLE001 - filtered: only USER_ERRORS become one line
+        root = explain(exc)
+        if not isinstance(root, USER_ERRORS):
+            raise
+        sys.exit(f"error: {one_line(root)}")
     print(json.dumps(summary))
 
 

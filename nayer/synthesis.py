@@ -24,7 +24,7 @@ from nayer.augment import Augment, float_to_uint8
 from nayer.config import GeneratorConfig, SynthesisConfig
 from nayer.evaluate import autocast
 from nayer.generator import NayerGenerator, balanced_targets
-from nayer.losses import BNStatisticsLoss, adversarial_loss, class_loss
+from nayer.losses import BNStatisticsLoss, NonFiniteLossError, adversarial_loss, class_loss
 
 
 @dataclass
@@ -40,8 +40,10 @@ class NayerSynthesizer:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, embeddings: Tensor, image_size: int,
                  mean: list[float], std: list[float], gen_cfg: GeneratorConfig, syn_cfg: SynthesisConfig,
-                 device: torch.device, bf16: bool = False, channels_last: bool = True, seed: int = 0):
+                 device: torch.device, bf16: bool = False, channels_last: bool = True, seed: int = 0,
+                 on_nonfinite: str = "stop"):
         self.teacher, self.student = teacher, student
+        self.on_nonfinite = on_nonfinite  # stop: raise NonFiniteLossError | skip: no step on that loss, counted
         self.embeddings = embeddings
         self.num_classes = embeddings.shape[0]
         self.image_size = image_size
@@ -81,33 +83,40 @@ class NayerSynthesizer:
             p.requires_grad_(False)
         images, labels, totals = [], [], {"loss": 0.0, "bn": 0.0, "ce": 0.0, "adv": 0.0}
         curves: list[list[tuple[float, float]]] = []
+        self.nonfinite_steps = 0
         steps = loops * self.cfg.g_steps
         bar = progress(steps) if callable(progress) else \
             tqdm(total=steps, desc="synthesis", unit="step", leave=False, disable=None if progress else True,
                  dynamic_ncols=True)
         try:
-            for _ in range(loops):
-                x, y, parts, curve = self._iteration(use_adv, bar)
+            kept = 0
+            for iteration in range(loops):
+                x, y, parts, curve = self._iteration(use_adv, bar, iteration)
                 curves.append(curve)
+                if x is None:  # on_nonfinite=skip and no step of the iteration had a finite loss
+                    continue
+                kept += 1
                 images.append(float_to_uint8(x).cpu())
                 labels.append(y.cpu())
                 for k in totals:
-                    totals[k] += parts[k] / max(loops, 1)
+                    totals[k] += parts[k]
         finally:
             bar.close()
             for p in frozen:
                 p.requires_grad_(True)
             self.student.train(student_was_training)
         self.epoch += 1
-        stats = {f"syn_{k}": v for k, v in totals.items()}
-        stats.update(syn_iterations=loops, syn_steps=loops * self.cfg.g_steps, syn_time=time.perf_counter() - start)
+        stats = {f"syn_{k}": v / max(kept, 1) for k, v in totals.items()}
+        stats.update(syn_iterations=loops, syn_steps=loops * self.cfg.g_steps, syn_nonfinite_steps=self.nonfinite_steps,
+                     syn_time=time.perf_counter() - start)
         if not images:  # loops == 0: this synthesizer's share of the epoch was empty
             size = self.image_size
             return SynthesisResult(torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
                                    stats, curves)
         return SynthesisResult(torch.cat(images), torch.cat(labels), stats, curves)
 
-    def _iteration(self, use_adv: bool, bar: Any) -> tuple[Tensor, Tensor, dict, list[tuple[float, float]]]:
+    def _iteration(self, use_adv: bool, bar: Any, iteration: int
+                   ) -> tuple[Tensor | None, Tensor, dict, list[tuple[float, float]]]:
         cfg = self.cfg
         gen = self.generator
         gen.train()
@@ -116,7 +125,7 @@ class NayerSynthesizer:
         targets = balanced_targets(cfg.batch_size, self.num_classes, self.rng).to(self.device)
         best_loss, best_x, best_parts = float("inf"), None, {}
         curve = []
-        for _ in range(cfg.g_steps):
+        for step in range(cfg.g_steps):
             with autocast(self.device, self.bf16), self.bn_loss.capture():
                 x = gen(targets).float()  # the kept batch and the augmentation stay in fp32
                 xa = self.augment(x)
@@ -133,9 +142,18 @@ class NayerSynthesizer:
             value = parts["loss"]
             curve.append((value, parts["ce"]))
             if not math.isfinite(value):
-                raise FloatingPointError(f"generator loss is {value} ({parts}) at epoch {self.epoch}: "
-                                         f"lower generator.lr or synthesis.a_bn")
-            if value < best_loss or best_x is None:  # best-of-steps: the batch x that produced the lowest L
+                where = f"round {self.epoch}, iteration {iteration}, generator step {step}"
+                if self.on_nonfinite == "stop":
+                    raise NonFiniteLossError(
+                        f"generator loss is {value} at {where} (" + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+                        + "): lower generator.lr or synthesis.a_bn, or set on_nonfinite=skip")
+                if self.nonfinite_steps == 0:
+                    print(f"generator loss is {value} at {where}: step skipped (on_nonfinite=skip)", flush=True)
+                self.nonfinite_steps += 1
+                optimizer.zero_grad(set_to_none=True)
+                bar.update()
+                continue
+            if value < best_loss:  # best-of-steps: the batch x that produced the lowest L
                 best_loss, best_x, best_parts = value, x.detach(), parts
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -4,9 +4,12 @@ cluster (`cluster.address=`, or RAY_ADDRESS as `ray job submit` sets it for the 
 from __future__ import annotations
 
 import os
+import re
+import socket
 
 import ray
 
+from nayer.cli_config import ConfigError
 from orchestrator.config import PipelineConfig
 
 
@@ -24,11 +27,73 @@ def connect(cfg: PipelineConfig) -> bool:
         return False
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if address:
+        check_reachable(address, "cluster.address" if cfg.cluster.address else "RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True)
         return True
-    # Every socket of the local instance binds 127.0.0.1 (measured: without this Ray also binds the external
-    # address). The dashboard stays: it serves the state API Ray Train's placement-group cleaner polls.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    ray.init(num_cpus=local_cpus(cfg), object_store_memory=cfg.cluster.object_store_mb << 20,
-             include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    start_local_ray(local_cpus(cfg), cfg.cluster.object_store_mb << 20)
     return True
+
+
+def check_reachable(address: str, source: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the address, when nothing listens at a host:port (Ray itself retries for minutes)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or address.startswith(("ray://", "http")) or not port.isdigit():
+        return  # "auto", a Ray client or a job-server URL: Ray resolves those itself
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"{source}={address}: no Ray head answers there ({exc.strerror or exc}); start one with "
+                          "`ray start --head --port=<port>` or fix the address") from None
+
+
+def start_local_ray(num_cpus: int, object_store_bytes: int) -> None:
+    """A single-machine Ray whose every socket (GCS, raylets, workers, agents, dashboard) listens on 127.0.0.1.
+
+    Ray binds all interfaces unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which it reads once, at `import ray`
+    (measured: setting the variable later changes nothing); so the constant it sets is set here too, and the
+    variable for the processes Ray starts. Attaching to a cluster (`connect` with an address) is left as is:
+    there the nodes must reach each other. The dashboard stays: it serves the state API Ray Train's
+    placement-group cleaner polls."""
+    from ray._private import ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, include_dashboard=True,
+             dashboard_host="127.0.0.1", log_to_driver=True)
+
+
+def check_capacity(cfg: PipelineConfig) -> None:
+    """The synthesis actors and the DeepSpeed ranks live at the same time: a cluster without the CPUs or GPUs for
+    all of them would leave one waiting forever. (An autoscaling cluster that adds nodes on demand is not seen.)"""
+    c, total = cfg.cluster, ray.cluster_resources()
+    for resource, synth, trainer in (("CPU", c.synth_cpus, c.trainer_cpus), ("GPU", c.synth_gpus, c.trainer_gpus)):
+        need = c.synth_workers * synth + c.trainer_workers * trainer
+        have = total.get(resource, 0.0)
+        if need > have:
+            raise ConfigError(f"{c.synth_workers} synthesis actors x cluster.synth_{resource.lower()}s={synth:g} + "
+                              f"{c.trainer_workers} ranks x cluster.trainer_{resource.lower()}s={trainer:g} = "
+                              f"{need:g} {resource}s, but the Ray cluster has {have:g}; lower them or add nodes")
+
+
+def last_error_line(text: str) -> str:
+    """The `SomeError: message` line a remote traceback ends with (Ray's actor errors carry only text)."""
+    lines = [line.strip() for line in text.splitlines() if re.match(r"^\s*[\w.]+(Error|Exception): ", line)]
+    return lines[-1] if lines else (text.strip().splitlines() or [""])[0]
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error a user can act on inside Ray's wrappers: a task's or actor method's own exception
+    (RayTaskError.cause) and a Ray Train worker's (WorkerGroupError.worker_failures, lowest rank first)."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(failures, dict) and failures:
+            exc = failures[min(failures)]
+            continue
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            exc = cause
+            continue
+        break
+    return exc

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 from nayer.cli_config import ConfigError
-from nayer.config import RunConfig
+from nayer.config import RunConfig, check_choice
+
+CORRUPT_SHARD_POLICIES = ("fail", "exclude")
+DS_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 @dataclass
@@ -32,17 +36,26 @@ class ClusterConfig:
     keep_checkpoints: int = 2  # student (DeepSpeed) checkpoints Ray Train keeps
     synth_max_restarts: int = 0  # Ray restarts a dead synthesis actor this often (from the last checkpoint)
     trainer_max_failures: int = 0  # Ray Train restarts the DeepSpeed ranks this often (from the last checkpoint)
+    # A committed shard that fails its manifest check (size, sha256) when read or on resume: fail = stop the run
+    # naming it; exclude = drop it from the buffer (moved to buffer/quarantine/) and go on. Never trained on.
+    on_corrupt_shard: str = "fail"
 
 
 @dataclass
 class PipelineConfig(RunConfig):
     """A NAYER run on Ray: synthesis actors -> WebDataset buffer -> DeepSpeed ranks under Ray Train."""
 
+    # A requeued SLURM job resumes on another head address; restart and corruption policies may be raised.
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = RunConfig.RESUME_MAY_CHANGE + (
+        "cluster.address", "cluster.object_store_mb", "cluster.keep_checkpoints", "cluster.synth_max_restarts",
+        "cluster.trainer_max_failures", "cluster.on_corrupt_shard")
+
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def validate(self) -> None:
         super().validate()
         c = self.cluster
+        check_choice("cluster.on_corrupt_shard", c.on_corrupt_shard, CORRUPT_SHARD_POLICIES)
         for key, value in [("cluster.synth_workers", c.synth_workers), ("cluster.trainer_workers", c.trainer_workers),
                            ("cluster.shard_samples", c.shard_samples), ("cluster.shuffle_buffer", c.shuffle_buffer),
                            ("cluster.keep_checkpoints", c.keep_checkpoints)]:
@@ -59,6 +72,9 @@ class PipelineConfig(RunConfig):
         if self.kd.batch_size % c.trainer_workers:
             raise ConfigError(f"kd.batch_size={self.kd.batch_size} must be divisible by cluster.trainer_workers="
                               f"{c.trainer_workers} (each rank takes an equal share of the global batch)")
+        if self.device.startswith("cuda") and c.synth_gpus == 0:
+            raise ConfigError(f"device={self.device} but cluster.synth_gpus=0: the synthesis actors would get no GPU; "
+                              "set cluster.synth_gpus (and cluster.trainer_gpus) or device=auto")
         if self.compile:
             raise ConfigError("compile=true is single-process only (nayer.run); the DeepSpeed ranks run eager")
 
@@ -83,8 +99,20 @@ def load_deepspeed_config(cfg: PipelineConfig) -> dict:
     if "optimizer" in ds or "scheduler" in ds:
         raise ConfigError(f"{path}: remove 'optimizer'/'scheduler'; the student's SGD and per-epoch cosine come from "
                           f"the kd.* keys (the spec's schedule)")
-    ds["train_batch_size"] = cfg.kd.batch_size
-    ds["train_micro_batch_size_per_gpu"] = cfg.kd.batch_size // cfg.cluster.trainer_workers
-    ds["gradient_accumulation_steps"] = 1
+    world = cfg.cluster.trainer_workers
+    wanted = {"train_batch_size": cfg.kd.batch_size, "train_micro_batch_size_per_gpu": cfg.kd.batch_size // world,
+              "gradient_accumulation_steps": 1}
+    given = {key: ds[key] for key in DS_BATCH_KEYS if key in ds}
+    if given:  # the batch comes from kd.batch_size; a JSON that says otherwise is refused, not overridden
+        train, micro, accumulation = (given.get(k, wanted[k]) for k in DS_BATCH_KEYS)
+        if train != micro * accumulation * world:
+            raise ConfigError(f"{path}: train_batch_size={train} != train_micro_batch_size_per_gpu={micro} x "
+                              f"gradient_accumulation_steps={accumulation} x {world} ranks; drop the batch keys "
+                              "(they are set from kd.batch_size and cluster.trainer_workers)")
+        if given != {k: wanted[k] for k in given}:
+            raise ConfigError(f"{path}: {', '.join(f'{k}={v}' for k, v in given.items())} disagrees with kd.batch_size="
+                              f"{cfg.kd.batch_size} over {world} ranks ({', '.join(f'{k}={wanted[k]}' for k in given)});"
+                              " drop the batch keys or make them agree")
+    ds.update(wanted)
     ds["zero_allow_untested_optimizer"] = True  # the client torch SGD under ZeRO >= 1
     return ds

@@ -15,13 +15,15 @@ in checkpoints/driver.pt). Warm-up rounds synthesize only. `resume=true` continu
 and drops shards a killed round left behind. SIGTERM / SIGUSR1 stop the run after the round in progress is
 checkpointed (slurm/ray_cluster_requeue.sbatch relies on it).
 Run folder `runs/<name>/`: config.yaml, metrics.jsonl, tb/, samples/round-XXXXX.png, buffer/manifest.json +
-buffer/round-XXXXX/worker-YYY-ZZZZZZ.tar, trainer/student/round-XXXXX/ (DeepSpeed), checkpoints/driver.pt,
+buffer/round-XXXXX/worker-YYY-ZZZZZZ.tar, trainer/student-SSSSS/round-XXXXX/ (DeepSpeed; a Ray Train experiment
+per driver start S), checkpoints/driver.pt,
 student.pt, summary.json, report.md + plots/ (nayer.report).
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 import signal
 import threading
 import time
@@ -34,10 +36,11 @@ from nayer.evaluate import evaluate
 from nayer.progress import RoundProgress
 from nayer.report import write_report
 from nayer.run import RunFolder, cli, load_inputs, log_tensorboard, tensorboard_writer
-from nayer.runtime import save_json, save_torch
-from orchestrator.cluster import connect
+from nayer.runtime import RunError, save_json, save_torch, seed_everything
+from orchestrator.cluster import check_capacity, connect, last_error_line, root_cause
 from orchestrator.config import PipelineConfig, load_deepspeed_config
-from orchestrator.shards import Manifest
+from orchestrator.faults import FaultPlan
+from orchestrator.shards import Manifest, rank_samples
 from orchestrator.trainer import RoundBoard, TrainerRun, make_trainer
 from orchestrator.workers import SynthesisWorker, split_iterations
 
@@ -54,7 +57,36 @@ class PipelineFolder(RunFolder):
         self.trainer = self.path / "trainer"
 
     def outputs(self) -> list[Path]:
-        return [*super().outputs(), self.trainer, self.checkpoint.parent]
+        return [*super().outputs(), self.trainer, self.checkpoint.parent, self.path / "faults"]
+
+
+def synthesize_round(workers: list, calls: list) -> list[dict]:
+    """Wait for a round's synthesis tasks; an actor's own error (a non-finite loss, a full disk) comes out as
+    itself, a dead actor (killed, out of memory, out of restarts) as a RunError naming it."""
+    try:
+        return ray.get(calls)
+    except ray.exceptions.RayActorError as exc:
+        dead = next((w for w, call in enumerate(calls) if _died(call)), "?")
+        if exc.actor_init_failed:
+            raise RunError(f"synthesis worker {dead} could not start: {last_error_line(str(exc))}") from None
+        first = (str(exc).strip().splitlines() or ["died"])[0]
+        raise RunError(f"synthesis worker {dead} died ({first}); cluster.synth_max_restarts=N lets Ray restart it "
+                       "from the last checkpoint and retry its round") from None
+    except ray.exceptions.RayTaskError as exc:
+        raise root_cause(exc) from None
+
+
+def _died(call: ray.ObjectRef) -> bool:
+    """True if the call has ended with its actor's death (not still running, not another error)."""
+    if not ray.wait([call], timeout=0)[0]:
+        return False
+    try:
+        ray.get(call)
+    except ray.exceptions.RayActorError:
+        return True
+    except Exception:  # noqa: BLE001 - another failure: not a death
+        return False
+    return False
 
 
 def round_record(r: int, warm: bool, outputs: list[dict]) -> dict:
@@ -63,6 +95,7 @@ def round_record(r: int, warm: bool, outputs: list[dict]) -> dict:
     record: dict = {"epoch": r, "phase": "warmup" if warm else "kd", "syn_iterations": iterations}
     for key in SYNTH_STATS:
         record[key] = sum(o["stats"][key] * o["stats"]["syn_iterations"] for o in outputs) / max(iterations, 1)
+    record["syn_nonfinite_steps"] = sum(o["stats"]["syn_nonfinite_steps"] for o in outputs)
     record["syn_compute_time"] = max(o["compute_time"] for o in outputs)
     record["shard_write_time"] = max(o["write_time"] for o in outputs)
     return record
@@ -108,13 +141,16 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
     wall_start = time.perf_counter()
     folder = PipelineFolder(cfg)
     ds_config = load_deepspeed_config(cfg)
+    faults = FaultPlan.from_env(folder.path / "faults")
+    seed_everything(cfg.seed)  # a teacher without a checkpoint is random: the same one in every run of a seed
     inputs = load_inputs(cfg, torch.device("cpu"))
     k = len(inputs.names)
     folder.create()
     state = torch.load(folder.checkpoint, map_location="cpu", weights_only=True) if cfg.resume else None
     manifest = Manifest(folder.buffer, state["manifest"] if state else [])
     if state:  # the committed buffer only: a round killed before its commit leaves shards nobody may read
-        manifest.verify()
+        for message in manifest.verify(cfg.cluster.on_corrupt_shard):
+            print(f"resume: excluded {message} (moved to buffer/quarantine/)", flush=True)
         dropped = manifest.discard_uncommitted()
         if dropped:
             print(f"resume: dropped {len(dropped)} uncommitted shard file(s) of the killed round", flush=True)
@@ -128,8 +164,9 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
 
     started_ray = connect(cfg)
     stop.arm()
-    board, trainer_run = None, None
+    board, trainer_run, workers = None, None, []
     try:
+        check_capacity(cfg)
         c = cfg.cluster
         teacher_ref = ray.put(inputs.teacher.state_dict())
         embeddings_ref = ray.put(inputs.embeddings.cpu())
@@ -140,20 +177,21 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
                                                     max_task_retries=c.synth_max_restarts)
         workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, inputs.image_size, inputs.mean, inputs.std,
                                 str(folder.buffer.resolve()), str(folder.samples.resolve()),
-                                str(folder.checkpoint.resolve()))
+                                str(folder.checkpoint.resolve()), faults)
                    for w in range(c.synth_workers)]
         student_ref, student_state = None, state["student"] if state else None
         if state and state["student"] is not None:
             student_ref = ray.put(state["student"])
         board = RoundBoard.remote()
         loop_config = {"cfg": cfg, "board": board, "num_classes": k, "deepspeed": ds_config, "teacher": teacher_ref,
-                       "mean": inputs.mean, "std": inputs.std, "resume_from": None,
+                       "mean": inputs.mean, "std": inputs.std, "resume_from": None, "faults": faults,
                        "eval_set": ray.put(inputs.eval_set) if inputs.eval_set is not None else None}
-        trainer_storage = str(folder.trainer.resolve())
+        trainer_storage = folder.trainer.resolve()
         if state and state["student_checkpoint"]:  # the DeepSpeed checkpoint of the last committed KD round
-            loop_config["resume_from"] = str(Path(trainer_storage) / "student" / state["student_checkpoint"])
+            loop_config["resume_from"] = str(trainer_storage / state["student_checkpoint"])
 
         start = state["round"] + 1 if state else 0
+        experiment = trainer_experiment(trainer_storage, start, state["student_checkpoint"] if state else None)
         best = state["best"] if state else {"top1": -1.0, "epoch": -1}
         elapsed_before = state["elapsed"] if state else 0.0
         checkpoint_name = state["student_checkpoint"] if state else None
@@ -167,25 +205,33 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
             shares = split_iterations(cfg.synthesis.warmup_loops if warm else cfg.synthesis.g_loops, c.synth_workers)
             active = sum(1 for s in shares if s > 0)
             min_shards = math.ceil(c.trainer_workers / max(active, 1))  # every rank gets a shard of every round
-            outputs = ray.get([w.synthesize.remote(r, warm, share, None if warm else student_ref, min_shards, i == 0)
-                               for i, (w, share) in enumerate(zip(workers, shares))])
+            outputs = synthesize_round(workers, [
+                w.synthesize.remote(r, warm, share, None if warm else student_ref, min_shards, i == 0)
+                for i, (w, share) in enumerate(zip(workers, shares))])
             t_synth = time.perf_counter()
-            manifest.commit(r, [entry for o in outputs for entry in o["shards"]])
+            excluded = manifest.commit(r, [entry for o in outputs for entry in o["shards"]], c.on_corrupt_shard)
+            manifest.remove_temporaries(r)
             t_commit = time.perf_counter()
             record = round_record(r, warm, outputs)
-            record.update(buffer=manifest.samples, shards=len(manifest.shards), syn_time=t_synth - t0,
-                          commit_time=t_commit - t_synth)
+            record.update(syn_time=t_synth - t0, commit_time=t_commit - t_synth)
             if not warm:
+                check_readable(manifest, r, c.trainer_workers, ds_config["train_micro_batch_size_per_gpu"])
                 if trainer_run is None:  # started at the first KD round: warm-up rounds keep all cores for synthesis
-                    trainer_run = TrainerRun(make_trainer(cfg, trainer_storage, loop_config)).start()
+                    trainer_run = TrainerRun(make_trainer(cfg, str(trainer_storage), experiment, loop_config)).start()
                 board.publish.remote({"round": r, "shards": manifest.snapshot()})
                 result = trainer_run.wait(board.result.remote(r))
                 student_ref = result.pop("student")[0]
-                checkpoint_name = result.pop("checkpoint")
+                checkpoint_name = f"{experiment}/{result.pop('checkpoint')}"
+                corrupt = result.pop("corrupt_shards")
+                excluded += [f"buffer shard {url}: failed its checksum when read" for url in corrupt]
+                manifest.exclude(manifest.relative(url) for url in corrupt)
                 record.update(result)
                 record["kd_phase_time"] = time.perf_counter() - t_commit
                 if record.get("top1", -1.0) > best["top1"]:
                     best = {"top1": record["top1"], "epoch": r}
+            for message in excluded:
+                progress.write(f"round {r}: excluded {message} (moved to buffer/quarantine/, never trained on)")
+            record.update(buffer=manifest.samples, shards=len(manifest.shards), excluded_shards=len(excluded))
             t_ckpt = time.perf_counter()
             student_state = ray.get(student_ref) if student_ref is not None else None
             elapsed = elapsed_before + time.perf_counter() - wall_start
@@ -216,9 +262,13 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
             trainer_run.join()
         if student_state is not None:
             save_torch(student_state, folder.path / "student.pt")
-    finally:
+    finally:  # also after a failure: on a cluster that outlives this run, release what it holds
         if board is not None:
             ray.get(board.stop.remote())
+        if trainer_run is not None and trainer_run.thread.is_alive():
+            trainer_run.thread.join(60)  # the ranks leave their loop once the board has stopped
+        for worker in workers:
+            ray.kill(worker)
         if started_ray:
             ray.shutdown()
     summary = {"name": cfg.name, "teacher_top1": teacher_top1, "final_top1": record.get("top1"),
@@ -232,8 +282,33 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
     return summary
 
 
+def trainer_experiment(storage: Path, start: int, referenced: str | None) -> str:
+    """The Ray Train experiment of a driver start: `student-<first round>`, new each start, so Ray Train never
+    restores its own state of a run that died (it is written in place: a crash or a full disk can truncate it);
+    the ranks resume from the driver's checkpoint instead. Experiments of earlier starts other than the one holding
+    that checkpoint are removed, and so is a leftover of this name (an attempt that committed no round)."""
+    name = f"student-{start:05d}"
+    keep = referenced.split("/")[0] if referenced else None
+    for old in storage.glob("student-*") if storage.is_dir() else []:
+        if old.name != keep:
+            shutil.rmtree(old)
+    return name
+
+
+def check_readable(manifest: Manifest, r: int, ranks: int, micro_batch: int) -> None:
+    """Before a KD round: every rank must have a micro-batch of samples to read (split_by_node gives rank q the
+    shards q, q + M, ...), else the ranks would fall out of step."""
+    per_rank = rank_samples(manifest.snapshot(), ranks)
+    if not manifest.samples:
+        raise RunError(f"the memory buffer is empty at KD round {r}: no synthesis batch was kept so far; add warm-up "
+                       "rounds (warmup=) or synthesis iterations (synthesis.g_loops=)")
+    if min(per_rank) < micro_batch:
+        raise RunError(f"round {r}: the buffer's {len(manifest.shards)} shards give the {ranks} ranks {per_rank} "
+                       f"samples, fewer than a micro-batch of {micro_batch}; lower kd.batch_size or add warm-up rounds")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    cli(PipelineConfig, run, argv)
+    cli(PipelineConfig, run, argv, explain=root_cause)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ Layout under `runs/<name>/buffer/`:
 
 A shard is written under a temporary name and renamed when complete; it becomes part of the buffer only when
 the driver lists it in the manifest, so readers (which read a manifest snapshot, never the folder) never see a
-shard being written. Samples are raw uint8 arrays (measured faster to write and read than PNG, same size).
+shard being written. Samples are raw uint8 arrays (measured faster to write and read than PNG, same size),
+decoded without pickle. Every read checks the shard's size and sha256 against the manifest before a sample of
+it is used; a shard that fails is excluded or fails the run (`cluster.on_corrupt_shard`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import hashlib
 import io
 import json
 import math
+import os
 import random
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -27,6 +30,11 @@ from torch import Tensor
 from nayer.runtime import atomic_write, save_json
 
 MANIFEST = "manifest.json"
+QUARANTINE = "quarantine"  # excluded corrupt shards are moved here (kept for inspection, never read)
+
+
+class CorruptShardError(ValueError):
+    """A committed shard that is missing or does not match its manifest entry (size, sha256, sample format)."""
 
 
 def shard_name(round_index: int, worker: int, part: int) -> str:
@@ -63,9 +71,10 @@ class _HashingFile(io.RawIOBase):
 
 
 def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor, labels: Tensor,
-                 max_samples: int, min_shards: int = 1) -> list[dict]:
+                 max_samples: int, min_shards: int = 1, midway: Callable[[], None] | None = None) -> list[dict]:
     """Write uint8 `images` [N, C, H, W] + `labels` [N] as at least `min_shards` shards of at most `max_samples`;
-    returns their manifest entries (path relative to `root`, sample count, bytes, sha256)."""
+    returns their manifest entries (path relative to `root`, sample count, bytes, sha256). `midway()` is called
+    half-way through the first shard, its bytes so far on disk under the temporary name (fault injection)."""
     root = Path(root)
     n = len(images)
     count = max(math.ceil(n / max_samples), min(min_shards, n))
@@ -77,8 +86,11 @@ def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor
         def write(tmp: str, index=index, rel=rel, out=out) -> None:
             stream = _HashingFile(tmp)
             try:
-                with wds.TarWriter(stream) as sink:
-                    for i in index.tolist():
+                with wds.TarWriter(stream, mtime=0.0) as sink:  # fixed member times: equal images, equal sha256
+                    for n_written, i in enumerate(index.tolist()):
+                        if midway is not None and part == 0 and n_written == len(index) // 2:
+                            stream.file.flush()
+                            midway()
                         sink.write({"__key__": f"{rel[:-4].replace('/', '-')}-{i:06d}", "npy": images[i].numpy(),
                                     "cls": int(labels[i])})
             finally:
@@ -102,13 +114,36 @@ class Manifest:
         path = Path(root) / MANIFEST
         return cls(root, json.loads(path.read_text())["shards"] if path.is_file() else [])
 
-    def commit(self, round_index: int, entries: Iterable[dict]) -> None:
-        """Append a round's shards (already renamed into place) and publish the new manifest atomically."""
+    def commit(self, round_index: int, entries: Iterable[dict], policy: str = "fail") -> list[str]:
+        """Append a round's shards (already renamed into place) and publish the new manifest atomically. A shard
+        whose file is missing or has another size than its writer recorded fails the run (`fail`) or is left out
+        and quarantined (`exclude`); returns the messages of those left out."""
+        good, excluded = [], []
         for entry in entries:
-            if not (self.root / entry["path"]).is_file():
-                raise FileNotFoundError(f"cannot commit shard {entry['path']}: not found under {self.root}")
-            self.shards.append({**entry, "round": round_index})
+            path = self.root / entry["path"]
+            size = path.stat().st_size if path.is_file() else None
+            if size == entry["bytes"]:
+                good.append({**entry, "round": round_index})
+                continue
+            message = f"buffer shard {path}: " + ("the file does not exist" if size is None else
+                                                  f"{size} bytes on disk, its writer wrote {entry['bytes']}")
+            if policy == "fail":
+                raise CorruptShardError(f"cannot commit {message} (cluster.on_corrupt_shard=exclude leaves such "
+                                        "shards out and goes on)")
+            if size is not None:
+                self._quarantine(entry["path"])
+            excluded.append(message)
+        self.shards.extend(good)
         self.save()
+        return excluded
+
+    def remove_temporaries(self, round_index: int) -> list[Path]:
+        """Delete the temporary files of killed write attempts in a round's folder (call once every writer of the
+        round has returned: a restarted actor rewrote its shards under their final names)."""
+        stale = sorted((self.root / shard_name(round_index, 0, 0)).parent.glob("*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
 
     def save(self) -> None:
         save_json({"shards": self.shards, "samples": self.samples}, self.root / MANIFEST)
@@ -118,9 +153,10 @@ class Manifest:
         return sum(s["samples"] for s in self.shards)
 
     def snapshot(self) -> list[dict]:
-        """The committed shards with absolute paths: what the trainer ranks of one round read."""
+        """The committed shards with absolute paths and their checksums: what the trainer ranks of one round read."""
         root = self.root.resolve()
-        return [{"url": str(root / s["path"]), "samples": s["samples"]} for s in self.shards]
+        return [{"url": str(root / s["path"]), "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
+                for s in self.shards]
 
     def discard_uncommitted(self) -> list[Path]:
         """Delete shard files the manifest does not list (a round killed before its commit, temporary files);
@@ -134,14 +170,57 @@ class Manifest:
                 folder.rmdir()
         return stale
 
-    def verify(self) -> None:
-        """Every committed shard is present with its recorded size and checksum (run on resume)."""
-        for s in self.shards:
-            path = self.root / s["path"]
-            if not path.is_file():
-                raise FileNotFoundError(f"buffer shard {path} is listed in {self.root / MANIFEST} but missing")
-            if path.stat().st_size != s["bytes"] or sha256(path) != s["sha256"]:
-                raise ValueError(f"buffer shard {path} does not match its manifest checksum: the buffer is corrupt")
+    def problem(self, shard: dict) -> str | None:
+        """Why a committed shard cannot be read (missing, other size, other checksum), or None."""
+        path = self.root / shard["path"]
+        if not path.is_file():
+            return "listed in the manifest but missing"
+        size = path.stat().st_size
+        if size != shard["bytes"]:
+            return f"{size} bytes on disk, {shard['bytes']} in the manifest (truncated?)"
+        if sha256(path) != shard["sha256"]:
+            return "its sha256 does not match the manifest checksum"
+        return None
+
+    def verify(self, policy: str = "fail") -> list[str]:
+        """Check every committed shard (run on resume). `fail`: raise CorruptShardError naming the first bad shard;
+        `exclude`: drop bad shards from the manifest (see `exclude`). Returns the messages of the excluded ones."""
+        excluded = []
+        for shard in list(self.shards):
+            problem = self.problem(shard)
+            if problem is None:
+                continue
+            message = f"buffer shard {self.root / shard['path']}: {problem}"
+            if policy == "fail":
+                raise CorruptShardError(f"{message}; the buffer is corrupt (cluster.on_corrupt_shard=exclude drops "
+                                        "such shards and goes on)")
+            self.exclude([shard["path"]])
+            excluded.append(message)
+        return excluded
+
+    def exclude(self, paths: Iterable[str]) -> list[str]:
+        """Remove shards (manifest-relative paths) from the manifest and move their files to quarantine/, where
+        nothing reads them; saves the manifest. Returns the paths that were listed."""
+        paths = set(paths)
+        removed = [s["path"] for s in self.shards if s["path"] in paths]
+        if not removed:
+            return []
+        self.shards = [s for s in self.shards if s["path"] not in paths]
+        self.save()
+        for rel in removed:
+            self._quarantine(rel)
+        return removed
+
+    def _quarantine(self, rel: str) -> None:
+        source = self.root / rel
+        if source.is_file():
+            target = self.root / QUARANTINE / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+
+    def relative(self, url: str) -> str:
+        """The manifest path of a snapshot url."""
+        return Path(url).resolve().relative_to(self.root.resolve()).as_posix()
 
 
 def rank_samples(snapshot: list[dict], world_size: int) -> list[int]:
@@ -150,7 +229,43 @@ def rank_samples(snapshot: list[dict], world_size: int) -> list[int]:
 
 
 def _decode(sample: dict) -> tuple[Tensor, int]:
-    return torch.from_numpy(np.load(io.BytesIO(sample["npy"]))), int(sample["cls"])
+    """A sample as written by write_shards: a uint8 .npy (never unpickled) and its label."""
+    url = sample.get("__url__", "?")
+    try:
+        image = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
+        label = int(sample["cls"])
+    except (KeyError, ValueError) as exc:
+        raise CorruptShardError(f"buffer shard {url}: sample {sample.get('__key__')} is not a uint8 image and a "
+                                f"label: {exc}") from None
+    if image.dtype != np.uint8 or image.ndim != 3:
+        raise CorruptShardError(f"buffer shard {url}: sample {sample.get('__key__')} holds {image.dtype} "
+                                f"{image.shape}, not a uint8 [C, H, W] image")
+    return torch.from_numpy(image), label
+
+
+def verified_streams(policy: str, excluded: list[str]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+    """A pipeline stage: shard entries -> opened shards, each read whole and checked against its manifest size and
+    sha256 before any sample of it is used. A bad shard raises CorruptShardError (`fail`) or is skipped and its
+    url appended to `excluded` (`exclude`). Memory: one shard at a time."""
+    def stage(entries: Iterable[dict]) -> Iterator[dict]:
+        for entry in entries:
+            url = entry["url"]
+            try:
+                data = Path(url).read_bytes()
+                problem = (f"{len(data)} bytes on disk, {entry['bytes']} in the manifest (truncated?)"
+                           if len(data) != entry["bytes"] else
+                           "its sha256 does not match the manifest checksum"
+                           if hashlib.sha256(data).hexdigest() != entry["sha256"] else None)
+            except FileNotFoundError:
+                problem = "listed in the manifest but missing"
+            if problem is None:
+                yield {"url": url, "stream": io.BytesIO(data)}
+            elif policy == "fail":
+                raise CorruptShardError(f"buffer shard {url}: {problem}; not trained on (cluster.on_corrupt_shard="
+                                        "exclude drops such shards and goes on)")
+            elif url not in excluded:
+                excluded.append(url)
+    return stage
 
 
 def _collate(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
@@ -158,20 +273,33 @@ def _collate(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
 
 
 def shard_batches(snapshot: list[dict], batch_size: int, num_batches: int, seed: int,
-                  shuffle_buffer: int = 2000) -> wds.DataPipeline:
+                  shuffle_buffer: int = 2000, on_corrupt: str = "fail",
+                  excluded: list[str] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Exactly `num_batches` uint8 batches [B, C, H, W] + labels for this rank, from a manifest snapshot.
 
     `split_by_node` gives each rank a disjoint set of shards; each pass over them is a fresh shuffled permutation
     (shards resampled without replacement, then a sample shuffle buffer), so no sample is read twice within a
     pass and no two ranks read the same sample in a pass. `with_epoch` repeats passes until every rank has
-    yielded the same batch count (equal steps keep the DeepSpeed ranks in lock step)."""
+    yielded the same batch count (equal steps keep the DeepSpeed ranks in lock step). Shards are verified as
+    they are opened (`verified_streams`; excluded urls are appended to `excluded`); a rank left without a full
+    batch to read raises instead of falling out of step with the others."""
     urls = [s["url"] for s in snapshot]
-    return wds.DataPipeline(
-        wds.SimpleShardList(urls),
+    excluded = [] if excluded is None else excluded
+    pipeline = wds.DataPipeline(
+        lambda: iter(snapshot),  # the manifest entries (url, samples, bytes, sha256), once per pass
         wds.split_by_node,
         wds.shuffle(max(len(urls), 1), initial=max(len(urls), 1), rng=random.Random(seed)),
-        wds.tarfile_to_samples(),
+        verified_streams(on_corrupt, excluded),
+        wds.tariterators.tar_file_expander,
+        wds.tariterators.group_by_keys,
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed + 1)),
         wds.map(_decode),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     ).with_epoch(nbatches=num_batches)
+    count = 0
+    for batch in pipeline:
+        count += 1
+        yield batch
+    if count < num_batches:
+        raise CorruptShardError(f"this rank read {count} of {num_batches} batches of {batch_size}: its shards are "
+                                f"too few or excluded as corrupt ({len(excluded)}: {', '.join(excluded[:3])})")

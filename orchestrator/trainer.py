@@ -21,11 +21,13 @@ import torch
 import torch.distributed as dist
 
 from nayer.evaluate import evaluate
-from nayer.kd import KDObjective, make_optimizer
+from nayer.kd import KDObjective, finite_or_skip, make_optimizer
 from nayer.models import build_model
 from nayer.progress import LineProgress
+from nayer.runtime import RunError
+from orchestrator.cluster import root_cause
 from orchestrator.config import PipelineConfig, threads
-from orchestrator.shards import rank_samples, shard_batches
+from orchestrator.shards import shard_batches
 
 
 @ray.remote(num_cpus=0)
@@ -92,7 +94,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(threads(cfg.cluster.trainer_cpus))
     device = ray.train.torch.get_device()
-    board, k = config["board"], config["num_classes"]
+    board, k, faults = config["board"], config["num_classes"], config["faults"]
     ds_config = config["deepspeed"]
     ds_bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
     bf16 = cfg.bf16 or ds_bf16  # DeepSpeed bf16 keeps bf16 weights: inputs must be autocast to match
@@ -100,6 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
     teacher = build_model(cfg.teacher.arch, k)
     teacher.load_state_dict(ray.get(config["teacher"]))
     teacher = teacher.to(device).eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # the student's initial weights (DeepSpeed broadcasts rank 0's): the same every run
     student = build_model(cfg.student.arch, k).to(device)
     if cfg.channels_last:  # the student's weights stay contiguous (DeepSpeed broadcasts them as flat bytes);
         teacher = teacher.to(memory_format=torch.channels_last)  # its convs still run channels_last on CL inputs
@@ -134,22 +137,31 @@ def train_loop_per_worker(config: dict) -> None:
     while (plan := ray.get(board.next_plan.remote(done))) is not None:
         r = done = plan["round"]
         torch.manual_seed(cfg.seed * 1000003 + 1009 * r + rank)  # augmentation draws: reproducible on resume
-        per_rank = rank_samples(plan["shards"], world)
-        if min(per_rank) < micro_batch:
-            raise ValueError(f"round {r}: the buffer's {len(plan['shards'])} shards give ranks {per_rank} samples, "
-                             f"fewer than a micro-batch of {micro_batch}; lower kd.batch_size or add warm-up rounds")
+        excluded: list[str] = []  # corrupt shards this rank skipped (cluster.on_corrupt_shard=exclude)
         batches = shard_batches(plan["shards"], micro_batch, cfg.kd.kd_steps, cfg.seed * 7907 + r,
-                                cfg.cluster.shuffle_buffer)
+                                cfg.cluster.shuffle_buffer, cfg.cluster.on_corrupt_shard, excluded)
         engine.train()
-        start, read_time, losses = time.perf_counter(), 0.0, []
+        start, read_time, losses, skipped = time.perf_counter(), 0.0, [], 0
         progress = LineProgress(cfg.kd.kd_steps, f"round {r} KD rank {rank}") if rank == 0 else None
         waited = time.perf_counter()
-        for images, _ in batches:
+        for step, (images, _) in enumerate(batches):
             read_time += time.perf_counter() - waited
+            faults.kill_if("kill_rank", round=r, rank=rank, step=step)
             loss = objective(images)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
+            finite = finite_or_skip(loss, cfg.on_nonfinite, f"round {r}, KD step {step} on rank {rank}")
+            if cfg.on_nonfinite == "skip":  # every rank leaves the step out if any rank's loss is not finite
+                flag = torch.tensor([0.0 if finite else 1.0], device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                finite = flag.item() == 0.0
+            if finite:
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.detach().float())
+            else:
+                if skipped == 0 and rank == 0:
+                    print(f"round {r}, KD step {step}: non-finite loss on a rank, step skipped (on_nonfinite=skip)",
+                          flush=True)
+                skipped += 1
             if progress is not None:
                 progress.update()
             waited = time.perf_counter()
@@ -161,8 +173,11 @@ def train_loop_per_worker(config: dict) -> None:
         dist.all_reduce(mean_loss)  # the round's KD loss over all ranks
         steps = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
         dist.all_gather(steps, torch.tensor([len(losses)], device=device))
+        corrupt: list[list[str]] = [[] for _ in range(world)]
+        dist.all_gather_object(corrupt, excluded)
         metrics = {"kd_loss": mean_loss.item() / world, "kd_steps": len(losses), "lr": lr,
-                   "kd_steps_per_rank": [int(t) for t in steps],
+                   "kd_steps_per_rank": [int(t) for t in steps], "kd_nonfinite_steps": skipped,
+                   "corrupt_shards": sorted({url for urls in corrupt for url in urls}),
                    "kd_time": time.perf_counter() - start, "kd_read_time": read_time}
         if eval_set is not None:
             t0 = time.perf_counter()
@@ -205,15 +220,25 @@ class TrainerRun:
             if ready:
                 return ray.get(ref)
             if not self.thread.is_alive():
-                raise RuntimeError(f"the student trainers stopped: {self.error}") from self.error
+                raise self.failure()
 
     def join(self, timeout: float = 120.0) -> None:
         self.thread.join(timeout)
         if self.error is not None:
-            raise RuntimeError(f"the student trainers failed: {self.error}") from self.error
+            raise self.failure()
+
+    def failure(self) -> BaseException:
+        """The ranks' own error (a non-finite loss, a corrupt shard, a full disk) if one raised, else a RunError
+        saying the ranks died, e.g. killed, out of memory or out of Ray Train restarts."""
+        cause = root_cause(self.error) if self.error is not None else None
+        if isinstance(cause, (ValueError, OSError, RunError)):
+            return cause
+        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0] if cause is not None else "no error"
+        return RunError(f"the DeepSpeed ranks stopped ({type(cause).__name__}: {first}); "
+                        "cluster.trainer_max_failures=N lets Ray Train restart them from their last checkpoint")
 
 
-def make_trainer(cfg: PipelineConfig, storage_path: str, loop_config: dict):
+def make_trainer(cfg: PipelineConfig, storage_path: str, name: str, loop_config: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -223,6 +248,6 @@ def make_trainer(cfg: PipelineConfig, storage_path: str, loop_config: dict):
         train_loop_per_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=c.trainer_workers, use_gpu=c.trainer_gpus > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name="student", storage_path=storage_path,
+        run_config=RunConfig(name=name, storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints),
                              failure_config=FailureConfig(max_failures=c.trainer_max_failures)))

@@ -38,8 +38,9 @@ from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
 
 from nayer.cli_config import ConfigError, parse_config, schema_keys  # noqa: E402
+from nayer.run import one_line  # noqa: E402
 from nayer.runtime import atomic_write, save_text  # noqa: E402
-from orchestrator.cluster import connect  # noqa: E402
+from orchestrator.cluster import connect, root_cause  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
 from orchestrator.run import PipelineFolder, run  # noqa: E402
 
@@ -162,16 +163,23 @@ def trial_run(config: dict, sweep_dir: str, base_args: list[str]) -> None:
     cfg = parse_config(PipelineConfig, [*base_args, *(f"{k}={_as_arg(v)}" for k, v in config.items()), *folder_args])
     # A trial Tune restarts after a failure (max_failures) continues its own run from the last round it finished.
     cfg.resume = (Path(sweep_dir) / cfg.name / PipelineFolder.CHECKPOINT).is_file()
-    synthesis_time = 0.0
+    synthesis_time, last_round, final = 0.0, cfg.warmup + cfg.epochs - 1, {}
 
     def report(record: dict) -> None:
         nonlocal synthesis_time
         synthesis_time += record["syn_time"]
-        if record["phase"] == "kd":  # warm-up rounds train no student: nothing to rank trials by yet
-            tune.report({"top1": record.get("top1", float("nan")), "kd_loss": record["kd_loss"],
-                         "round": record["epoch"], "synthesis_time": synthesis_time, "elapsed": record["elapsed"]})
+        if record["phase"] != "kd":  # warm-up rounds train no student: nothing to rank trials by yet
+            return
+        metrics = {"top1": record.get("top1", float("nan")), "kd_loss": record["kd_loss"], "round": record["epoch"],
+                   "synthesis_time": synthesis_time, "elapsed": record["elapsed"]}
+        if record["epoch"] == last_round:
+            final.update(metrics)  # reported once the run has written its student, summary and report
+        else:
+            tune.report(metrics)
 
     run(cfg, on_round=report)
+    if final:  # a scheduler that stops the trial at this report stops nothing that is left to do
+        tune.report(final)
 
 
 def _as_arg(value: Any) -> str:
@@ -198,7 +206,7 @@ def results_table(results, sweep: SweepConfig, base: PipelineConfig) -> list[dic
                "best_top1": max(r["top1"] for r in reported) if reported else None,
                "synthesis_time_s": reported[-1]["synthesis_time"] if reported else None,
                "elapsed_s": reported[-1]["elapsed"] if reported else None,
-               "run_folder": str(run_folder), "error": str(result.error).splitlines()[0] if result.error else ""}
+               "run_folder": str(run_folder), "error": one_line(root_cause(result.error)) if result.error else ""}
         row["history"] = [(r["elapsed"], r[sweep.metric]) for r in reported]  # for the plot
         rows.append(row)
     return sorted(rows, key=lambda r: r["trial"])
@@ -258,9 +266,9 @@ def sweep_main(argv: Sequence[str]) -> list[dict]:
             save_text(json.dumps({"argv": list(argv), "sweep": dataclasses.asdict(sweep)}, indent=2) + "\n",
                       folder / "sweep.json")
             scheduler = ASHAScheduler(
-                # max_t one past the last KD round: a trial that runs them all ends by returning (writing its
-                # summary, student and report) instead of being stopped by ASHA at its last report.
-                time_attr="training_iteration", max_t=base.epochs + 1, grace_period=sweep.scheduler.grace_period,
+                # A trial's last report comes after its run has finished (trial_run), so a rung or max_t at the last
+                # KD round cannot cut a run short of its summary, student and report.
+                time_attr="training_iteration", max_t=base.epochs, grace_period=sweep.scheduler.grace_period,
                 reduction_factor=sweep.scheduler.reduction_factor) if sweep.scheduler.type == "asha" else None
             space = {key: SPACE_FORMS[form](values) for key, spec in sweep.space.items() for form, values in spec.items()}
             tuner = tune.Tuner(

@@ -19,6 +19,7 @@ from nayer.runtime import select_device
 from nayer.synthesis import NayerSynthesizer
 from nayer.visualize import save_sample_grid
 from orchestrator.config import PipelineConfig, threads
+from orchestrator.faults import FaultPlan
 from orchestrator.shards import write_shards
 
 
@@ -36,11 +37,12 @@ class SynthesisWorker:
 
     def __init__(self, cfg: PipelineConfig, worker: int, teacher_state: dict, embeddings: torch.Tensor,
                  image_size: int, mean: list[float], std: list[float], buffer_root: str, samples_dir: str,
-                 driver_checkpoint: str):
+                 driver_checkpoint: str, faults: FaultPlan):
         torch.set_num_threads(threads(cfg.cluster.synth_cpus))  # pinned: co-located actors do not fight over cores
-        self.cfg, self.worker = cfg, worker
+        self.cfg, self.worker, self.faults = cfg, worker, faults
         self.device = select_device(cfg.device)
         self.buffer_root, self.samples_dir = Path(buffer_root), Path(samples_dir)
+        torch.manual_seed(worker_seed(cfg.seed, worker))  # the first generator's weights: the same in every run
         k = embeddings.shape[0]
         teacher = build_model(cfg.teacher.arch, k)
         teacher.load_state_dict(teacher_state)
@@ -51,7 +53,7 @@ class SynthesisWorker:
             self.student = self.student.to(memory_format=torch.channels_last)
         self.synthesizer = NayerSynthesizer(self.teacher, self.student, embeddings.to(self.device), image_size, mean,
                                             std, cfg.generator, cfg.synthesis, self.device, cfg.bf16,
-                                            cfg.channels_last, worker_seed(cfg.seed, worker))
+                                            cfg.channels_last, worker_seed(cfg.seed, worker), cfg.on_nonfinite)
         # A resumed run, or this actor restarted by Ray after a crash (cluster.synth_max_restarts): continue from
         # the state of the last committed round, which is what the driver's checkpoint holds.
         if Path(driver_checkpoint).is_file():
@@ -73,7 +75,9 @@ class SynthesisWorker:
         entries = []
         if len(result.labels):
             entries = write_shards(self.buffer_root, round_index, self.worker, result.images, result.labels,
-                                   self.cfg.cluster.shard_samples, min_shards)
+                                   self.cfg.cluster.shard_samples, min_shards,
+                                   midway=lambda: self.faults.kill_if("kill_synthesis_writing", round=round_index,
+                                                                      worker=self.worker))
             if grid:
                 save_sample_grid(result.images, result.labels, self.samples_dir / f"round-{round_index:05d}.png",
                                  min(self.synthesizer.num_classes, self.cfg.grid_classes), self.cfg.grid_per_class)

@@ -24,7 +24,7 @@ slurm_log() {
 }
 
 slurm_die() {  # slurm_die <exit status> <message>
-    slurm_log "error: $2"
+    slurm_log "error: ${*:2}"
     exit "$1"
 }
 
@@ -58,6 +58,7 @@ ray_ports() {
         base=$((20000 + 10#$SLURM_JOB_ID % RAY_PORT_JOBS * RAY_PORT_BLOCK))
     fi
     RAY_GCS_PORT=$base
+    RAY_PORT_BLOCK_BASE=$base
     ray_head_port_args=(--port="$base" --dashboard-port=$((base + 1)) --ray-client-server-port=$((base + 2)))
     ray_node_port_args=(
         --node-manager-port=$((base + 3)) --object-manager-port=$((base + 4))
@@ -67,6 +68,21 @@ ray_ports() {
     )
 }
 
+# The head's fixed ports must be free here: the batch script runs on the job's first node, where the head starts.
+# (A listener on 0.0.0.0 or 127.0.0.1 answers a loopback connect.) Without this, `ray start` fails further in.
+ray_head_ports_free() {
+    local spec port what
+    for spec in "$RAY_PORT_BLOCK_BASE:GCS" "$((RAY_PORT_BLOCK_BASE + 1)):dashboard" \
+        "$((RAY_PORT_BLOCK_BASE + 2)):Ray client server"; do
+        port=${spec%%:*}
+        what=${spec#*:}
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            slurm_die 1 "port $port ($what) is already in use on $(hostname): another job or service holds it;" \
+                "set RAY_PORT_BASE=<n> to move this job to the free block n..n+$((RAY_PORT_BLOCK - 1))"
+        fi
+    done
+}
+
 # Starts a Ray head on the first node of the job and a Ray worker on each other node, each as a background srun
 # step, waits until the head answers, and exports RAY_ADDRESS (<head ip>:<GCS port>). Installs an EXIT trap that
 # stops the cluster again.
@@ -74,6 +90,7 @@ ray_cluster_start() {
     [[ ${SLURM_JOB_ID-} =~ ^[0-9]+$ && -n ${SLURM_JOB_NODELIST-} ]] ||
         slurm_die 2 "SLURM_JOB_ID/SLURM_JOB_NODELIST are not set: submit this script with sbatch"
     ray_ports
+    ray_head_ports_free
 
     local hostnames nodes head ip_out head_ip node cpus gpus temp_dir timeout deadline
     hostnames=$(scontrol show hostnames "$SLURM_JOB_NODELIST")

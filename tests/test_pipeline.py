@@ -19,15 +19,6 @@ from orchestrator.run import run
 from orchestrator.shards import Manifest, shard_batches, write_shards
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # every socket on 127.0.0.1
-    # 2 synthesis actors + 2 ranks; the phases alternate, so 4 logical CPUs on 2 cores (as orchestrator.cluster).
-    ray.init(num_cpus=4, object_store_memory=1 << 30, include_dashboard=True, dashboard_host="127.0.0.1")
-    yield
-    ray.shutdown()
-
-
 def tiny_args(tmp_path, **extra):
     args = {
         "out_dir": str(tmp_path / "runs"), "name": "tiny", "warmup": 1, "epochs": 2,
@@ -75,7 +66,9 @@ def test_pipeline_end_to_end_then_resume_after_a_killed_round(tmp_path, local_ra
     for r in log[1:]:
         assert r["kd_steps_per_rank"] == [3, 3] and 0 <= r["top1"] <= 100 and len(r["per_class"]) == 10
     assert log[2]["lr"] < log[1]["lr"]  # the cosine continued across the restart
-    assert (folder / "trainer" / "student" / "round-00002" / "student" / "mp_rank_00_model_states.pt").is_file()
+    # Each driver start has its own Ray Train experiment (student-<first round>); the first start's is gone.
+    assert (folder / "trainer" / "student-00001" / "round-00002" / "student" / "mp_rank_00_model_states.pt").is_file()
+    assert [p.name for p in (folder / "trainer").iterdir()] == ["student-00001"]
     assert (folder / "samples" / "round-00002.png").is_file()
     student = build_model("resnet20", 10)
     student.load_state_dict(torch.load(folder / "student.pt", weights_only=True))

@@ -150,6 +150,7 @@ def test_synthesis_worker_refreshes_its_student_and_writes_balanced_shards(tmp_p
     """The actor class in-process: the student copy takes the weights handed over before an adversarial round; an
     actor (re)started next to a driver checkpoint continues from the synthesizer state it holds."""
     from nayer.models import build_model
+    from orchestrator.faults import FaultPlan
     from orchestrator.workers import SynthesisWorker
 
     cfg = parse_config(PipelineConfig, ["data.dataset=digits", "teacher.arch=resnet20", "student.arch=resnet20",
@@ -160,7 +161,8 @@ def test_synthesis_worker_refreshes_its_student_and_writes_balanced_shards(tmp_p
 
     def new_worker():
         return SynthesisWorker(cfg, 1, teacher.state_dict(), torch.eye(10), 32, [0.5] * 3, [0.5] * 3,
-                               str(tmp_path / "buffer"), str(tmp_path / "samples"), str(driver_checkpoint))
+                               str(tmp_path / "buffer"), str(tmp_path / "samples"), str(driver_checkpoint),
+                               FaultPlan())
 
     worker = new_worker()  # no driver checkpoint yet: a fresh synthesizer
     student = build_model("resnet20", 10)

@@ -329,3 +329,17 @@ def test_requeue_needs_the_run_name(tmp_path):
     result = run("ray_cluster_requeue.sbatch", ["run", "config=configs/cifar10.yaml"], env)
     assert result.returncode == 2 and "pass name=<run name>" in result.stderr
     assert result.calls == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_port_of_the_block_already_in_use_fails_before_ray_starts(tmp_path, script):
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        base = taken.getsockname()[1] - 1  # the dashboard port (+1) is the one in use
+        env = stub_env(tmp_path, RAY_PORT_BASE=str(base))
+        result = run(script, ["run", "name=c10"], env)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert f"port {base + 1} (dashboard) is already in use on" in result.stderr and "RAY_PORT_BASE=<n>" in result.stderr
+    assert ray_starts(result.calls) == [] and python_argvs(result.calls) == []

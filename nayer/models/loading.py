@@ -9,6 +9,7 @@ torch.compile (``_orig_mod.``); both are undone before the keys are compared wit
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -31,7 +32,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # corrupt file, non-torch file, or pickled objects weights_only refuses
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        text = str(error).strip()
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused:
+            raise ValueError(f"checkpoint {path} holds pickled Python objects ({refused.group(1)}), not only tensors, "
+                             "and is not loaded (weights_only=True); save the model's state_dict() instead, e.g. "
+                             "torch.save(model.state_dict(), path)") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)  # torch's first line is generic advice
+        first_line = detail.group(1) if detail else (text.splitlines() or [type(error).__name__])[0]
         raise ValueError(f"could not read checkpoint {path}: {first_line}") from error
 
 

@@ -1,0 +1,77 @@
+"""Fault injection for drills and tests: a synthesis actor or a DeepSpeed rank of a real run dies (SIGKILL, no
+cleanup, like an OOM kill or a lost node) at a chosen point, so that the restart settings
+(`cluster.synth_max_restarts`, `cluster.trainer_max_failures`) can be checked on the cluster they will run on.
+
+    NAYER_FAULTS="kill_synthesis_writing:round=2,worker=0" python -m orchestrator.run ... cluster.synth_max_restarts=1
+    NAYER_FAULTS="kill_rank:round=3,rank=1,step=5" python -m orchestrator.run ... cluster.trainer_max_failures=1
+
+Faults, separated by ';':
+    kill_synthesis_writing:round=R,worker=W   the actor, half-way through writing its first shard of round R
+    kill_rank:round=R,rank=Q,step=S           DeepSpeed rank Q, before KD step S (0-based) of round R
+Keys left out match any value. Each fault fires once per run folder: a marker file in `<run>/faults/` (created
+before the kill) keeps the restarted process from dying again. Unset, nothing is injected.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nayer.cli_config import ConfigError
+
+ENV = "NAYER_FAULTS"
+KINDS = {"kill_synthesis_writing": ("round", "worker"), "kill_rank": ("round", "rank", "step")}
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    where: tuple[tuple[str, int], ...]
+
+    def matches(self, at: dict[str, int]) -> bool:
+        return all(at.get(key) == value for key, value in self.where)
+
+
+@dataclass
+class FaultPlan:
+    """The faults of one run (picklable: the driver hands it to every actor and rank)."""
+
+    faults: list[Fault] = field(default_factory=list)
+    marker_dir: str = ""
+
+    @classmethod
+    def parse(cls, text: str, marker_dir: str | Path) -> "FaultPlan":
+        faults = []
+        for spec in filter(None, (s.strip() for s in text.split(";"))):
+            kind, _, args = spec.partition(":")
+            if kind not in KINDS:
+                raise ConfigError(f"{ENV}: unknown fault '{kind}' in '{spec}'; choose one of: {', '.join(KINDS)}")
+            where = []
+            for item in filter(None, args.split(",")):
+                key, sep, value = item.partition("=")
+                if not sep or key not in KINDS[kind] or not value.lstrip("-").isdigit():
+                    raise ConfigError(f"{ENV}: bad '{item}' in '{spec}'; {kind} takes "
+                                      + ", ".join(f"{k}=<int>" for k in KINDS[kind]))
+                where.append((key, int(value)))
+            faults.append(Fault(kind, tuple(where)))
+        return cls(faults, str(marker_dir))
+
+    @classmethod
+    def from_env(cls, marker_dir: str | Path) -> "FaultPlan":
+        return cls.parse(os.environ.get(ENV, ""), marker_dir)
+
+    def kill_if(self, kind: str, **at: int) -> None:
+        """SIGKILL this process if an unfired fault of `kind` matches `at`."""
+        for index, fault in enumerate(self.faults):
+            if fault.kind != kind or not fault.matches(at):
+                continue
+            marker = Path(self.marker_dir) / f"{index}-{kind}.fired"
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                continue  # fired before: this is the restarted process
+            print(f"fault injection ({ENV}): {kind} at {at}: SIGKILL pid {os.getpid()}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
