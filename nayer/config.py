@@ -16,7 +16,8 @@ from nayer.runtime import check_device_name
 NOISY_MODES = ("k_to_1", "one_to_one")
 NOISY_ARCHS = ("A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8")
 GENERATOR_BODIES = ("auto", "cifar", "imagenet")
-METHODS = ("nayer",)
+METHODS = ("nayer", "fm", "deepinv")  # NAYER; the baselines FM (Fang et al. 2022), DeepInversion (Yin et al. 2020)
+GENERATOR_INPUTS = ("lte_nl", "lte", "onehot", "z", "cat_lte_z", "sum_oh_z")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
@@ -56,6 +57,10 @@ class NoisyConfig:
 
 @dataclass
 class GeneratorConfig:
+    # What G is fed (paper Fig. 5, supplementary B.4): lte_nl = LTE -> noisy layer (NAYER; noisy.mode 1-to-1 or
+    # K-to-1) | lte = LTE only | onehot = one-hot label | z = random noise | cat_lte_z = cat(LTE, Z) |
+    # sum_oh_z = one-hot + Z. Z ~ N(0, I) is drawn anew every iteration, as the noisy layers are re-initialized.
+    input: str = "lte_nl"
     body: str = "auto"  # cifar (32/64 px) | imagenet (224 px) | auto from the image size
     nz: int = 1000  # noisy-layer output width = generator input
     ngf: int = 64
@@ -69,7 +74,6 @@ class GeneratorConfig:
 
 @dataclass
 class SynthesisConfig:
-    method: str = "nayer"
     batch_size: int = 400  # bs gen
     g_steps: int = 30  # g: generator steps per iteration
     g_loops: int = 2  # I: iterations per epoch
@@ -81,6 +85,31 @@ class SynthesisConfig:
     crop_padding: int = 4
     flip: bool = True
     jitter: int = 0  # ImageNet: DeepInversion roll jitter in px
+    # The paper's synthesis metrics, logged per round (one extra teacher forward per kept batch): steps until the
+    # teacher's CE falls below ce_threshold, diversity of teacher features against earlier images, IS.
+    metrics: bool = True
+    ce_threshold: float = 0.1
+    diversity_bank: int = 2000  # earlier images' features kept (reservoir sample) for the diversity metrics
+
+
+@dataclass
+class FMConfig:
+    """FM (Fang et al., AAAI 2022, "Up to 100x faster data-free knowledge distillation"), reference script values."""
+
+    nz: int = 256  # z ~ N(0, I), optimized with the generator's clone
+    lr_g: float = 5e-3  # the clone's Adam; the meta generator's Adam uses lr_g * g_steps
+    lr_z: float = 0.015
+
+
+@dataclass
+class DeepInvConfig:
+    """DeepInversion (Yin et al., CVPR 2020): pixels optimized directly."""
+
+    lr: float = 0.1  # Adam on the (normalized) pixels, betas (0.5, 0.99)
+    tv: float = 2.5e-5  # total-variation prior (sum of L2 norms of neighbour differences; DI's CIFAR value)
+    l2: float = 0.0  # ||x||_2 prior
+    js_temperature: float = 3.0  # the adversarial (competition) term: -JS(student || teacher) at T = 3
+    jitter: int = 4  # roll by up to this many px (1/8 of 32, the reference's lim), then a batch flip
 
 
 @dataclass
@@ -120,6 +149,7 @@ class RunConfig:
     # A NaN/inf generator or KD loss: stop = end the run naming the round and step (the last checkpoint stays
     # resumable); skip = leave that step out (no optimizer step), count it in metrics.jsonl and go on.
     on_nonfinite: str = "stop"
+    method: str = "nayer"  # nayer | fm | deepinv: the synthesizer; the KD loop is the same for all
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet20"))
@@ -127,6 +157,8 @@ class RunConfig:
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     synthesis: SynthesisConfig = field(default_factory=SynthesisConfig)
     kd: KDConfig = field(default_factory=KDConfig)
+    fm: FMConfig = field(default_factory=FMConfig)
+    deepinv: DeepInvConfig = field(default_factory=DeepInvConfig)
 
     def validate(self) -> None:
         """Cross-field checks the type system cannot express; each error names the value and what is allowed."""
@@ -134,7 +166,8 @@ class RunConfig:
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
         check_choice("teacher.arch", self.teacher.arch, tuple(model_names()))
         check_choice("student.arch", self.student.arch, tuple(model_names()))
-        check_choice("synthesis.method", self.synthesis.method, METHODS)
+        check_choice("method", self.method, METHODS)
+        check_choice("generator.input", self.generator.input, GENERATOR_INPUTS)
         check_choice("generator.body", self.generator.body, GENERATOR_BODIES)
         check_choice("generator.noisy.mode", self.generator.noisy.mode, NOISY_MODES)
         check_choice("generator.noisy.arch", self.generator.noisy.arch, NOISY_ARCHS)

@@ -139,34 +139,74 @@ class ImageNetBody(nn.Module):
         return self.conv_blocks(out)
 
 
+def make_body(body: str, nz: int, ngf: int, image_size: int, paper_variant: bool) -> nn.Module:
+    """The conv body for `image_size` (`auto`: the ImageNet body above 64 px), fed an `nz`-wide vector."""
+    if body == "auto":
+        body = "imagenet" if image_size > 64 else "cifar"
+    bodies = {"cifar": CifarBody, "imagenet": ImageNetBody}
+    if body not in bodies:
+        raise ValueError(f"unknown generator body {body!r}; choose auto, cifar or imagenet")
+    return bodies[body](nz, ngf, image_size, paper_variant)
+
+
 class NayerGenerator(nn.Module):
-    """G(y) = body(noisy(BN1d(LTE[y]))). The embeddings are a fixed buffer (no grad), as in the reference."""
+    """G(y) = body(noisy(BN1d(LTE[y]))). The embeddings are a fixed buffer (no grad), as in the reference.
+
+    `input` selects the generator-input ablations of paper Fig. 5 / supplementary B.4 instead of the noisy layer:
+    `lte` BN1d(LTE[y]), `onehot` BN1d(onehot(y)), `z` BN1d(Z), `cat_lte_z` BN1d(cat(LTE[y], Z)) and `sum_oh_z`
+    BN1d(onehot(y) + Z), each fed straight to the body; Z ~ N(0, I) (width nz, K for sum_oh_z) is drawn anew at
+    every :meth:`reinit_noisy`, i.e. every synthesis iteration, the way the noisy layers are re-initialized."""
 
     def __init__(self, embeddings: Tensor, batch_size: int, image_size: int, nz: int = 1000, ngf: int = 64,
-                 body: str = "auto", noisy_mode: str = "k_to_1", noisy_arch: str = "A3", paper_variant: bool = False):
+                 body: str = "auto", noisy_mode: str = "k_to_1", noisy_arch: str = "A3", paper_variant: bool = False,
+                 input: str = "lte_nl"):
         super().__init__()
         if embeddings.ndim != 2:
             raise ValueError(f"label embeddings must be [classes, dim], got shape {tuple(embeddings.shape)}")
         if noisy_arch not in NOISY_SHAPES:
             raise ValueError(f"unknown noisy-layer shape {noisy_arch!r}; choose one of {', '.join(NOISY_SHAPES)}")
-        num_classes, emb_dim = embeddings.shape
-        self.register_buffer("embeddings", embeddings.detach().float().clone())
-        use_bn, depth, activation = NOISY_SHAPES[noisy_arch]
-        self.emb_bn = nn.BatchNorm1d(emb_dim) if use_bn else nn.Identity()
-        chunk = num_classes if noisy_mode == "k_to_1" else 1
         if noisy_mode not in ("k_to_1", "one_to_one"):
             raise ValueError(f"unknown noisy mode {noisy_mode!r}; choose k_to_1 or one_to_one")
-        self.noisy = NoisyLayers(emb_dim, nz, math.ceil(batch_size / chunk), chunk, depth, activation)
-        if body == "auto":
-            body = "imagenet" if image_size > 64 else "cifar"
-        bodies = {"cifar": CifarBody, "imagenet": ImageNetBody}
-        if body not in bodies:
-            raise ValueError(f"unknown generator body {body!r}; choose auto, cifar or imagenet")
-        self.body = bodies[body](nz, ngf, image_size, paper_variant)
+        num_classes, emb_dim = embeddings.shape
+        self.input, self.num_classes = input, num_classes
+        self.register_buffer("embeddings", embeddings.detach().float().clone())
+        z_dim = {"z": nz, "cat_lte_z": nz, "sum_oh_z": num_classes}.get(input, 0)
+        self.register_buffer("z", torch.zeros(batch_size, z_dim), persistent=False)
+        self.noisy: NoisyLayers | None = None
+        if input == "lte_nl":
+            use_bn, depth, activation = NOISY_SHAPES[noisy_arch]
+            self.emb_bn = nn.BatchNorm1d(emb_dim) if use_bn else nn.Identity()
+            chunk = num_classes if noisy_mode == "k_to_1" else 1
+            self.noisy = NoisyLayers(emb_dim, nz, math.ceil(batch_size / chunk), chunk, depth, activation)
+            body_in = nz
+        else:
+            widths = {"lte": emb_dim, "onehot": num_classes, "z": nz, "cat_lte_z": emb_dim + nz,
+                      "sum_oh_z": num_classes}
+            if input not in widths:
+                raise ValueError(f"unknown generator input {input!r}; choose lte_nl, {', '.join(widths)}")
+            body_in = widths[input]
+            self.emb_bn = nn.BatchNorm1d(body_in)
+        self.body = make_body(body, body_in, ngf, image_size, paper_variant)
 
+    @torch.no_grad()
     def reinit_noisy(self) -> None:
-        self.noisy.reinit()
+        """A new iteration's randomness: the noisy layers re-initialized, or a fresh Z."""
+        if self.noisy is not None:
+            self.noisy.reinit()
+        if self.z.numel():
+            self.z.normal_()
 
     def forward(self, targets: Tensor) -> Tensor:
-        e = self.emb_bn(self.embeddings[targets])
-        return self.body(self.noisy(e))
+        n = targets.shape[0]
+        if self.input in ("lte_nl", "lte"):
+            e = self.embeddings[targets]
+        elif self.input == "onehot":
+            e = F.one_hot(targets, self.num_classes).float()
+        elif self.input == "z":
+            e = self.z[:n]
+        elif self.input == "cat_lte_z":
+            e = torch.cat([self.embeddings[targets], self.z[:n]], dim=1)
+        else:  # sum_oh_z
+            e = F.one_hot(targets, self.num_classes).float() + self.z[:n]
+        e = self.emb_bn(e)
+        return self.body(self.noisy(e) if self.noisy is not None else e)

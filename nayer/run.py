@@ -34,11 +34,11 @@ from nayer.data import LabeledImages, load_labeled, preset, read_class_names
 from nayer.evaluate import evaluate
 from nayer.kd import StudentTrainer
 from nayer.lte import encode_labels
+from nayer.methods import build_synthesizer
 from nayer.models import CheckpointMismatchError, build_model, load_teacher
 from nayer.progress import RoundProgress
 from nayer.report import write_report
 from nayer.runtime import RunError, save_json, save_text, save_torch, seed_everything, select_device
-from nayer.synthesis import NayerSynthesizer
 from nayer.visualize import save_sample_grid
 
 
@@ -173,8 +173,7 @@ def run(cfg: RunConfig) -> dict:
     if cfg.channels_last:
         teacher, student = teacher.to(memory_format=torch.channels_last), student.to(memory_format=torch.channels_last)
 
-    synthesizer = NayerSynthesizer(teacher, student, embeddings, image_size, mean, std, cfg.generator, cfg.synthesis,
-                                   device, cfg.bf16, cfg.channels_last, cfg.seed, cfg.on_nonfinite)
+    synthesizer = build_synthesizer(cfg, teacher, student, embeddings, image_size, mean, std, device, cfg.seed)
     trainer = StudentTrainer(student, teacher, cfg.kd, cfg.epochs, mean, std, device, cfg.bf16, cfg.channels_last,
                              cfg.on_nonfinite)
     buffer = InMemoryBuffer()

@@ -7,6 +7,10 @@ For each of I iterations (`g_loops`; `warmup_loops` during warm-up):
        seen in this iteration (best-of-steps, reset every iteration); Adam step on G only;
   3. fold the iteration's BN statistics into the run-long EMA; emit the kept batch as uint8.
 G is replaced by a fresh generator every `g_life` epochs. Teacher and student never receive gradients here.
+
+`Synthesizer` holds what every method shares: the epoch loop, the teacher's BN-statistics loss and its EMA, the
+generator objective, the non-finite policy and the paper's synthesis metrics (`nayer.metrics`). The baselines
+FM and DeepInversion (`nayer.baselines`) implement its `_iteration` as `NayerSynthesizer` does here.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from nayer.config import GeneratorConfig, SynthesisConfig
 from nayer.evaluate import autocast
 from nayer.generator import NayerGenerator, balanced_targets
 from nayer.losses import BNStatisticsLoss, NonFiniteLossError, adversarial_loss, class_loss
+from nayer.metrics import SynthesisMetrics
 
 
 @dataclass
@@ -35,19 +40,17 @@ class SynthesisResult:
     curves: list = field(default_factory=list)  # per iteration, per step: (total loss, teacher CE)
 
 
-class NayerSynthesizer:
-    """Holds G, its noisy layers and the BN-statistics EMA across epochs; `synthesize()` runs one epoch."""
+class Synthesizer:
+    """One method's synthesis state across epochs; `synthesize()` runs one epoch of `_iteration`s."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, embeddings: Tensor, image_size: int,
-                 mean: list[float], std: list[float], gen_cfg: GeneratorConfig, syn_cfg: SynthesisConfig,
-                 device: torch.device, bf16: bool = False, channels_last: bool = True, seed: int = 0,
-                 on_nonfinite: str = "stop"):
+    def __init__(self, teacher: nn.Module, student: nn.Module, num_classes: int, image_size: int,
+                 mean: list[float], std: list[float], syn_cfg: SynthesisConfig, device: torch.device,
+                 bf16: bool = False, channels_last: bool = True, seed: int = 0, on_nonfinite: str = "stop"):
         self.teacher, self.student = teacher, student
         self.on_nonfinite = on_nonfinite  # stop: raise NonFiniteLossError | skip: no step on that loss, counted
-        self.embeddings = embeddings
-        self.num_classes = embeddings.shape[0]
-        self.image_size = image_size
-        self.gen_cfg, self.cfg = gen_cfg, syn_cfg
+        self.num_classes, self.image_size = num_classes, image_size
+        self.mean, self.std = mean, std
+        self.cfg = syn_cfg
         self.device, self.bf16, self.channels_last = device, bf16, channels_last
         self.augment = Augment(mean, std, syn_cfg.crop_padding, syn_cfg.flip, syn_cfg.jitter).to(device)
         self.bn_loss = BNStatisticsLoss(teacher, syn_cfg.bn_mmt)
@@ -55,13 +58,7 @@ class NayerSynthesizer:
             raise ValueError("the teacher has no BatchNorm2d layer, so the BN loss is undefined; set synthesis.a_bn=0")
         self.rng = torch.Generator().manual_seed(seed)
         self.epoch = 0  # epochs synthesized so far (drives the g_life schedule)
-        self.generator = self._new_generator()
-
-    def _new_generator(self) -> NayerGenerator:
-        g = self.gen_cfg
-        gen = NayerGenerator(self.embeddings, self.cfg.batch_size, self.image_size, g.nz, g.ngf, g.body,
-                             g.noisy.mode, g.noisy.arch, g.paper_variant).to(self.device)
-        return gen.to(memory_format=torch.channels_last) if self.channels_last else gen
+        self.metrics = SynthesisMetrics(teacher, mean, std, syn_cfg, device, bf16, seed) if syn_cfg.metrics else None
 
     def synthesize(self, warmup: bool, progress: bool | Callable[[int], Any] = False,
                    loops: int | None = None) -> SynthesisResult:
@@ -69,8 +66,7 @@ class NayerSynthesizer:
         `loops`: this synthesizer's share of the epoch's iterations when several split it (default: all).
         `progress`: True = a transient tqdm bar over the epoch's generator steps (on a terminal only), or a
         factory called with the step count that returns an object with tqdm's update/close (e.g. a line logger)."""
-        if self.epoch > 0 and self.epoch % self.gen_cfg.g_life == 0:
-            self.generator = self._new_generator()
+        self._start_epoch()
         if loops is None:
             loops = self.cfg.warmup_loops if warmup else self.cfg.g_loops
         use_adv = not warmup and self.cfg.a_adv != 0
@@ -107,67 +103,125 @@ class NayerSynthesizer:
             self.student.train(student_was_training)
         self.epoch += 1
         stats = {f"syn_{k}": v / max(kept, 1) for k, v in totals.items()}
-        stats.update(syn_iterations=loops, syn_steps=loops * self.cfg.g_steps, syn_nonfinite_steps=self.nonfinite_steps,
-                     syn_time=time.perf_counter() - start)
-        if not images:  # loops == 0: this synthesizer's share of the epoch was empty
-            size = self.image_size
-            return SynthesisResult(torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64),
-                                   stats, curves)
-        return SynthesisResult(torch.cat(images), torch.cat(labels), stats, curves)
+        stats.update(syn_iterations=loops, syn_steps=loops * self.cfg.g_steps, syn_nonfinite_steps=self.nonfinite_steps)
+        size = self.image_size
+        result = SynthesisResult(torch.cat(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
+                                 torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64), stats, curves)
+        stats["syn_time"] = time.perf_counter() - start  # the method's own time; the metrics are timed apart
+        if self.metrics is not None:
+            t0 = time.perf_counter()
+            stats.update(self.metrics.measure(result.images, curves, self.cfg.g_steps))
+            stats["metrics_time"] = time.perf_counter() - t0
+        return result
+
+    def _start_epoch(self) -> None:
+        """Per-epoch state changes before the first iteration (NAYER: a fresh G every g_life epochs)."""
 
     def _iteration(self, use_adv: bool, bar: Any, iteration: int
                    ) -> tuple[Tensor | None, Tensor, dict, list[tuple[float, float]]]:
+        """One batch: (kept images in [0,1] or None, targets, loss parts of the kept step, per step (L, CE))."""
+        raise NotImplementedError
+
+    def _objective(self, x: Tensor, targets: Tensor, use_adv: bool) -> tuple[Tensor, dict]:
+        """L = a_bn * L_BN + a_cls * CE + a_adv * L_adv on augment(x) (NAYER's and FM's generator objective);
+        returns L and its parts as floats."""
         cfg = self.cfg
+        with autocast(self.device, self.bf16), self.bn_loss.capture():
+            xa = self.augment(x)
+            if self.channels_last:
+                xa = xa.contiguous(memory_format=torch.channels_last)
+            t_logits = self.teacher(xa)
+            s_logits = self.student(xa) if use_adv else None
+        zero = torch.zeros((), device=self.device)
+        loss_bn = self.bn_loss.loss() if cfg.a_bn != 0 else zero
+        loss_ce = class_loss(t_logits, targets)
+        loss_adv = adversarial_loss(s_logits, t_logits) if s_logits is not None else zero
+        loss = cfg.a_bn * loss_bn + cfg.a_cls * loss_ce + cfg.a_adv * loss_adv
+        return loss, self._parts(loss, loss_bn, loss_ce, loss_adv)
+
+    @staticmethod
+    def _parts(*losses: Tensor) -> dict:
+        """(L, bn, ce, adv) as floats with one device sync, not four."""
+        return dict(zip(("loss", "bn", "ce", "adv"), torch.stack([l.float() for l in losses]).detach().tolist()))
+
+    def _finite(self, parts: dict, iteration: int, step: int, hint: str) -> bool:
+        """True for a finite loss. A non-finite one raises (on_nonfinite=stop) naming round, iteration and step,
+        or is counted and left out (skip: the caller takes no optimizer step on it)."""
+        value = parts["loss"]
+        if math.isfinite(value):
+            return True
+        where = f"round {self.epoch}, iteration {iteration}, generator step {step}"
+        if self.on_nonfinite == "stop":
+            raise NonFiniteLossError(f"generator loss is {value} at {where} ("
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
+                                     + f"): {hint}, or set on_nonfinite=skip")
+        if self.nonfinite_steps == 0:
+            print(f"generator loss is {value} at {where}: step skipped (on_nonfinite=skip)", flush=True)
+        self.nonfinite_steps += 1
+        return False
+
+    def state_dict(self) -> dict:
+        return {"bn_ema": self.bn_loss.state_dict(), "epoch": self.epoch, "rng": self.rng.get_state(),
+                "metrics": self.metrics.state_dict() if self.metrics is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.bn_loss.load_state_dict(state["bn_ema"])
+        self.rng.set_state(state["rng"])
+        if self.metrics is not None and state.get("metrics") is not None:
+            self.metrics.load_state_dict(state["metrics"])
+
+
+class NayerSynthesizer(Synthesizer):
+    """Holds G, its noisy layers and the BN-statistics EMA across epochs; `synthesize()` runs one epoch."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, embeddings: Tensor, image_size: int,
+                 mean: list[float], std: list[float], gen_cfg: GeneratorConfig, syn_cfg: SynthesisConfig,
+                 device: torch.device, bf16: bool = False, channels_last: bool = True, seed: int = 0,
+                 on_nonfinite: str = "stop"):
+        super().__init__(teacher, student, embeddings.shape[0], image_size, mean, std, syn_cfg, device, bf16,
+                         channels_last, seed, on_nonfinite)
+        self.embeddings = embeddings
+        self.gen_cfg = gen_cfg
+        self.generator = self._new_generator()
+
+    def _new_generator(self) -> NayerGenerator:
+        g = self.gen_cfg
+        gen = NayerGenerator(self.embeddings, self.cfg.batch_size, self.image_size, g.nz, g.ngf, g.body,
+                             g.noisy.mode, g.noisy.arch, g.paper_variant, g.input).to(self.device)
+        return gen.to(memory_format=torch.channels_last) if self.channels_last else gen
+
+    def _start_epoch(self) -> None:
+        if self.epoch > 0 and self.epoch % self.gen_cfg.g_life == 0:
+            self.generator = self._new_generator()
+
+    def _iteration(self, use_adv: bool, bar: Any, iteration: int
+                   ) -> tuple[Tensor | None, Tensor, dict, list[tuple[float, float]]]:
         gen = self.generator
         gen.train()
         gen.reinit_noisy()
         optimizer = torch.optim.Adam(gen.parameters(), lr=self.gen_cfg.lr, betas=(self.gen_cfg.beta1, self.gen_cfg.beta2))
-        targets = balanced_targets(cfg.batch_size, self.num_classes, self.rng).to(self.device)
+        targets = balanced_targets(self.cfg.batch_size, self.num_classes, self.rng).to(self.device)
         best_loss, best_x, best_parts = float("inf"), None, {}
         curve = []
-        for step in range(cfg.g_steps):
-            with autocast(self.device, self.bf16), self.bn_loss.capture():
+        for step in range(self.cfg.g_steps):
+            with autocast(self.device, self.bf16):
                 x = gen(targets).float()  # the kept batch and the augmentation stay in fp32
-                xa = self.augment(x)
-                if self.channels_last:
-                    xa = xa.contiguous(memory_format=torch.channels_last)
-                t_logits = self.teacher(xa)
-                s_logits = self.student(xa) if use_adv else None
-            loss_bn = self.bn_loss.loss() if cfg.a_bn != 0 else torch.zeros((), device=self.device)
-            loss_ce = class_loss(t_logits, targets)
-            loss_adv = adversarial_loss(s_logits, t_logits) if s_logits is not None else torch.zeros((), device=self.device)
-            loss = cfg.a_bn * loss_bn + cfg.a_cls * loss_ce + cfg.a_adv * loss_adv
-            parts = dict(zip(("loss", "bn", "ce", "adv"),  # one device sync per step, not four
-                             torch.stack([loss, loss_bn, loss_ce, loss_adv]).detach().float().tolist()))
-            value = parts["loss"]
-            curve.append((value, parts["ce"]))
-            if not math.isfinite(value):
-                where = f"round {self.epoch}, iteration {iteration}, generator step {step}"
-                if self.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"generator loss is {value} at {where} (" + ", ".join(f"{k}={v:.4g}" for k, v in parts.items())
-                        + "): lower generator.lr or synthesis.a_bn, or set on_nonfinite=skip")
-                if self.nonfinite_steps == 0:
-                    print(f"generator loss is {value} at {where}: step skipped (on_nonfinite=skip)", flush=True)
-                self.nonfinite_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                bar.update()
-                continue
-            if value < best_loss:  # best-of-steps: the batch x that produced the lowest L
-                best_loss, best_x, best_parts = value, x.detach(), parts
+            loss, parts = self._objective(x, targets, use_adv)
+            curve.append((parts["loss"], parts["ce"]))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if self._finite(parts, iteration, step, "lower generator.lr or synthesis.a_bn"):
+                if parts["loss"] < best_loss:  # best-of-steps: the batch x that produced the lowest L
+                    best_loss, best_x, best_parts = parts["loss"], x.detach(), parts
+                loss.backward()
+                optimizer.step()
             bar.update()
         self.bn_loss.update_ema()
-        return best_x, targets, best_parts, curve  # type: ignore[return-value]
+        return best_x, targets, best_parts, curve
 
     def state_dict(self) -> dict:
-        return {"generator": self.generator.state_dict(), "bn_ema": self.bn_loss.state_dict(),
-                "epoch": self.epoch, "rng": self.rng.get_state()}
+        return {**super().state_dict(), "generator": self.generator.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch = int(state["epoch"])
+        super().load_state_dict(state)
         self.generator.load_state_dict(state["generator"])
-        self.bn_loss.load_state_dict(state["bn_ema"])
-        self.rng.set_state(state["rng"])

@@ -44,7 +44,7 @@ from orchestrator.shards import Manifest, rank_samples
 from orchestrator.trainer import RoundBoard, TrainerRun, make_trainer
 from orchestrator.workers import SynthesisWorker, split_iterations
 
-SYNTH_STATS = ("syn_loss", "syn_bn", "syn_ce", "syn_adv")
+SUMMED_STATS = ("syn_steps", "syn_nonfinite_steps")
 
 
 class PipelineFolder(RunFolder):
@@ -90,12 +90,28 @@ def _died(call: ray.ObjectRef) -> bool:
 
 
 def round_record(r: int, warm: bool, outputs: list[dict]) -> dict:
-    """Synthesis statistics of a round: losses averaged over the workers' iterations, the slowest worker's time."""
+    """Synthesis statistics of a round: losses and the paper's metrics averaged over the workers' iterations
+    (curves step by step), counts summed, the slowest worker's time. A worker's diversity is measured against
+    its own earlier images."""
     iterations = sum(o["stats"]["syn_iterations"] for o in outputs)
     record: dict = {"epoch": r, "phase": "warmup" if warm else "kd", "syn_iterations": iterations}
-    for key in SYNTH_STATS:
-        record[key] = sum(o["stats"][key] * o["stats"]["syn_iterations"] for o in outputs) / max(iterations, 1)
-    record["syn_nonfinite_steps"] = sum(o["stats"]["syn_nonfinite_steps"] for o in outputs)
+    for key in outputs[0]["stats"]:
+        if key in SUMMED_STATS:
+            record[key] = sum(o["stats"][key] for o in outputs)
+            continue
+        weighted = [(o["stats"][key], o["stats"]["syn_iterations"]) for o in outputs
+                    if o["stats"].get(key) is not None and o["stats"]["syn_iterations"] > 0]
+        if key in ("syn_iterations", "syn_time", "metrics_time"):
+            continue
+        if not weighted:  # e.g. diversity in the first round: nothing earlier to compare with
+            record[key] = None
+            continue
+        weight = sum(w for _, w in weighted)
+        if isinstance(weighted[0][0], list):
+            length = min(len(v) for v, _ in weighted)
+            record[key] = [sum(v[i] * w for v, w in weighted) / weight for i in range(length)]
+        else:
+            record[key] = sum(v * w for v, w in weighted) / weight
     record["syn_compute_time"] = max(o["compute_time"] for o in outputs)
     record["shard_write_time"] = max(o["write_time"] for o in outputs)
     return record

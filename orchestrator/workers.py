@@ -1,5 +1,5 @@
-"""Synthesis workers: Ray actors, each wrapping one `nayer.synthesis.NayerSynthesizer` (its own generator, noisy
-layers and BN-statistics EMA, its own seed) and writing its kept batches as WebDataset shards.
+"""Synthesis workers: Ray actors, each wrapping one synthesizer of `nayer.methods` (NAYER: its own generator, noisy
+layers and BN-statistics EMA, its own seed; or a baseline) and writing its kept batches as WebDataset shards.
 
 The driver splits a round's I iterations over the N workers (`split_iterations`); each worker's batches are
 class-balanced (`balanced_targets`), so the round is too. Before the adversarial term is used the worker's
@@ -16,7 +16,7 @@ import torch
 from nayer.models import build_model
 from nayer.progress import LineProgress
 from nayer.runtime import select_device
-from nayer.synthesis import NayerSynthesizer
+from nayer.methods import build_synthesizer
 from nayer.visualize import save_sample_grid
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.faults import FaultPlan
@@ -51,9 +51,8 @@ class SynthesisWorker:
         if cfg.channels_last:
             self.teacher = self.teacher.to(memory_format=torch.channels_last)
             self.student = self.student.to(memory_format=torch.channels_last)
-        self.synthesizer = NayerSynthesizer(self.teacher, self.student, embeddings.to(self.device), image_size, mean,
-                                            std, cfg.generator, cfg.synthesis, self.device, cfg.bf16,
-                                            cfg.channels_last, worker_seed(cfg.seed, worker), cfg.on_nonfinite)
+        self.synthesizer = build_synthesizer(cfg, self.teacher, self.student, embeddings.to(self.device), image_size,
+                                             mean, std, self.device, worker_seed(cfg.seed, worker))
         # A resumed run, or this actor restarted by Ray after a crash (cluster.synth_max_restarts): continue from
         # the state of the last committed round, which is what the driver's checkpoint holds.
         if Path(driver_checkpoint).is_file():

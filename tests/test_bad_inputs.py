@@ -67,7 +67,7 @@ BEFORE_RAY = [
     ("pickled checkpoint", ["teacher.checkpoint={d}/pickled.pt"], "holds pickled Python objects.*weights_only=True"),
     ("unknown model", ["student.arch=vit_huge"], "student.arch='vit_huge' is not allowed; choose one of: alexnet"),
     ("unknown encoder", ["lte.encoder=glove"], "unknown LTE encoder 'glove'; known: clip, sbert, onehot, file"),
-    ("unknown method", ["synthesis.method=magic"], "synthesis.method='magic' is not allowed; choose one of"),
+    ("unknown method", ["method=magic"], "method='magic' is not allowed; choose one of: nayer, fm, deepinv"),
     ("unknown dataset", ["data.dataset=mnist2"], "unknown dataset preset 'mnist2'; known: cifar10"),
     ("missing eval set", ["data.eval=/nope/test.npz"], "data not found: '/nope/test.npz'; accepted:"),
     ("eval labels beyond the teacher", ["data.eval={d}/eval12.npz"], "has label 12 but the teacher has 10 classes"),

@@ -153,3 +153,12 @@ def test_pipeline_matches_the_single_process_runner(tmp_path, local_ray):
     assert single["buffer_images"] == pipeline["buffer_images"]
     assert min(single["final_top1"], pipeline["final_top1"]) > 90
     assert abs(single["final_top1"] - pipeline["final_top1"]) < 3, (single["final_top1"], pipeline["final_top1"])
+
+
+def test_pipeline_runs_a_baseline_and_logs_the_papers_metrics(tmp_path, local_ray):
+    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path, method="fm", epochs=1, **{"fm.nz": 16})))
+    assert summary["rounds_run"] == 2 and summary["buffer_images"] == 80  # FM: one batch per worker per round
+    log = records(tmp_path / "runs" / "tiny")
+    assert log[0]["syn_diversity"] is None and log[1]["syn_diversity"] > log[1]["syn_diversity_min"] > 0
+    for r in log:  # averaged over both workers' iterations
+        assert 1 <= r["syn_ce_steps"] <= 2 and len(r["syn_ce_curve"]) == 2 and r["syn_is"] >= 1
