@@ -21,13 +21,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.shared_data import TEACHER, TEST_SET, require  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.config import RunConfig  # noqa: E402
 from nayer.run import run  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
 from orchestrator.run import run as run_pipeline  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def main() -> None:
@@ -38,10 +37,8 @@ def main() -> None:
     ap.add_argument("--pipeline", action="store_true", help="run orchestrator.run instead of nayer.run")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides")
     args = ap.parse_args()
-    teacher, test = SHARED / "cifar10_resnet56.pt", SHARED / "cifar10_test.npz"
-    for path in (teacher, test):
-        if not path.is_file():
-            sys.exit(f"error: benchmark input {path} is missing (it lives in ../shared/data)")
+    teacher, test = TEACHER, TEST_SET
+    require(teacher, test)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     schema, runner = (PipelineConfig, run_pipeline) if args.pipeline else (RunConfig, run)

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from bench.shared_data import TEACHER, require  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.lte import encode_labels  # noqa: E402
 from nayer.models import build_model  # noqa: E402
@@ -35,8 +36,6 @@ from orchestrator.config import PipelineConfig  # noqa: E402
 from orchestrator.faults import FaultPlan  # noqa: E402
 from orchestrator.shards import Manifest, shard_batches, write_shards  # noqa: E402
 from orchestrator.workers import SynthesisWorker  # noqa: E402
-
-TEACHER = ROOT.parent / "shared" / "data" / "cifar10_resnet56.pt"
 
 
 def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.Tensor, workers: int, cpus: float,
@@ -87,8 +86,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = parse_config(PipelineConfig, [f"config={ROOT / 'configs/cifar10.yaml'},{ROOT / 'configs/profiles/cpu.yaml'}",
                                         f"synthesis.batch_size={args.batch_size}", "teacher.arch=resnet56"])
-    if not TEACHER.is_file():
-        sys.exit(f"error: benchmark input {TEACHER} is missing (it lives in ../shared/data)")
+    require(TEACHER)
     names, *_ = resolve_data(cfg)
     teacher = build_model("resnet56", len(names))
     teacher.load_state_dict(torch.load(TEACHER, map_location="cpu", weights_only=True))
