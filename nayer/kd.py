@@ -31,7 +31,8 @@ def finite_or_skip(loss: Tensor, policy: str, where: str) -> bool:
 
 class KDObjective:
     """L_KD of a uint8 batch: augment once, teacher (no grad) and student on the same view. Shared by the
-    single-process trainer below and the DeepSpeed ranks of the orchestrator (which own their optimizer step)."""
+    single-process trainer below, the DeepSpeed ranks of the orchestrator (which own their optimizer step) and
+    nayer.quantize's recovery (its QATConfig has the KDConfig keys used here and in make_optimizer)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, mean: list[float], std: list[float],
                  device: torch.device, bf16: bool = False, channels_last: bool = True):

@@ -81,7 +81,8 @@ from nayer.augment import Augment, Normalize, uint8_to_float
 from nayer.cli_config import ConfigError, as_dict
 from nayer.data import PRESETS, LabeledImages, load_labeled, preset
 from nayer.evaluate import evaluate
-from nayer.losses import NonFiniteLossError, kd_loss
+from nayer.kd import KDObjective, make_optimizer
+from nayer.losses import NonFiniteLossError
 from nayer.models import CheckpointMismatchError, classifier_layer, load_teacher, model_names
 from nayer.runtime import check_device_name, save_json, seed_everything, select_device
 
@@ -401,22 +402,6 @@ def fake_quant_weights(qmodel: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-class QuantKDObjective:
-    """L_KD (paper Eq. 7, KL * T^2) of a uint8 batch between the float teacher (no grad) and the fake-quantized
-    model, both on the same crop + flip view (the project's KDObjective, for the quantized student)."""
-
-    def __init__(self, qmodel: nn.Module, teacher: nn.Module, mean: Sequence[float], std: Sequence[float],
-                 temperature: float, crop_padding: int, flip: bool, device: torch.device):
-        self.qmodel, self.teacher, self.temperature, self.device = qmodel, teacher, temperature, device
-        self.augment = Augment(mean, std, crop_padding, flip).to(device)
-
-    def __call__(self, images: Tensor) -> Tensor:
-        x = self.augment(uint8_to_float(images.to(self.device)))
-        with torch.no_grad():
-            t_logits = self.teacher(x)
-        return kd_loss(self.qmodel(x), t_logits, self.temperature)
-
-
 class QATTrainer:
     """Data-free QAT by KD: SGD (momentum, weight decay) with a per-step cosine from lr to eta_min over `steps`;
     BN statistics and observers frozen at the configured steps (see QATConfig)."""
@@ -424,12 +409,10 @@ class QATTrainer:
     def __init__(self, qmodel: nn.Module, teacher: nn.Module, cfg: QATConfig, mean: Sequence[float],
                  std: Sequence[float], device: torch.device):
         self.qmodel, self.teacher, self.cfg = qmodel, teacher, cfg
-        self.objective = QuantKDObjective(qmodel, teacher, mean, std, cfg.temperature, cfg.crop_padding, cfg.flip,
-                                          device)
-        self.optimizer = torch.optim.SGD([p for p in qmodel.parameters() if p.requires_grad], lr=cfg.lr,
-                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, max(cfg.steps, 1),
-                                                                    eta_min=cfg.eta_min)
+        # the student's KD objective and optimizer (QATConfig carries KDConfig's keys), with the quantized model as
+        # the student, fp32 and NCHW, and the cosine stepped per QAT step instead of per epoch
+        self.objective = KDObjective(qmodel, teacher, cfg, mean, std, device, bf16=False, channels_last=False)
+        self.optimizer, self.scheduler = make_optimizer(qmodel, cfg, cfg.steps)
         self.step_count = 0
 
     def _apply_freezes(self) -> None:

@@ -173,14 +173,7 @@ class Manifest:
     def problem(self, shard: dict) -> str | None:
         """Why a committed shard cannot be read (missing, other size, other checksum), or None."""
         path = self.root / shard["path"]
-        if not path.is_file():
-            return "listed in the manifest but missing"
-        size = path.stat().st_size
-        if size != shard["bytes"]:
-            return f"{size} bytes on disk, {shard['bytes']} in the manifest (truncated?)"
-        if sha256(path) != shard["sha256"]:
-            return "its sha256 does not match the manifest checksum"
-        return None
+        return mismatch(shard, path.stat().st_size if path.is_file() else None, lambda: sha256(path))
 
     def verify(self, policy: str = "fail") -> list[str]:
         """Check every committed shard (run on resume). `fail`: raise CorruptShardError naming the first bad shard;
@@ -243,6 +236,18 @@ def _decode(sample: dict) -> tuple[Tensor, int]:
     return torch.from_numpy(image), label
 
 
+def mismatch(entry: dict, size: int | None, digest: Callable[[], str]) -> str | None:
+    """Why a shard of `size` bytes (None: missing) is not its manifest `entry`, or None. `digest()` gives the file's
+    sha256; it is called only when the size matches (hashing is the expensive part)."""
+    if size is None:
+        return "listed in the manifest but missing"
+    if size != entry["bytes"]:
+        return f"{size} bytes on disk, {entry['bytes']} in the manifest (truncated?)"
+    if digest() != entry["sha256"]:
+        return "its sha256 does not match the manifest checksum"
+    return None
+
+
 def verified_streams(policy: str, excluded: list[str]) -> Callable[[Iterable[dict]], Iterator[dict]]:
     """A pipeline stage: shard entries -> opened shards, each read whole and checked against its manifest size and
     sha256 before any sample of it is used. A bad shard raises CorruptShardError (`fail`) or is skipped and its
@@ -252,12 +257,9 @@ def verified_streams(policy: str, excluded: list[str]) -> Callable[[Iterable[dic
             url = entry["url"]
             try:
                 data = Path(url).read_bytes()
-                problem = (f"{len(data)} bytes on disk, {entry['bytes']} in the manifest (truncated?)"
-                           if len(data) != entry["bytes"] else
-                           "its sha256 does not match the manifest checksum"
-                           if hashlib.sha256(data).hexdigest() != entry["sha256"] else None)
             except FileNotFoundError:
-                problem = "listed in the manifest but missing"
+                data = None
+            problem = mismatch(entry, None if data is None else len(data), lambda: hashlib.sha256(data).hexdigest())
             if problem is None:
                 yield {"url": url, "stream": io.BytesIO(data)}
             elif policy == "fail":

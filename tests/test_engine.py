@@ -18,6 +18,16 @@ def tiny_net(k=10):
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, k))
 
 
+def teacher_with_statistics(k=10):
+    teacher = tiny_net(k).eval()
+    with torch.no_grad():  # non-trivial running statistics, as a trained teacher has
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return teacher
+
+
 def tiny_synth(batch_size=20, g_steps=3, g_loops=2, k=10, **syn):
     cfg = RunConfig()
     cfg.synthesis.batch_size, cfg.synthesis.g_steps, cfg.synthesis.g_loops = batch_size, g_steps, g_loops
@@ -25,13 +35,7 @@ def tiny_synth(batch_size=20, g_steps=3, g_loops=2, k=10, **syn):
     cfg.generator.nz, cfg.generator.ngf = 32, 8
     for key, value in syn.items():
         setattr(cfg.synthesis, key, value)
-    teacher = tiny_net(k).eval()
-    with torch.no_grad():  # non-trivial running statistics, as a trained teacher has
-        for m in teacher.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return NayerSynthesizer(teacher, tiny_net(k), torch.randn(k, 12), 16, [0.5] * 3, [0.25] * 3,
+    return NayerSynthesizer(teacher_with_statistics(k), tiny_net(k), torch.randn(k, 12), 16, [0.5] * 3, [0.25] * 3,
                             cfg.generator, cfg.synthesis, torch.device("cpu"), channels_last=False)
 
 

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from nayer.baselines import js_divergence, total_variation
 from nayer.cli_config import parse_config
@@ -12,19 +11,9 @@ from nayer.config import GENERATOR_INPUTS, NOISY_ARCHS, RunConfig
 from nayer.methods import build_synthesizer
 from nayer.metrics import FeatureBank, ce_steps, diversity, inception_score
 from nayer.run import run
-from test_engine import tiny_net
+from test_engine import teacher_with_statistics, tiny_net
 
 MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
-
-
-def teacher_with_statistics(k=10):
-    teacher = tiny_net(k).eval()
-    with torch.no_grad():  # non-trivial running statistics, as a trained teacher has
-        for m in teacher.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return teacher
 
 
 def synthesizer(method="nayer", *extra, teacher=None):
