@@ -10,6 +10,9 @@ RUN_NAME := digits-$(shell date +%Y%m%d-%H%M%S)
 # Everything runs offline: the SBERT encoder ships in a package, nothing is fetched from a model hub.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# The venv's tools (ray, ninja) first, as in an activated venv: DeepSpeed's JIT-built comm op is cached by ninja,
+# and two ninja versions on one machine rebuild it at every switch.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup run test test-all bench bench-pipeline
 

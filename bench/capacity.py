@@ -41,16 +41,18 @@ import torch  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from nayer.cli_config import parse_config  # noqa: E402
+from nayer.data import LabeledImages  # noqa: E402
 from nayer.evaluate import evaluate  # noqa: E402
+from nayer.inputs import resolve_images  # noqa: E402
 from nayer.kd import KDObjective, StudentTrainer  # noqa: E402
 from nayer.models import build_model  # noqa: E402
-from nayer.run import resolve_data  # noqa: E402
+from nayer.specs import Compute  # noqa: E402
 from nayer.synthesis import NayerSynthesizer  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
 from orchestrator.shards import Manifest, shard_batches, write_shards  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-CPU = torch.device("cpu")
+CPU = Compute(torch.device("cpu"))
 # flop_batch: FLOPs are counted at b and 2b and fitted as fixed + per-image (the K-to-1 noisy layer pads its matmul
 # to K rows, a per-batch cost), then taken at the config's batch. time_batch / kd_batch: CPU timing batches (ImageNet
 # small to stay within minutes; CIFAR = the pipeline benchmark's generator batch and per-rank micro-batch).
@@ -131,8 +133,9 @@ def file_bytes(obj, path: Path) -> int:
 
 def measure_setting(name: str, spec: dict, args: argparse.Namespace, tmp: Path) -> dict:
     cfg = parse_config(PipelineConfig, spec["argv"])
-    names, size, mean, std = resolve_data(cfg)
-    k = len(names)
+    images = resolve_images(cfg)
+    size, k = images.size, images.num_classes
+    compute = Compute(torch.device("cpu"), channels_last=cfg.channels_last)
     emb = torch.randn(k, EMB_DIM[cfg.lte.encoder])
     teacher = BoundedTeacher(calibrate_bn(build_model(cfg.teacher.arch, k), size)).eval().requires_grad_(False)
     student = calibrate_bn(build_model(cfg.student.arch, k), size)
@@ -141,8 +144,9 @@ def measure_setting(name: str, spec: dict, args: argparse.Namespace, tmp: Path) 
     syn, bs = cfg.synthesis, cfg.synthesis.batch_size
 
     def synthesizer(batch: int, bf16: bool) -> NayerSynthesizer:
-        return NayerSynthesizer(teacher, student, emb, size, mean, std, cfg.generator,
-                                dataclasses.replace(syn, batch_size=batch, g_steps=1), CPU, bf16, cfg.channels_last)
+        return NayerSynthesizer(teacher, student, emb, images, cfg.generator,
+                                dataclasses.replace(syn, batch_size=batch, g_steps=1),
+                                dataclasses.replace(compute, bf16=bf16))
 
     print(f"[{name}] FLOPs", flush=True)
     b = spec["flop_batch"]
@@ -158,11 +162,11 @@ def measure_setting(name: str, spec: dict, args: argparse.Namespace, tmp: Path) 
     gen_share = adv_parts["NayerGenerator"] / counts[2 * b]
     ema = s.bn_loss.state_dict()
     s.bn_loss.remove()
-    kd_obj = KDObjective(student, teacher, cfg.kd, mean, std, CPU)
-    images = torch.randint(0, 256, (spec["kd_batch"], 3, size, size), dtype=torch.uint8)
-    kd_flops = flops(lambda: kd_obj(images).backward())[0] / len(images)
-    x_eval = np.random.randint(0, 256, (8, size, size, 3), dtype=np.uint8)
-    eval_flops = flops(lambda: evaluate(student, x_eval, np.zeros(8, dtype=np.int64), mean, std, CPU, 8))[0] / 8
+    kd_obj = KDObjective(student, teacher, cfg.kd, images, CPU)
+    batch = torch.randint(0, 256, (spec["kd_batch"], 3, size, size), dtype=torch.uint8)
+    kd_flops = flops(lambda: kd_obj(batch).backward())[0] / len(batch)
+    x_eval = LabeledImages(np.random.randint(0, 256, (8, size, size, 3), dtype=np.uint8), np.zeros(8, dtype=np.int64))
+    eval_flops = flops(lambda: evaluate(student, x_eval, images, CPU, 8))[0] / 8
 
     print(f"[{name}] checkpoint sizes", flush=True)
     ck = synthesizer(bs, bf16=False)  # built at the config's batch: the noisy-layer count depends on it
@@ -185,8 +189,8 @@ def measure_setting(name: str, spec: dict, args: argparse.Namespace, tmp: Path) 
                                             spec["time_steps"] * spec["time_batch"], args)
         s.bn_loss.remove()
         # lr 0: KD on noise diverges at the configs' rates (NaN check); SGD does the same work at any rate
-        trainer = StudentTrainer(student, teacher, dataclasses.replace(cfg.kd, lr=0.0), cfg.epochs, mean, std, CPU,
-                                 bf16, cfg.channels_last)
+        trainer = StudentTrainer(student, teacher, dataclasses.replace(cfg.kd, lr=0.0), cfg.epochs, images,
+                                 dataclasses.replace(compute, bf16=bf16))
         batch = torch.randint(0, 256, (spec["kd_batch"], 3, size, size), dtype=torch.uint8)
         trainer.step(batch)
         timings[f"kd_{tag}"] = timed(lambda: [trainer.step(batch) for _ in range(spec["time_steps"])],

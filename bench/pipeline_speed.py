@@ -30,7 +30,7 @@ from bench.shared_data import TEACHER, require  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.lte import encode_labels  # noqa: E402
 from nayer.models import build_model  # noqa: E402
-from nayer.run import resolve_data  # noqa: E402
+from nayer.inputs import resolve_images  # noqa: E402
 from orchestrator.cluster import start_local_ray  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
 from orchestrator.faults import FaultPlan  # noqa: E402
@@ -42,13 +42,12 @@ def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.T
                    iterations: int, buffer: str) -> dict:
     """Kept images per wall second for `workers` actors each running `iterations` adversarial iterations."""
     cfg.cluster.synth_cpus = cpus
-    names, size, mean, std = resolve_data(cfg)
+    images = resolve_images(cfg)
     no_checkpoint = str(Path(buffer) / "driver.pt")  # fresh synthesizers: no driver checkpoint to restore
-    actors = [ray.remote(SynthesisWorker).options(num_cpus=cpus).remote(cfg, w, teacher_state, embeddings, size,
-                                                                        mean, std, buffer, buffer, no_checkpoint,
-                                                                        FaultPlan())
+    actors = [ray.remote(SynthesisWorker).options(num_cpus=cpus).remote(cfg, w, teacher_state, embeddings, images,
+                                                                        buffer, buffer, no_checkpoint, FaultPlan())
               for w in range(workers)]
-    student = build_model(cfg.student.arch, len(names)).state_dict()
+    student = build_model(cfg.student.arch, images.num_classes).state_dict()
     ray.get([a.synthesize.remote(0, False, 1, student, 1, False) for a in actors])  # warm: first-call costs
     start = time.perf_counter()
     out = ray.get([a.synthesize.remote(1, False, iterations, student, 1, False) for a in actors])
@@ -87,7 +86,7 @@ def main() -> None:
     cfg = parse_config(PipelineConfig, [f"config={ROOT / 'configs/cifar10.yaml'},{ROOT / 'configs/profiles/cpu.yaml'}",
                                         f"synthesis.batch_size={args.batch_size}", "teacher.arch=resnet56"])
     require(TEACHER)
-    names, *_ = resolve_data(cfg)
+    names = list(resolve_images(cfg).class_names)
     teacher = build_model("resnet56", len(names))
     teacher.load_state_dict(torch.load(TEACHER, map_location="cpu", weights_only=True))
     embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cache_dir=str(ROOT / ".cache/lte"))

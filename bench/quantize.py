@@ -7,7 +7,7 @@
 
 For each bit width: float top-1, plain PTQ top-1 (calibrated on the synthetic buffer) and recovered top-1 (PTQ, then
 data-free QAT by KD from the float model on the same synthetic images), all on ../shared/data/cifar10_test.npz.
-Configs: configs/quantize/cifar10_w4a8.yaml and cifar10_w6a6.yaml (--steps / --batch override qat.steps /
+Configs: configs/quantize/cifar10_w4a8.yaml and cifar10_w6a6.yaml (--steps / --batch override qat.kd_steps /
 qat.batch_size). Writes <out>/quantize.md (table: bits, float, PTQ, recovered, seconds) and <out>/quantize.json
 (every run's full summary, KD loss curve included); --out defaults to bench/results. Not a test: run it by hand.
 """
@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.shared_data import TEACHER, TEST_SET, require  # noqa: E402
 from nayer.cli_config import ConfigError, parse_config  # noqa: E402
 from nayer.quantize import QuantizeConfig, run  # noqa: E402
-from nayer.run import USER_ERRORS, one_line  # noqa: E402
+from nayer.cli import USER_ERRORS, one_line  # noqa: E402
 
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--buffer", required=True, help="synthetic images: <run>/buffer of nayer.run (chunk-*.pt)")
     ap.add_argument("--bits", default="W4A8,W6A6", help="comma-separated WxAy; each needs configs/quantize/cifar10_wxay.yaml")
-    ap.add_argument("--steps", type=int, default=None, help="qat.steps (default: the config's)")
+    ap.add_argument("--steps", type=int, default=None, help="qat.kd_steps (default: the config's)")
     ap.add_argument("--batch", type=int, default=None, help="qat.batch_size (default: the config's)")
     ap.add_argument("--eval-limit", type=int, default=0, help="evaluate on a fixed random subset (smoke); 0 = all 10k")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -54,7 +54,7 @@ def main() -> None:
             sys.exit(f"error: no config {config} for {tag}; write one or pick from W4A8, W6A6")
         argv = [f"config={config}", f"checkpoint={teacher}", f"eval={test}", f"buffer={args.buffer}",
                 f"eval_limit={args.eval_limit}"]
-        argv += [f"qat.steps={args.steps}"] if args.steps is not None else []
+        argv += [f"qat.kd_steps={args.steps}"] if args.steps is not None else []
         argv += [f"qat.batch_size={args.batch}"] if args.batch is not None else []
         try:
             summary = run(parse_config(QuantizeConfig, argv + list(args.overrides)))

@@ -23,9 +23,11 @@ sys.path.insert(0, str(ROOT))
 from nayer.config import RunConfig  # noqa: E402
 from nayer.kd import StudentTrainer  # noqa: E402
 from nayer.models import build_model  # noqa: E402
+from nayer.data import preset  # noqa: E402
+from nayer.specs import Compute  # noqa: E402
 from nayer.synthesis import NayerSynthesizer  # noqa: E402
 
-MEAN, STD = [0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010]
+CIFAR10 = preset("cifar10").image_spec()
 
 
 def models(channels_last: bool):
@@ -46,8 +48,8 @@ def synthesis_rate(bf16: bool, channels_last: bool, batch: int, steps: int) -> f
     cfg = RunConfig()
     cfg.synthesis.batch_size, cfg.synthesis.g_steps, cfg.synthesis.g_loops = batch, steps, 1
     teacher, student = models(channels_last)
-    syn = NayerSynthesizer(teacher, student, torch.randn(10, 384), 32, MEAN, STD, cfg.generator, cfg.synthesis,
-                           torch.device("cpu"), bf16, channels_last)
+    syn = NayerSynthesizer(teacher, student, torch.randn(10, 384), CIFAR10, cfg.generator, cfg.synthesis,
+                           Compute(torch.device("cpu"), bf16, channels_last))
     syn.synthesize(warmup=False)  # warm-up: allocator, oneDNN primitive caches
     result = syn.synthesize(warmup=False)
     return batch * steps / result.stats["syn_time"]
@@ -56,7 +58,7 @@ def synthesis_rate(bf16: bool, channels_last: bool, batch: int, steps: int) -> f
 def kd_rate(bf16: bool, channels_last: bool, compile_: bool, batch: int, steps: int) -> float:
     cfg = RunConfig()
     teacher, student = models(channels_last)
-    trainer = StudentTrainer(student, teacher, cfg.kd, 10, MEAN, STD, torch.device("cpu"), bf16, channels_last)
+    trainer = StudentTrainer(student, teacher, cfg.kd, 10, CIFAR10, Compute(torch.device("cpu"), bf16, channels_last))
     if compile_:
         trainer.objective.student, trainer.objective.teacher = torch.compile(student), torch.compile(teacher)
     images = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)

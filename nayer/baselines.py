@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from nayer.augment import jitter_flip
 from nayer.config import DeepInvConfig, FMConfig, GeneratorConfig, SynthesisConfig
-from nayer.evaluate import autocast
 from nayer.generator import make_body
 from nayer.losses import class_loss
+from nayer.specs import Compute, ImageSpec
 from nayer.synthesis import Synthesizer
 
 
@@ -51,16 +51,13 @@ def total_variation(x: Tensor) -> Tensor:
 class FastMetaSynthesizer(Synthesizer):
     """FM: a meta generator from z, adapted per batch by first-order MAML (see the module docstring)."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, num_classes: int, image_size: int,
-                 mean: list[float], std: list[float], gen_cfg: GeneratorConfig, syn_cfg: SynthesisConfig,
-                 fm_cfg: FMConfig, device: torch.device, bf16: bool = False, channels_last: bool = True,
-                 seed: int = 0, on_nonfinite: str = "stop"):
-        super().__init__(teacher, student, num_classes, image_size, mean, std, syn_cfg, device, bf16, channels_last,
-                         seed, on_nonfinite)
+    def __init__(self, teacher: nn.Module, student: nn.Module, images: ImageSpec, gen_cfg: GeneratorConfig,
+                 syn_cfg: SynthesisConfig, fm_cfg: FMConfig, compute: Compute, seed: int = 0,
+                 on_nonfinite: str = "stop"):
+        super().__init__(teacher, student, images, syn_cfg, compute, seed, on_nonfinite)
         self.fm = fm_cfg
-        self.generator = make_body(gen_cfg.body, fm_cfg.nz, gen_cfg.ngf, image_size, gen_cfg.paper_variant).to(device)
-        if channels_last:
-            self.generator = self.generator.to(memory_format=torch.channels_last)
+        self.generator = compute.place(make_body(gen_cfg.body, fm_cfg.nz, gen_cfg.ngf, images.size,
+                                                 gen_cfg.paper_variant))
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=fm_cfg.lr_g * syn_cfg.g_steps,
                                                betas=(0.5, 0.999))
 
@@ -78,7 +75,7 @@ class FastMetaSynthesizer(Synthesizer):
         best_loss, best_x, best_parts = float("inf"), None, {}
         curve = []
         for step in range(cfg.g_steps):
-            with autocast(self.device, self.bf16):
+            with self.compute.autocast():
                 x = fast(z).float()
             loss, parts = self._objective(x, targets, use_adv)
             curve.append((parts["loss"], parts["ce"]))
@@ -110,21 +107,18 @@ class FastMetaSynthesizer(Synthesizer):
 class DeepInversionSynthesizer(Synthesizer):
     """DeepInversion: g Adam steps on the pixels of each batch (see the module docstring)."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, num_classes: int, image_size: int,
-                 mean: list[float], std: list[float], syn_cfg: SynthesisConfig, di_cfg: DeepInvConfig,
-                 device: torch.device, bf16: bool = False, channels_last: bool = True, seed: int = 0,
-                 on_nonfinite: str = "stop"):
-        super().__init__(teacher, student, num_classes, image_size, mean, std, syn_cfg, device, bf16, channels_last,
-                         seed, on_nonfinite)
+    def __init__(self, teacher: nn.Module, student: nn.Module, images: ImageSpec, syn_cfg: SynthesisConfig,
+                 di_cfg: DeepInvConfig, compute: Compute, seed: int = 0, on_nonfinite: str = "stop"):
+        super().__init__(teacher, student, images, syn_cfg, compute, seed, on_nonfinite)
         self.di = di_cfg
-        self._mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-        self._std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+        self._mean = torch.tensor(images.mean, device=self.device).view(1, -1, 1, 1)
+        self._std = torch.tensor(images.std, device=self.device).view(1, -1, 1, 1)
 
     def _iteration(self, use_adv: bool, bar: Any, iteration: int
                    ) -> tuple[Tensor | None, Tensor, dict, list[tuple[float, float]]]:
         cfg, di = self.cfg, self.di
         targets = torch.randint(0, self.num_classes, (cfg.batch_size,), generator=self.rng).to(self.device)
-        size = self.image_size
+        size = self.images.size
         low, high = (0 - self._mean) / self._std, (1 - self._mean) / self._std
         # Gaussian noise in the normalized space, clipped to valid images from the start (the reference clips after
         # every step; clipping the start too means any kept batch, even the first step's, is an image).
@@ -135,10 +129,8 @@ class DeepInversionSynthesizer(Synthesizer):
         best_loss, best_x, best_parts = float("inf"), None, {}
         curve = []
         for step in range(cfg.g_steps):
-            with autocast(self.device, self.bf16), self.bn_loss.capture():
-                xa = jitter_flip(x, di.jitter)
-                if self.channels_last:
-                    xa = xa.contiguous(memory_format=torch.channels_last)
+            with self.compute.autocast(), self.bn_loss.capture():
+                xa = self.compute.layout(jitter_flip(x, di.jitter))
                 t_logits = self.teacher(xa)
                 s_logits = self.student(xa) if use_adv else None
             loss_bn = self.bn_loss.loss() if cfg.a_bn != 0 else zero

@@ -1,13 +1,12 @@
 """The memory buffer M of Algorithm 1: every synthesized batch of the run, never evicted.
 
-`MemoryBuffer` is the interface the KD loop reads through; `InMemoryBuffer` is the single-process
-implementation (the distributed pipeline's WebDataset buffer implements the same interface). Images are stored
-as uint8 [N, C, H, W] (floor(x * 255), the reference's PNG round trip) with int64 labels.
+`InMemoryBuffer` holds it in one process (the single-process runner, and any reader of a finished buffer such as
+nayer.quantize). Images are stored as uint8 [N, C, H, W] (floor(x * 255), the reference's PNG round trip) with
+int64 labels. The distributed pipeline keeps M as WebDataset shards instead (`orchestrator.shards`).
 """
 
 from __future__ import annotations
 
-import abc
 from pathlib import Path
 from typing import Iterator
 
@@ -16,20 +15,7 @@ from torch import Tensor
 
 from nayer.runtime import save_torch
 
-
-class MemoryBuffer(abc.ABC):
-    @abc.abstractmethod
-    def append(self, images: Tensor, labels: Tensor) -> None:
-        """Add a batch: uint8 images [B, C, H, W] and int64 labels [B]."""
-
-    @abc.abstractmethod
-    def __len__(self) -> int:
-        """Number of images held."""
-
-    @abc.abstractmethod
-    def batches(self, batch_size: int, num_batches: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        """`num_batches` batches of uint8 images + labels, shuffled passes over the whole buffer (no repeats
-        within a pass, like the reference's shuffling DataLoader)."""
+CHUNK_GLOB = "chunk-*.pt"
 
 
 def check_batch(images: Tensor, labels: Tensor) -> None:
@@ -39,7 +25,7 @@ def check_batch(images: Tensor, labels: Tensor) -> None:
         raise ValueError(f"buffer labels must be [B] = [{images.shape[0]}], got {tuple(labels.shape)}")
 
 
-class InMemoryBuffer(MemoryBuffer):
+class InMemoryBuffer:
     """All images in one process, held once in a growable store (capacity doubles, so an append costs amortized
     O(batch) and sampling is a single index): no second, concatenated copy. Appended chunks are remembered as
     ranges of the store, for saving them."""
@@ -77,6 +63,8 @@ class InMemoryBuffer(MemoryBuffer):
         return self._images[:len(self)], self._labels[:len(self)]
 
     def batches(self, batch_size: int, num_batches: int, generator: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        """`num_batches` batches of uint8 images + labels, shuffled passes over the whole buffer (no repeats
+        within a pass, like the reference's shuffling DataLoader; a pass continues across calls)."""
         images, labels = self.tensors()
         n = images.shape[0]
         for _ in range(num_batches):
@@ -101,16 +89,34 @@ class InMemoryBuffer(MemoryBuffer):
                           self.chunk_path(directory, index))
 
     @classmethod
-    def load(cls, directory: str | Path, num_chunks: int) -> "InMemoryBuffer":
+    def load(cls, directory: str | Path, num_chunks: int | None = None) -> "InMemoryBuffer":
+        """The first `num_chunks` chunks saved in `directory` (None: every chunk-*.pt there, in order)."""
+        if num_chunks is None:
+            paths = sorted(Path(directory).glob(CHUNK_GLOB))
+        else:
+            paths = [cls.chunk_path(directory, i) for i in range(num_chunks)]
         buf = cls()
-        for i in range(num_chunks):
-            path = cls.chunk_path(directory, i)
-            if not path.is_file():
-                raise FileNotFoundError(f"buffer chunk {path} is missing; the run folder is incomplete")
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            buf.append(data["images"], data["labels"])
+        for path in paths:
+            buf.append(*read_chunk(path))
         return buf
 
     @property
     def num_chunks(self) -> int:
         return len(self._ends)
+
+
+def read_chunk(path: Path) -> tuple[Tensor, Tensor]:
+    """One saved chunk, {"images": uint8 [N, C, H, W], "labels": int64 [N]}; a one-line ValueError if it is not."""
+    if not path.is_file():
+        raise FileNotFoundError(f"buffer chunk {path} is missing; the run folder is incomplete")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
+        raise ValueError(f"cannot read buffer chunk '{path}': {str(exc).strip().splitlines()[0]}") from None
+    if not isinstance(data, dict) or "images" not in data or "labels" not in data:
+        raise ValueError(f"buffer chunk '{path}' is not a {{'images', 'labels'}} dict of nayer.run")
+    try:
+        check_batch(data["images"], data["labels"])
+    except ValueError as exc:
+        raise ValueError(f"buffer chunk '{path}': {exc}") from None
+    return data["images"], data["labels"].long()

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import io
 import os
+import re
+import tokenize
 from typing import Any, Sequence, TypeVar
 
 from omegaconf import OmegaConf
@@ -121,8 +125,58 @@ def schema_keys(schema_cls: type) -> list[str]:
     return _schema_keys(schema_cls())
 
 
+def describe_keys(schema_cls: type) -> list[tuple[str, Any, str]]:
+    """(dotted key, default, comment) for every leaf key of a schema, the comment being the one written next to
+    (or in the comment lines just above) the field in the dataclass source (help texts)."""
+    return _describe(schema_cls(), "")
+
+
+def _describe(node: Any, prefix: str) -> list[tuple[str, Any, str]]:
+    comments = field_comments(type(node))
+    out = []
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(_describe(value, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", value, comments.get(f.name, "")))
+    return out
+
+
+_FIELD = re.compile(r"^\s+(\w+)\s*:")
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> its source comment (block comment lines above it, then the trailing one), over the MRO."""
+    comments: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        try:
+            source = inspect.getsource(klass)
+        except (OSError, TypeError):  # no source (e.g. a frozen app): keys without comments
+            continue
+        trailing, block_lines = {}, set()
+        for token in tokenize.generate_tokens(io.StringIO(source).readline):
+            if token.type == tokenize.COMMENT:
+                row = token.start[0]
+                trailing[row] = token.string.lstrip("#").strip()
+                if not token.line[:token.start[1]].strip():
+                    block_lines.add(row)
+        pending: list[str] = []
+        for row, line in enumerate(source.splitlines(), start=1):
+            if row in block_lines:
+                pending.append(trailing[row])
+                continue
+            match = _FIELD.match(line)
+            if match and not line.strip().startswith(("def ", "@")):
+                text = pending + ([trailing[row]] if row in trailing else [])
+                if text:
+                    comments[match.group(1)] = " ".join(text)
+            pending = []
+    return comments
+
+
 def as_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
 
 
-__all__ = ["ConfigError", "parse_config", "config_to_yaml", "schema_keys", "as_dict"]
+__all__ = ["ConfigError", "parse_config", "config_to_yaml", "schema_keys", "describe_keys", "as_dict"]

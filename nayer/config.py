@@ -1,7 +1,7 @@
 """The run config schema: every knob of NAYER (paper Table 6 + reference scripts) is a key here.
 
-Defaults are the CIFAR-10 values of the spec (`../shared/docs/nayer-spec.md`); `configs/*.yaml` set the other
-datasets. Parsed strictly by :func:`nayer.cli_config.parse_config` (a typo fails and lists the valid keys).
+Defaults are the CIFAR-10 values of the method's spec (`docs/nayer-spec.md`: paper Table 6 and the reference
+code); `configs/*.yaml` set the other datasets. Parsed strictly by :func:`nayer.cli_config.parse_config` (a typo fails and lists the valid keys).
 """
 
 from __future__ import annotations
@@ -27,14 +27,15 @@ class DataConfig:
     class_names: Optional[List[str]] = None  # overrides the preset's names (same count as the teacher's outputs)
     class_names_file: str = ""  # text file, one name per line (TinyImageNet, custom teachers)
     mean: Optional[List[float]] = None  # teacher input normalization; None = the preset's
-    std: Optional[List[float]] = None
+    std: Optional[List[float]] = None  # None = the preset's
     eval: str = ""  # labeled test set: a .npz (shared/data format), an image folder, or digits:test; "" = none
-    eval_batch_size: int = 500
+    eval_batch_size: int = 500  # images per evaluation forward pass
+    eval_limit: int = 0  # evaluate on a fixed random subset of this many labeled images (quick looks); 0 = all
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet56"
+    arch: str = "resnet56"  # zoo name (nayer.models.model_names)
     checkpoint: str = ""  # state_dict file (loaded with weights_only=True)
     weights: str = ""  # torchvision weights tag, e.g. IMAGENET1K_V2 (tv_* models only)
 
@@ -46,7 +47,7 @@ class LTEConfig:
     pretrained: Optional[str] = "openai"  # open_clip tag or local checkpoint path; null = random (tests only)
     path: str = ""  # precomputed [K, D] tensor (file encoder)
     template: str = "reference"  # reference ("a image of {name}"), index ("a class of {index}") or a literal
-    cache_dir: str = ".cache/lte"
+    cache_dir: str = ".cache/lte"  # embeddings cached by (encoder, model, template, names); "" = no cache
 
 
 @dataclass
@@ -63,10 +64,10 @@ class GeneratorConfig:
     input: str = "lte_nl"
     body: str = "auto"  # cifar (32/64 px) | imagenet (224 px) | auto from the image size
     nz: int = 1000  # noisy-layer output width = generator input
-    ngf: int = 64
+    ngf: int = 64  # body width: 2 * ngf channels at the start, ngf at the end
     paper_variant: bool = False  # paper Table 4: SpectralNorm convs + BN2d after the Sigmoid
-    lr: float = 4e-3
-    beta1: float = 0.5
+    lr: float = 4e-3  # Adam on G (a fresh optimizer every synthesis iteration)
+    beta1: float = 0.5  # Adam betas
     beta2: float = 0.999
     g_life: int = 10  # epochs between fresh generators
     noisy: NoisyConfig = field(default_factory=NoisyConfig)
@@ -78,17 +79,17 @@ class SynthesisConfig:
     g_steps: int = 30  # g: generator steps per iteration
     g_loops: int = 2  # I: iterations per epoch
     warmup_loops: int = 10  # I during warm-up epochs
-    a_bn: float = 10.0
-    a_cls: float = 0.5
-    a_adv: float = 1.33
+    a_bn: float = 10.0  # weight of L_BN (BN-statistics loss, paper Eq. 2)
+    a_cls: float = 0.5  # weight of the teacher's CE on the target labels
+    a_adv: float = 1.33  # weight of the adversarial term (after warm-up; 0 = off)
     bn_mmt: float = 0.9  # EMA momentum of the BN-statistics loss (0 = batch statistics only)
-    crop_padding: int = 4
-    flip: bool = True
+    crop_padding: int = 4  # augment(x) before the teacher: random crop after zero padding by this many px
+    flip: bool = True  # and a random horizontal flip
     jitter: int = 0  # ImageNet: DeepInversion roll jitter in px
     # The paper's synthesis metrics, logged per round (one extra teacher forward per kept batch): steps until the
     # teacher's CE falls below ce_threshold, diversity of teacher features against earlier images, IS.
     metrics: bool = True
-    ce_threshold: float = 0.1
+    ce_threshold: float = 0.1  # CE convergence: steps until the teacher's CE on the batch is below this
     diversity_bank: int = 2000  # earlier images' features kept (reservoir sample) for the diversity metrics
 
 
@@ -98,7 +99,7 @@ class FMConfig:
 
     nz: int = 256  # z ~ N(0, I), optimized with the generator's clone
     lr_g: float = 5e-3  # the clone's Adam; the meta generator's Adam uses lr_g * g_steps
-    lr_z: float = 0.015
+    lr_z: float = 0.015  # Adam on z
 
 
 @dataclass
@@ -114,15 +115,15 @@ class DeepInvConfig:
 
 @dataclass
 class KDConfig:
-    batch_size: int = 512
+    batch_size: int = 512  # the global student batch (split evenly over the ranks on the pipeline)
     kd_steps: int = 400  # S: student steps per epoch
-    lr: float = 0.2
+    lr: float = 0.2  # SGD (the reference's CIFAR value; the paper's text says 0.1)
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    eta_min: float = 2e-4
-    temperature: float = 20.0
-    crop_padding: int = 4
-    flip: bool = True
+    eta_min: float = 2e-4  # the cosine over the E student epochs ends here
+    temperature: float = 20.0  # T of L_KD (paper Eq. 7)
+    crop_padding: int = 4  # KD augmentation: random crop after zero padding by this many px
+    flip: bool = True  # and a random horizontal flip
 
 
 @dataclass
@@ -132,20 +133,20 @@ class RunConfig:
     # Keys a resumed run may set differently: how long and how it reacts to faults, never what it computes.
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("resume", "time_budget_s", "on_nonfinite")
 
-    name: str = "nayer"
+    name: str = "nayer"  # the run folder is <out_dir>/<name>
     out_dir: str = "runs"
-    seed: int = 0
+    seed: int = 0  # every random draw of the run follows from it
     epochs: int = 100  # E: epochs with student training, after warm-up
-    warmup: int = 20
+    warmup: int = 20  # epochs that synthesize only (no adversarial term, no student training)
     time_budget_s: float = 0.0  # stop after the epoch that crosses this wall-clock budget; 0 = no budget
     device: str = "auto"  # auto = cuda when present, else cpu
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     bf16: bool = False  # bf16 autocast for G, teacher and student (2-2.5x on AMX CPUs; Ampere+ GPUs)
     compile: bool = False  # torch.compile the student and teacher forward passes
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC activations (4x faster narrow convs on CPU, tensor cores on GPU)
     resume: bool = False  # continue runs/<name> from its last checkpoint
     grid_classes: int = 10  # rows (classes) in the per-epoch sample grid
-    grid_per_class: int = 8
+    grid_per_class: int = 8  # images per row of that grid
     # A NaN/inf generator or KD loss: stop = end the run naming the round and step (the last checkpoint stays
     # resumable); skip = leave that step out (no optimizer step), count it in metrics.jsonl and go on.
     on_nonfinite: str = "stop"
@@ -173,6 +174,7 @@ class RunConfig:
         check_choice("generator.noisy.arch", self.generator.noisy.arch, NOISY_ARCHS)
         for key, value in [("epochs", self.epochs), ("warmup", self.warmup), ("synthesis.g_loops", self.synthesis.g_loops),
                            ("synthesis.warmup_loops", self.synthesis.warmup_loops), ("kd.kd_steps", self.kd.kd_steps),
+                           ("data.eval_limit", self.data.eval_limit),
                            ("generator.g_life", self.generator.g_life - 1)]:
             if value < 0:
                 raise ConfigError(f"{key} must be >= {0 if key != 'generator.g_life' else 1}, got {value}")

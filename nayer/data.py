@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nayer.specs import ImageSpec, check_label_range
+
 
 @dataclass(frozen=True)
 class DatasetPreset:
@@ -30,6 +32,11 @@ class DatasetPreset:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     class_names: tuple[str, ...] | None  # None: the user must supply them (TinyImageNet wnids have no fixed names)
+
+    def image_spec(self) -> ImageSpec:
+        """The preset as an ImageSpec; class indices stand in for names where it has none."""
+        names = self.class_names or tuple(str(i) for i in range(self.num_classes))
+        return ImageSpec(names, self.image_size, self.mean, self.std)
 
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -125,6 +132,14 @@ class LabeledImages:
     def __len__(self) -> int:
         return len(self.x)
 
+    def subset(self, limit: int) -> "LabeledImages":
+        """A fixed random subset of `limit` images (seed 0, in their original order: the test sets are sorted by
+        class, so a prefix would miss classes); all of them for limit 0 or limit >= len."""
+        if not limit or limit >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(0).permutation(len(self))[:limit])
+        return LabeledImages(self.x[idx], self.y[idx], self.classes)
+
 
 def load_npz(path: str) -> LabeledImages:
     """Load a .npz with keys x (uint8 N,H,W,3), y (int N), classes (str); no pickle is allowed."""
@@ -150,23 +165,15 @@ def load_npz(path: str) -> LabeledImages:
         images = LabeledImages(x, y, classes)
     except ValueError as exc:
         raise ValueError(f"'{path}': {exc}") from None
-    _check_labels_match_classes(images, path)
+    if not images.classes:
+        raise ValueError(f"'{path}' has an empty class list")
+    check_label_range(images.y, len(images.classes), f"'{path}'", "its class list")
     return images
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _check_labels_match_classes(images: LabeledImages, where: str) -> None:
-    k = len(images.classes)
-    if k == 0:
-        raise ValueError(f"'{where}' has an empty class list")
-    bad = (images.y < 0) | (images.y >= k)
-    if bad.any():
-        raise ValueError(f"'{where}' has {int(bad.sum())} label(s) outside [0, {k}) for its {k} classes "
-                         f"(e.g. {int(images.y[bad][0])})")
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")

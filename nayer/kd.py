@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from nayer.augment import Augment, uint8_to_float
 from nayer.config import KDConfig
-from nayer.evaluate import autocast
 from nayer.losses import NonFiniteLossError, kd_loss
+from nayer.specs import Compute, ImageSpec
 
 
 def finite_or_skip(loss: Tensor, policy: str, where: str) -> bool:
@@ -32,19 +32,15 @@ def finite_or_skip(loss: Tensor, policy: str, where: str) -> bool:
 class KDObjective:
     """L_KD of a uint8 batch: augment once, teacher (no grad) and student on the same view. Shared by the
     single-process trainer below, the DeepSpeed ranks of the orchestrator (which own their optimizer step) and
-    nayer.quantize's recovery (its QATConfig has the KDConfig keys used here and in make_optimizer)."""
+    nayer.quantize's recovery (its QATConfig is a KDConfig)."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, mean: list[float], std: list[float],
-                 device: torch.device, bf16: bool = False, channels_last: bool = True):
-        self.student, self.teacher, self.cfg = student, teacher, cfg
-        self.device, self.bf16, self.channels_last = device, bf16, channels_last
-        self.augment = Augment(mean, std, cfg.crop_padding, cfg.flip).to(device)
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, images: ImageSpec, compute: Compute):
+        self.student, self.teacher, self.cfg, self.compute = student, teacher, cfg, compute
+        self.augment = Augment(images.mean, images.std, cfg.crop_padding, cfg.flip).to(compute.device)
 
     def __call__(self, images: Tensor) -> Tensor:
-        x = self.augment(uint8_to_float(images.to(self.device, non_blocking=True)))
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(self.device, self.bf16):
+        x = self.compute.layout(self.augment(uint8_to_float(images.to(self.compute.device, non_blocking=True))))
+        with self.compute.autocast():
             with torch.no_grad():
                 t_logits = self.teacher(x)
             s_logits = self.student(x)
@@ -60,10 +56,9 @@ def make_optimizer(student: nn.Module, cfg: KDConfig, epochs: int) -> tuple[torc
 class StudentTrainer:
     """Owns the student's optimizer and schedule; `train_epoch` runs one epoch of KD steps."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, epochs: int,
-                 mean: list[float], std: list[float], device: torch.device, bf16: bool = False,
-                 channels_last: bool = True, on_nonfinite: str = "stop"):
-        self.objective = KDObjective(student, teacher, cfg, mean, std, device, bf16, channels_last)
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, epochs: int, images: ImageSpec,
+                 compute: Compute, on_nonfinite: str = "stop"):
+        self.objective = KDObjective(student, teacher, cfg, images, compute)
         self.optimizer, self.scheduler = make_optimizer(student, cfg, epochs)
         self.on_nonfinite = on_nonfinite
 

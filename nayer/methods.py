@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from nayer.baselines import DeepInversionSynthesizer, FastMetaSynthesizer
 from nayer.config import RunConfig
+from nayer.specs import Compute, ImageSpec
 from nayer.synthesis import NayerSynthesizer, Synthesizer
 
 
-def build_synthesizer(cfg: RunConfig, teacher: nn.Module, student: nn.Module, embeddings: Tensor, image_size: int,
-                      mean: list[float], std: list[float], device: torch.device, seed: int) -> Synthesizer:
+def build_synthesizer(cfg: RunConfig, teacher: nn.Module, student: nn.Module, embeddings: Tensor, images: ImageSpec,
+                      compute: Compute, seed: int) -> Synthesizer:
     """NAYER (label-text embeddings, noisy layers) or a baseline; FM and DeepInversion ignore `embeddings`."""
-    common = dict(device=device, bf16=cfg.bf16, channels_last=cfg.channels_last, seed=seed,
-                  on_nonfinite=cfg.on_nonfinite)
-    k = embeddings.shape[0]
+    policy = dict(seed=seed, on_nonfinite=cfg.on_nonfinite)
     if cfg.method == "fm":
-        return FastMetaSynthesizer(teacher, student, k, image_size, mean, std, cfg.generator, cfg.synthesis, cfg.fm,
-                                   **common)
+        return FastMetaSynthesizer(teacher, student, images, cfg.generator, cfg.synthesis, cfg.fm, compute, **policy)
     if cfg.method == "deepinv":
-        return DeepInversionSynthesizer(teacher, student, k, image_size, mean, std, cfg.synthesis, cfg.deepinv,
-                                        **common)
-    return NayerSynthesizer(teacher, student, embeddings, image_size, mean, std, cfg.generator, cfg.synthesis,
-                            **common)
+        return DeepInversionSynthesizer(teacher, student, images, cfg.synthesis, cfg.deepinv, compute, **policy)
+    return NayerSynthesizer(teacher, student, embeddings, images, cfg.generator, cfg.synthesis, compute, **policy)

@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from nayer.augment import Normalize, uint8_to_float
 from nayer.config import SynthesisConfig
-from nayer.evaluate import autocast
 from nayer.models import classifier_layer
+from nayer.specs import Compute, ImageSpec
 
 
 def ce_steps(ce_curve: list[float], threshold: float) -> int | None:
@@ -78,10 +78,9 @@ class FeatureBank:
 class SynthesisMetrics:
     """Measures a round's kept images with the (frozen) teacher; holds the feature bank across rounds."""
 
-    def __init__(self, teacher: nn.Module, mean: list[float], std: list[float], cfg: SynthesisConfig,
-                 device: torch.device, bf16: bool, seed: int):
-        self.teacher, self.cfg, self.device, self.bf16 = teacher, cfg, device, bf16
-        self.normalize = Normalize(mean, std).to(device)
+    def __init__(self, teacher: nn.Module, images: ImageSpec, cfg: SynthesisConfig, compute: Compute, seed: int):
+        self.teacher, self.cfg, self.compute = teacher, cfg, compute
+        self.normalize = Normalize(images.mean, images.std).to(compute.device)
         self.bank = FeatureBank(cfg.diversity_bank, seed)
         self._head = classifier_layer(teacher)  # its input is the penultimate feature vector
 
@@ -93,8 +92,8 @@ class SynthesisMetrics:
         probs = []
         try:
             for start in range(0, len(images), batch_size):
-                x = self.normalize(uint8_to_float(images[start:start + batch_size].to(self.device)))
-                with autocast(self.device, self.bf16):
+                x = self.normalize(uint8_to_float(images[start:start + batch_size].to(self.compute.device)))
+                with self.compute.autocast():
                     probs.append(self.teacher(x).float().softmax(1))
         finally:
             handle.remove()

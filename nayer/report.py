@@ -1,6 +1,7 @@
 """The end-of-run report: metrics.jsonl -> report.md + plots/*.png, for either runner's run folder.
 
     python -m nayer.report runs/<name>          # (re)write runs/<name>/report.md and runs/<name>/plots/
+    python -m nayer.report run=runs/<name>      # the same
 
 Both runners call `write_report` when they finish; the command rebuilds it for a run that was stopped or is
 still going. What a person looks at first: top-1 per round, where each round's time went (synthesis / commit /
@@ -10,8 +11,9 @@ KD / checkpoint), the latest synthetic-sample grid and the per-class accuracy of
 from __future__ import annotations
 
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -20,6 +22,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from omegaconf import OmegaConf  # noqa: E402
 
+from nayer.cli import cli  # noqa: E402
+from nayer.cli_config import ConfigError  # noqa: E402
 from nayer.data import preset  # noqa: E402
 from nayer.runtime import atomic_write, save_text  # noqa: E402
 
@@ -161,14 +165,17 @@ def write_report(folder: str | Path) -> Path:
     return save_text("\n".join(lines) + "\n", folder / "report.md")
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 1:
-        sys.exit("usage: python -m nayer.report runs/<name>")
-    try:
-        print(write_report(args[0]))
-    except FileNotFoundError as exc:
-        sys.exit(f"error: {exc}")
+@dataclass
+class ReportConfig:
+    run: str = ""  # the run folder, <out_dir>/<name> of either runner
+
+    def validate(self) -> None:
+        if not self.run:
+            raise ConfigError("no run folder: python -m nayer.report runs/<name>")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cli(lambda cfg: str(write_report(cfg.run)), argv, doc=__doc__, schema=ReportConfig, positional="run")
 
 
 if __name__ == "__main__":

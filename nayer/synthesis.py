@@ -26,10 +26,10 @@ from tqdm import tqdm
 
 from nayer.augment import Augment, float_to_uint8
 from nayer.config import GeneratorConfig, SynthesisConfig
-from nayer.evaluate import autocast
 from nayer.generator import NayerGenerator, balanced_targets
 from nayer.losses import BNStatisticsLoss, NonFiniteLossError, adversarial_loss, class_loss
 from nayer.metrics import SynthesisMetrics
+from nayer.specs import Compute, ImageSpec
 
 
 @dataclass
@@ -43,22 +43,20 @@ class SynthesisResult:
 class Synthesizer:
     """One method's synthesis state across epochs; `synthesize()` runs one epoch of `_iteration`s."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, num_classes: int, image_size: int,
-                 mean: list[float], std: list[float], syn_cfg: SynthesisConfig, device: torch.device,
-                 bf16: bool = False, channels_last: bool = True, seed: int = 0, on_nonfinite: str = "stop"):
+    def __init__(self, teacher: nn.Module, student: nn.Module, images: ImageSpec, syn_cfg: SynthesisConfig,
+                 compute: Compute, seed: int = 0, on_nonfinite: str = "stop"):
         self.teacher, self.student = teacher, student
         self.on_nonfinite = on_nonfinite  # stop: raise NonFiniteLossError | skip: no step on that loss, counted
-        self.num_classes, self.image_size = num_classes, image_size
-        self.mean, self.std = mean, std
+        self.images, self.num_classes = images, images.num_classes
         self.cfg = syn_cfg
-        self.device, self.bf16, self.channels_last = device, bf16, channels_last
-        self.augment = Augment(mean, std, syn_cfg.crop_padding, syn_cfg.flip, syn_cfg.jitter).to(device)
+        self.compute, self.device = compute, compute.device
+        self.augment = Augment(images.mean, images.std, syn_cfg.crop_padding, syn_cfg.flip, syn_cfg.jitter).to(self.device)
         self.bn_loss = BNStatisticsLoss(teacher, syn_cfg.bn_mmt)
         if syn_cfg.a_bn > 0 and len(self.bn_loss) == 0:
             raise ValueError("the teacher has no BatchNorm2d layer, so the BN loss is undefined; set synthesis.a_bn=0")
         self.rng = torch.Generator().manual_seed(seed)
         self.epoch = 0  # epochs synthesized so far (drives the g_life schedule)
-        self.metrics = SynthesisMetrics(teacher, mean, std, syn_cfg, device, bf16, seed) if syn_cfg.metrics else None
+        self.metrics = SynthesisMetrics(teacher, images, syn_cfg, compute, seed) if syn_cfg.metrics else None
 
     def synthesize(self, warmup: bool, progress: bool | Callable[[int], Any] = False,
                    loops: int | None = None) -> SynthesisResult:
@@ -104,7 +102,7 @@ class Synthesizer:
         self.epoch += 1
         stats = {f"syn_{k}": v / max(kept, 1) for k, v in totals.items()}
         stats.update(syn_iterations=loops, syn_steps=loops * self.cfg.g_steps, syn_nonfinite_steps=self.nonfinite_steps)
-        size = self.image_size
+        size = self.images.size
         result = SynthesisResult(torch.cat(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
                                  torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64), stats, curves)
         stats["syn_time"] = time.perf_counter() - start  # the method's own time; the metrics are timed apart
@@ -126,10 +124,8 @@ class Synthesizer:
         """L = a_bn * L_BN + a_cls * CE + a_adv * L_adv on augment(x) (NAYER's and FM's generator objective);
         returns L and its parts as floats."""
         cfg = self.cfg
-        with autocast(self.device, self.bf16), self.bn_loss.capture():
-            xa = self.augment(x)
-            if self.channels_last:
-                xa = xa.contiguous(memory_format=torch.channels_last)
+        with self.compute.autocast(), self.bn_loss.capture():
+            xa = self.compute.layout(self.augment(x))
             t_logits = self.teacher(xa)
             s_logits = self.student(xa) if use_adv else None
         zero = torch.zeros((), device=self.device)
@@ -175,21 +171,20 @@ class Synthesizer:
 class NayerSynthesizer(Synthesizer):
     """Holds G, its noisy layers and the BN-statistics EMA across epochs; `synthesize()` runs one epoch."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, embeddings: Tensor, image_size: int,
-                 mean: list[float], std: list[float], gen_cfg: GeneratorConfig, syn_cfg: SynthesisConfig,
-                 device: torch.device, bf16: bool = False, channels_last: bool = True, seed: int = 0,
+    def __init__(self, teacher: nn.Module, student: nn.Module, embeddings: Tensor, images: ImageSpec,
+                 gen_cfg: GeneratorConfig, syn_cfg: SynthesisConfig, compute: Compute, seed: int = 0,
                  on_nonfinite: str = "stop"):
-        super().__init__(teacher, student, embeddings.shape[0], image_size, mean, std, syn_cfg, device, bf16,
-                         channels_last, seed, on_nonfinite)
+        if embeddings.shape[0] != images.num_classes:
+            raise ValueError(f"{embeddings.shape[0]} label embeddings for {images.num_classes} classes")
+        super().__init__(teacher, student, images, syn_cfg, compute, seed, on_nonfinite)
         self.embeddings = embeddings
         self.gen_cfg = gen_cfg
         self.generator = self._new_generator()
 
     def _new_generator(self) -> NayerGenerator:
         g = self.gen_cfg
-        gen = NayerGenerator(self.embeddings, self.cfg.batch_size, self.image_size, g.nz, g.ngf, g.body,
-                             g.noisy.mode, g.noisy.arch, g.paper_variant, g.input).to(self.device)
-        return gen.to(memory_format=torch.channels_last) if self.channels_last else gen
+        return self.compute.place(NayerGenerator(self.embeddings, self.cfg.batch_size, self.images.size, g.nz, g.ngf,
+                                                 g.body, g.noisy.mode, g.noisy.arch, g.paper_variant, g.input))
 
     def _start_epoch(self) -> None:
         if self.epoch > 0 and self.epoch % self.gen_cfg.g_life == 0:
@@ -205,7 +200,7 @@ class NayerSynthesizer(Synthesizer):
         best_loss, best_x, best_parts = float("inf"), None, {}
         curve = []
         for step in range(self.cfg.g_steps):
-            with autocast(self.device, self.bf16):
+            with self.compute.autocast():
                 x = gen(targets).float()  # the kept batch and the augmentation stay in fp32
             loss, parts = self._objective(x, targets, use_adv)
             curve.append((parts["loss"], parts["ce"]))

@@ -3,6 +3,7 @@
     python -m nayer.train_teacher config=configs/teacher/digits.yaml out=runs/digits/teacher.pt
     python -m nayer.train_teacher config=configs/teacher/cifar10.yaml train=/data/cifar10_train.npz \\
         test=/data/cifar10_test.npz out=runs/cifar10/resnet34.pt
+    python -m nayer.train_teacher --help                 # every key, its default
 
 Recipe: SGD (momentum 0.9, lr 0.1, weight decay 5e-4), batch 128, cosine annealing over `epochs`,
 RandomCrop(pad 4) + horizontal flip, cross-entropy. `dataset` names the preset (nayer.data.PRESETS) that
@@ -16,7 +17,6 @@ and the resolved config.
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -26,27 +26,30 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nayer.augment import Augment, uint8_to_float
-from nayer.cli_config import ConfigError, as_dict, parse_config
-from nayer.data import LabeledImages, PRESETS, load_labeled, preset
-from nayer.evaluate import autocast, evaluate
+from nayer.cli import cli
+from nayer.cli_config import ConfigError, as_dict
+from nayer.config import check_choice
+from nayer.data import PRESETS, load_labeled, preset
+from nayer.evaluate import evaluate
 from nayer.models import build_model, model_names
-from nayer.runtime import check_device_name, save_json, save_torch, select_device
+from nayer.runtime import check_device_name, save_json, save_torch
+from nayer.specs import Compute
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class TeacherTrainConfig:
-    arch: str = "resnet34"
+    arch: str = "resnet34"  # zoo name (nayer.models.model_names)
     dataset: str = "cifar10"  # preset name: class count, image size, mean/std
     train: str = ""  # load_labeled spec; required
     test: str = ""  # load_labeled spec; empty = no evaluation
-    epochs: int = 200
+    epochs: int = 200  # cosine annealing over these
     batch_size: int = 128
-    lr: float = 0.1
+    lr: float = 0.1  # SGD
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    seed: int = 0
+    seed: int = 0  # initial weights and batch order
     device: str = "auto"  # auto = cuda if available, else cpu
     bf16: bool = False  # bf16 autocast (about 2x on CPUs with AMX and on recent GPUs)
     out: str = ""  # path of the state_dict to write; required
@@ -58,10 +61,8 @@ class TeacherTrainConfig:
                               "train=digits:train")
         if not self.out:
             raise ConfigError("no output path: pass out=<path/teacher.pt>")
-        if self.dataset not in PRESETS:
-            raise ConfigError(f"unknown dataset '{self.dataset}'; known: {', '.join(PRESETS)}")
-        if self.arch not in model_names():
-            raise ConfigError(f"unknown arch '{self.arch}'; known: {', '.join(model_names())}")
+        check_choice("dataset", self.dataset, tuple(PRESETS))
+        check_choice("arch", self.arch, tuple(model_names()))
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -73,27 +74,21 @@ class TeacherTrainConfig:
         check_device_name(self.device)
 
 
-def _check_labels(data: LabeledImages, num_classes: int, spec: str, dataset: str) -> None:
-    bad = (data.y < 0) | (data.y >= num_classes)
-    if bad.any():
-        raise ValueError(f"'{spec}' has {int(bad.sum())} label(s) outside [0, {num_classes}) (e.g. "
-                         f"{int(data.y[bad][0])}); dataset '{dataset}' has {num_classes} classes")
-
-
 def train_teacher(cfg: TeacherTrainConfig) -> dict:
     """Train `cfg.arch` on `cfg.train`, evaluate on `cfg.test`, save; returns {"top1", "path"}."""
     cfg.validate()
-    spec = preset(cfg.dataset)
-    device = select_device(cfg.device)
+    spec = preset(cfg.dataset).image_spec()
+    compute = Compute.select(cfg.device, cfg.bf16)
+    device = compute.device
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     torch.manual_seed(cfg.seed)
 
-    train = load_labeled(cfg.train, spec.image_size)
-    _check_labels(train, spec.num_classes, cfg.train, cfg.dataset)
-    test = load_labeled(cfg.test, spec.image_size) if cfg.test else None
+    train = load_labeled(cfg.train, spec.size)
+    spec.check_labels(train.y, f"'{cfg.train}'", f"dataset '{cfg.dataset}'")
+    test = load_labeled(cfg.test, spec.size) if cfg.test else None
     if test is not None:
-        _check_labels(test, spec.num_classes, cfg.test, cfg.dataset)
+        spec.check_labels(test.y, f"'{cfg.test}'", f"dataset '{cfg.dataset}'")
 
     model = build_model(cfg.arch, spec.num_classes).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -117,7 +112,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
             idx = perm[i:i + cfg.batch_size]
             images = augment(uint8_to_float(x_all[idx])).contiguous(memory_format=torch.channels_last)
             labels = y_all[idx]
-            with autocast(device, cfg.bf16):
+            with compute.autocast():
                 logits = model(images)
             loss = F.cross_entropy(logits.float(), labels)
             optimizer.zero_grad(set_to_none=True)
@@ -132,8 +127,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
     top1 = None
     result: dict = {}
     if test is not None:
-        result = evaluate(model, test.x, test.y, spec.mean, spec.std, device, bf16=cfg.bf16,
-                          num_classes=spec.num_classes)
+        result = evaluate(model, test, spec, compute)
         top1 = result["top1"]
         log.info("test top-1 %.2f%% on %d images of '%s'", top1, result["n"], cfg.test)
 
@@ -150,11 +144,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
 def main(argv: Sequence[str] | None = None) -> None:
     """Command-line entry (also the `nayer-train-teacher` script); bad input exits with one error line."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = parse_config(TeacherTrainConfig, sys.argv[1:] if argv is None else argv)
-        train_teacher(cfg)
-    except (ValueError, FileNotFoundError) as exc:
-        sys.exit(f"error: {exc}")
+    cli(train_teacher, argv, doc=__doc__, schema=TeacherTrainConfig)
 
 
 if __name__ == "__main__":

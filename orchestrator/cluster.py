@@ -3,6 +3,7 @@ cluster (`cluster.address=`, or RAY_ADDRESS as `ray job submit` sets it for the 
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import socket
@@ -16,9 +17,7 @@ from orchestrator.config import PipelineConfig
 def local_cpus(cfg: PipelineConfig) -> int:
     """Logical CPUs for the local Ray. Synthesis and KD alternate within a round, so both pools are declared at
     once even when that exceeds the physical cores; each worker pins its torch threads to its own CPU share."""
-    c = cfg.cluster
-    need = c.synth_workers * c.synth_cpus + c.trainer_workers * c.trainer_cpus
-    return max(os.cpu_count() or 1, int(need + 0.999))
+    return max(os.cpu_count() or 1, math.ceil(cfg.cluster.total("CPU")))
 
 
 def connect(cfg: PipelineConfig) -> bool:
@@ -67,8 +66,7 @@ def check_capacity(cfg: PipelineConfig) -> None:
     all of them would leave one waiting forever. (An autoscaling cluster that adds nodes on demand is not seen.)"""
     c, total = cfg.cluster, ray.cluster_resources()
     for resource, synth, trainer in (("CPU", c.synth_cpus, c.trainer_cpus), ("GPU", c.synth_gpus, c.trainer_gpus)):
-        need = c.synth_workers * synth + c.trainer_workers * trainer
-        have = total.get(resource, 0.0)
+        need, have = c.total(resource), total.get(resource, 0.0)
         if need > have:
             raise ConfigError(f"{c.synth_workers} synthesis actors x cluster.synth_{resource.lower()}s={synth:g} + "
                               f"{c.trainer_workers} ranks x cluster.trainer_{resource.lower()}s={trainer:g} = "

@@ -25,7 +25,7 @@ class ClusterConfig:
     address: str = ""
     synth_workers: int = 2  # N Ray actors, each with its own generator, noisy layers and BN EMA
     synth_cpus: float = 1.0  # Ray CPUs per synthesis actor; also its torch thread count (at least 1)
-    synth_gpus: float = 0.0
+    synth_gpus: float = 0.0  # Ray GPUs per synthesis actor (fractions share a GPU)
     trainer_workers: int = 2  # M DeepSpeed data-parallel ranks (Ray Train workers)
     trainer_cpus: float = 1.0  # Ray CPUs per rank; also its torch thread count (at least 1)
     trainer_gpus: float = 0.0  # > 0: ranks run on GPUs (ScalingConfig use_gpu)
@@ -39,6 +39,12 @@ class ClusterConfig:
     # A committed shard that fails its manifest check (size, sha256) when read or on resume: fail = stop the run
     # naming it; exclude = drop it from the buffer (moved to buffer/quarantine/) and go on. Never trained on.
     on_corrupt_shard: str = "fail"
+
+    def total(self, resource: str) -> float:
+        """CPUs ("CPU") or GPUs ("GPU") the run holds for its whole length: its synthesis actors and its DeepSpeed
+        ranks live at the same time."""
+        synth, trainer = {"CPU": (self.synth_cpus, self.trainer_cpus), "GPU": (self.synth_gpus, self.trainer_gpus)}[resource]
+        return self.synth_workers * synth + self.trainer_workers * trainer
 
 
 @dataclass

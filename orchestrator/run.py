@@ -7,6 +7,7 @@
         python -m orchestrator.run config=... out_dir=/shared/runs cluster.synth_workers=8 cluster.synth_gpus=1 \\
         cluster.trainer_workers=8 cluster.trainer_gpus=1
     python -m orchestrator.run config=... name=<existing run> resume=true      # continue a killed run
+    python -m orchestrator.run --help                                         # every key, its default
 
 Without cluster.address (and no RAY_ADDRESS) a local Ray is started on this machine. Each round:
 synthesize on N actors -> commit their shards to the manifest -> S DeepSpeed steps on M ranks -> evaluate ->
@@ -22,6 +23,7 @@ student.pt, summary.json, report.md + plots/ (nayer.report).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import signal
@@ -32,11 +34,16 @@ from typing import Callable, Sequence
 
 import ray
 import torch
+
+from nayer.cli import cli
 from nayer.evaluate import evaluate
+from nayer.inputs import load_inputs
 from nayer.progress import RoundProgress
 from nayer.report import write_report
-from nayer.run import RunFolder, cli, load_inputs, log_tensorboard, tensorboard_writer
+from nayer.run_folder import RunFolder
 from nayer.runtime import RunError, save_json, save_torch, seed_everything
+from nayer.specs import Compute
+from nayer.state import Best
 from orchestrator.cluster import check_capacity, connect, last_error_line, root_cause
 from orchestrator.config import PipelineConfig, load_deepspeed_config
 from orchestrator.faults import FaultPlan
@@ -160,7 +167,6 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
     faults = FaultPlan.from_env(folder.path / "faults")
     seed_everything(cfg.seed)  # a teacher without a checkpoint is random: the same one in every run of a seed
     inputs = load_inputs(cfg, torch.device("cpu"))
-    k = len(inputs.names)
     folder.create()
     state = torch.load(folder.checkpoint, map_location="cpu", weights_only=True) if cfg.resume else None
     manifest = Manifest(folder.buffer, state["manifest"] if state else [])
@@ -174,8 +180,8 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
 
     teacher_top1 = state["teacher_top1"] if state else None
     if inputs.eval_set is not None and state is None:
-        teacher_top1 = evaluate(inputs.teacher, inputs.eval_set.x, inputs.eval_set.y, inputs.mean, inputs.std,
-                                torch.device("cpu"), cfg.data.eval_batch_size, cfg.bf16, k)["top1"]
+        teacher_top1 = evaluate(inputs.teacher, inputs.eval_set, inputs.images, Compute(bf16=cfg.bf16),
+                                cfg.data.eval_batch_size)["top1"]
         print(f"teacher top-1 on {cfg.data.eval}: {teacher_top1:.2f}%", flush=True)
 
     started_ray = connect(cfg)
@@ -191,7 +197,7 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
         actor = ray.remote(SynthesisWorker).options(num_cpus=c.synth_cpus, num_gpus=c.synth_gpus,
                                                     max_restarts=c.synth_max_restarts,
                                                     max_task_retries=c.synth_max_restarts)
-        workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, inputs.image_size, inputs.mean, inputs.std,
+        workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, inputs.images,
                                 str(folder.buffer.resolve()), str(folder.samples.resolve()),
                                 str(folder.checkpoint.resolve()), faults)
                    for w in range(c.synth_workers)]
@@ -199,8 +205,8 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
         if state and state["student"] is not None:
             student_ref = ray.put(state["student"])
         board = RoundBoard.remote()
-        loop_config = {"cfg": cfg, "board": board, "num_classes": k, "deepspeed": ds_config, "teacher": teacher_ref,
-                       "mean": inputs.mean, "std": inputs.std, "resume_from": None, "faults": faults,
+        loop_config = {"cfg": cfg, "board": board, "images": inputs.images, "deepspeed": ds_config,
+                       "teacher": teacher_ref, "resume_from": None, "faults": faults,
                        "eval_set": ray.put(inputs.eval_set) if inputs.eval_set is not None else None}
         trainer_storage = folder.trainer.resolve()
         if state and state["student_checkpoint"]:  # the DeepSpeed checkpoint of the last committed KD round
@@ -208,10 +214,10 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
 
         start = state["round"] + 1 if state else 0
         experiment = trainer_experiment(trainer_storage, start, state["student_checkpoint"] if state else None)
-        best = state["best"] if state else {"top1": -1.0, "epoch": -1}
+        best = Best(**state["best"]) if state else Best()
         elapsed_before = state["elapsed"] if state else 0.0
         checkpoint_name = state["student_checkpoint"] if state else None
-        writer = tensorboard_writer(folder.tensorboard)
+        metrics = folder.metrics_log()
         total = cfg.warmup + cfg.epochs
         progress = RoundProgress(cfg.name, start, total)
         record: dict = {}
@@ -243,8 +249,7 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
                 manifest.exclude(manifest.relative(url) for url in corrupt)
                 record.update(result)
                 record["kd_phase_time"] = time.perf_counter() - t_commit
-                if record.get("top1", -1.0) > best["top1"]:
-                    best = {"top1": record["top1"], "epoch": r}
+                best.update(record.get("top1"), r)
             for message in excluded:
                 progress.write(f"round {r}: excluded {message} (moved to buffer/quarantine/, never trained on)")
             record.update(buffer=manifest.samples, shards=len(manifest.shards), excluded_shards=len(excluded))
@@ -253,15 +258,14 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
             elapsed = elapsed_before + time.perf_counter() - wall_start
             save_torch({"round": r, "synthesizers": ray.get([w.state_dict.remote() for w in workers]),
                         "manifest": manifest.shards, "student": student_state, "student_checkpoint": checkpoint_name,
-                        "best": best, "elapsed": elapsed,
+                        "best": dataclasses.asdict(best), "elapsed": elapsed,
                         "teacher_top1": teacher_top1}, folder.checkpoint)
             now = time.perf_counter()
             compute = record["syn_compute_time"] + record.get("kd_time", 0.0) - record.get("kd_read_time", 0.0) \
                 + record.get("eval_time", 0.0)
             record.update(checkpoint_time=now - t_ckpt, round_time=now - t0,
                           outside_compute=1.0 - compute / (now - t0), elapsed=elapsed_before + now - wall_start)
-            folder.log(record)
-            log_tensorboard(writer, record)
+            metrics.log(record)
             progress.round_done(record)
             if on_round is not None:
                 on_round(record)
@@ -272,7 +276,7 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
                 progress.write(f"time budget of {cfg.time_budget_s:.0f}s reached after round {r}")
                 break
         progress.close()
-        writer.close()
+        metrics.close()
         ray.get(board.stop.remote())
         if trainer_run is not None:
             trainer_run.join()
@@ -288,7 +292,7 @@ def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: Sto
         if started_ray:
             ray.shutdown()
     summary = {"name": cfg.name, "teacher_top1": teacher_top1, "final_top1": record.get("top1"),
-               "best_top1_on_test_set": best["top1"] if best["epoch"] >= 0 else None, "best_epoch": best["epoch"],
+               "best_top1_on_test_set": best.top1 if best.found else None, "best_epoch": best.epoch,
                "rounds_run": record.get("epoch", start - 1) + 1, "buffer_images": manifest.samples,
                "shards": len(manifest.shards), "synth_workers": cfg.cluster.synth_workers,
                "trainer_workers": cfg.cluster.trainer_workers, "stopped_by": stop.received,
@@ -324,7 +328,7 @@ def check_readable(manifest: Manifest, r: int, ranks: int, micro_batch: int) -> 
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cli(PipelineConfig, run, argv, explain=root_cause)
+    cli(run, argv, doc=__doc__, schema=PipelineConfig, explain=root_cause)
 
 
 if __name__ == "__main__":

@@ -270,6 +270,18 @@ def verified_streams(policy: str, excluded: list[str]) -> Callable[[Iterable[dic
     return stage
 
 
+def read_shard(entry: dict) -> tuple[Tensor, Tensor]:
+    """All samples of one committed shard (a snapshot entry), checked against its manifest size and sha256 first:
+    uint8 images [N, C, H, W] and int64 labels [N]. A corrupt shard raises CorruptShardError naming it."""
+    samples = list(wds.DataPipeline(lambda: iter([entry]), verified_streams("fail", []),
+                                    wds.tariterators.tar_file_expander, wds.tariterators.group_by_keys,
+                                    wds.map(_decode)))
+    if len(samples) != entry["samples"] or not samples:
+        raise CorruptShardError(f"buffer shard {entry['url']}: {len(samples)} samples, {entry['samples']} in the "
+                                "manifest")
+    return _collate(samples)
+
+
 def _collate(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.int64)
 

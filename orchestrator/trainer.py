@@ -25,6 +25,7 @@ from nayer.kd import KDObjective, finite_or_skip, make_optimizer
 from nayer.models import build_model
 from nayer.progress import LineProgress
 from nayer.runtime import RunError
+from nayer.specs import Compute
 from orchestrator.cluster import root_cause
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.shards import shard_batches
@@ -94,10 +95,12 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(threads(cfg.cluster.trainer_cpus))
     device = ray.train.torch.get_device()
-    board, k, faults = config["board"], config["num_classes"], config["faults"]
+    board, spec, faults = config["board"], config["images"], config["faults"]
+    k = spec.num_classes
     ds_config = config["deepspeed"]
     ds_bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
-    bf16 = cfg.bf16 or ds_bf16  # DeepSpeed bf16 keeps bf16 weights: inputs must be autocast to match
+    # DeepSpeed bf16 keeps bf16 weights: inputs must be autocast to match
+    compute = Compute(device, cfg.bf16 or ds_bf16, cfg.channels_last)
 
     teacher = build_model(cfg.teacher.arch, k)
     teacher.load_state_dict(ray.get(config["teacher"]))
@@ -110,7 +113,7 @@ def train_loop_per_worker(config: dict) -> None:
         student = student.to(torch.bfloat16)  # DeepSpeed bf16 with BatchNorm needs the cast before initialize
     optimizer, scheduler = make_optimizer(student, cfg.kd, cfg.epochs)  # the cosine steps per round, not per step
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
-    objective = KDObjective(engine, teacher, cfg.kd, config["mean"], config["std"], device, bf16, cfg.channels_last)
+    objective = KDObjective(engine, teacher, cfg.kd, spec, compute)
     eval_set = ray.get(config["eval_set"]) if rank == 0 and config["eval_set"] is not None else None
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
 
@@ -181,8 +184,7 @@ def train_loop_per_worker(config: dict) -> None:
                    "kd_time": time.perf_counter() - start, "kd_read_time": read_time}
         if eval_set is not None:
             t0 = time.perf_counter()
-            ev = evaluate(engine.module, eval_set.x, eval_set.y, config["mean"], config["std"], device,
-                          cfg.data.eval_batch_size, bf16, k)
+            ev = evaluate(engine.module, eval_set, spec, compute, cfg.data.eval_batch_size)
             metrics.update(top1=ev["top1"], per_class=ev["per_class"], eval_time=time.perf_counter() - t0)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:  # every rank writes its part; Ray merges them into one checkpoint

@@ -7,6 +7,7 @@ the student's top-1 and the synthesis time so far after every KD round, so ASHA 
         sweep=configs/sweeps/cifar10_g.yaml teacher.checkpoint=... data.eval=... name=g-sweep   # paper Table 6
     python -m orchestrator.tune ... name=g-sweep resume=true       # continue an interrupted sweep
     python -m orchestrator.tune ... sweep.max_concurrent_trials=1  # any sweep key, as sweep.<key>=<value>
+    python -m orchestrator.tune --help                             # every run and sweep key, its default
 
 Every item but `sweep=` and `sweep.<key>=` is a key of the run config (`orchestrator.config.PipelineConfig`): the
 base every trial starts from; the sweep file's `space` sets some of its keys per trial. The sweep lives in
@@ -23,7 +24,6 @@ import difflib
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Sequence
@@ -37,8 +37,8 @@ from ray import tune  # noqa: E402
 from ray.tune.schedulers import ASHAScheduler  # noqa: E402
 from ray.tune.search.basic_variant import BasicVariantGenerator  # noqa: E402
 
+from nayer.cli import cli, one_line  # noqa: E402
 from nayer.cli_config import ConfigError, parse_config, schema_keys  # noqa: E402
-from nayer.run import one_line  # noqa: E402
 from nayer.runtime import atomic_write, save_text  # noqa: E402
 from orchestrator.cluster import connect, root_cause  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
@@ -132,16 +132,10 @@ def parse_sweep(argv: Sequence[str]) -> tuple[SweepConfig, PipelineConfig, list[
     return sweep, base, [a for a in run_args if a.split("=", 1)[0] not in TUNE_ONLY_KEYS]
 
 
-def trial_footprint(cfg: PipelineConfig) -> tuple[float, float]:
-    """CPUs and GPUs one trial holds: its synthesis actors and its DeepSpeed ranks (the driver itself: none)."""
-    c = cfg.cluster
-    return (c.synth_workers * c.synth_cpus + c.trainer_workers * c.trainer_cpus,
-            c.synth_workers * c.synth_gpus + c.trainer_workers * c.trainer_gpus)
-
-
 def fitting_trials(cfg: PipelineConfig) -> int:
-    """Concurrent trials the connected cluster holds without one waiting for another's resources."""
-    cpus, gpus = trial_footprint(cfg)
+    """Concurrent trials the connected cluster holds without one waiting for another's resources (a trial holds
+    its synthesis actors and its DeepSpeed ranks; the driver itself: none)."""
+    cpus, gpus = cfg.cluster.total("CPU"), cfg.cluster.total("GPU")
     total = ray.cluster_resources()
     fits = [total.get("CPU", 0) / cpus] if cpus else []
     fits += [total.get("GPU", 0) / gpus] if gpus else []
@@ -246,6 +240,7 @@ def write_results(rows: list[dict], sweep: SweepConfig, folder: Path) -> None:
 
 
 def sweep_main(argv: Sequence[str]) -> list[dict]:
+    """Run the sweep of `argv` (see the module docstring); returns the results table, one row per trial."""
     sweep, base, base_args = parse_sweep(argv)
     folder = (Path(base.out_dir) / base.name).resolve()
     if base.resume and not tune.Tuner.can_restore(str(folder)):
@@ -291,12 +286,11 @@ def sweep_main(argv: Sequence[str]) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = list(sys.argv[1:] if argv is None else argv)
-    try:
-        rows = sweep_main(args)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
-        sys.exit(f"error: {exc}")
-    print(json.dumps([{k: v for k, v in r.items() if k != "history"} for r in rows]))
+    def sweep(args: list[str]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "history"} for r in sweep_main(args)]
+
+    cli(sweep, argv, doc=__doc__, schema=PipelineConfig, parse=list, more_keys=[("sweep.", SweepConfig)],
+        explain=root_cause)
 
 
 if __name__ == "__main__":

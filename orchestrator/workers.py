@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
+from nayer.methods import build_synthesizer
 from nayer.models import build_model
 from nayer.progress import LineProgress
-from nayer.runtime import select_device
-from nayer.methods import build_synthesizer
+from nayer.specs import Compute, ImageSpec
 from nayer.visualize import save_sample_grid
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.faults import FaultPlan
@@ -36,27 +36,23 @@ class SynthesisWorker:
     """One synthesis actor. Created with `ray.remote(SynthesisWorker).options(num_cpus=..., num_gpus=...)`."""
 
     def __init__(self, cfg: PipelineConfig, worker: int, teacher_state: dict, embeddings: torch.Tensor,
-                 image_size: int, mean: list[float], std: list[float], buffer_root: str, samples_dir: str,
-                 driver_checkpoint: str, faults: FaultPlan):
+                 images: ImageSpec, buffer_root: str, samples_dir: str, driver_checkpoint: str, faults: FaultPlan):
         torch.set_num_threads(threads(cfg.cluster.synth_cpus))  # pinned: co-located actors do not fight over cores
         self.cfg, self.worker, self.faults = cfg, worker, faults
-        self.device = select_device(cfg.device)
+        compute = Compute.select(cfg.device, cfg.bf16, cfg.channels_last)
         self.buffer_root, self.samples_dir = Path(buffer_root), Path(samples_dir)
         torch.manual_seed(worker_seed(cfg.seed, worker))  # the first generator's weights: the same in every run
-        k = embeddings.shape[0]
+        k = images.num_classes
         teacher = build_model(cfg.teacher.arch, k)
         teacher.load_state_dict(teacher_state)
-        self.teacher = teacher.to(self.device).eval().requires_grad_(False)
-        self.student = build_model(cfg.student.arch, k).to(self.device)
-        if cfg.channels_last:
-            self.teacher = self.teacher.to(memory_format=torch.channels_last)
-            self.student = self.student.to(memory_format=torch.channels_last)
-        self.synthesizer = build_synthesizer(cfg, self.teacher, self.student, embeddings.to(self.device), image_size,
-                                             mean, std, self.device, worker_seed(cfg.seed, worker))
+        self.teacher = compute.place(teacher.eval().requires_grad_(False))
+        self.student = compute.place(build_model(cfg.student.arch, k))
+        self.synthesizer = build_synthesizer(cfg, self.teacher, self.student, embeddings.to(compute.device), images,
+                                             compute, worker_seed(cfg.seed, worker))
         # A resumed run, or this actor restarted by Ray after a crash (cluster.synth_max_restarts): continue from
         # the state of the last committed round, which is what the driver's checkpoint holds.
         if Path(driver_checkpoint).is_file():
-            state = torch.load(driver_checkpoint, map_location=self.device, weights_only=True)
+            state = torch.load(driver_checkpoint, map_location=compute.device, weights_only=True)
             self.synthesizer.load_state_dict(state["synthesizers"][worker])
 
     def synthesize(self, round_index: int, warmup: bool, iterations: int, student_state: dict | None,

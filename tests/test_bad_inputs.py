@@ -17,7 +17,7 @@ from nayer.models import build_model
 from orchestrator import run as pipeline_run
 from orchestrator import tune
 from orchestrator.config import PipelineConfig
-from test_pipeline import tiny_args
+from helpers import pipeline_args as tiny_args
 
 
 @pytest.fixture(scope="module")

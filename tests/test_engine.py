@@ -10,22 +10,7 @@ from nayer.config import RunConfig
 from nayer.generator import NayerGenerator, balanced_targets
 from nayer.losses import BNStatisticsLoss, adversarial_loss, kd_loss
 from nayer.synthesis import NayerSynthesizer
-
-
-def tiny_net(k=10):
-    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Conv2d(4, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, k))
-
-
-def teacher_with_statistics(k=10):
-    teacher = tiny_net(k).eval()
-    with torch.no_grad():  # non-trivial running statistics, as a trained teacher has
-        for m in teacher.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-    return teacher
+from helpers import CPU, CPU_CHANNELS_LAST, spec, teacher_with_statistics, tiny_net
 
 
 def tiny_synth(batch_size=20, g_steps=3, g_loops=2, k=10, **syn):
@@ -35,8 +20,8 @@ def tiny_synth(batch_size=20, g_steps=3, g_loops=2, k=10, **syn):
     cfg.generator.nz, cfg.generator.ngf = 32, 8
     for key, value in syn.items():
         setattr(cfg.synthesis, key, value)
-    return NayerSynthesizer(teacher_with_statistics(k), tiny_net(k), torch.randn(k, 12), 16, [0.5] * 3, [0.25] * 3,
-                            cfg.generator, cfg.synthesis, torch.device("cpu"), channels_last=False)
+    return NayerSynthesizer(teacher_with_statistics(k), tiny_net(k), torch.randn(k, 12), spec(k), cfg.generator,
+                            cfg.synthesis, CPU)
 
 
 def test_balanced_targets_k_to_1():
@@ -229,8 +214,7 @@ def test_teacher_without_bn_needs_a_bn_zero():
     cfg = RunConfig()
     teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     with pytest.raises(ValueError, match="a_bn=0"):
-        NayerSynthesizer(teacher, tiny_net(), torch.randn(10, 8), 16, [0.5] * 3, [0.25] * 3,
-                         cfg.generator, cfg.synthesis, torch.device("cpu"))
+        NayerSynthesizer(teacher, tiny_net(), torch.randn(10, 8), spec(), cfg.generator, cfg.synthesis, CPU)
 
 
 def test_random_crop_is_a_shifted_window_of_the_padded_image():
@@ -290,6 +274,7 @@ def test_paper_variant_has_spectral_norm_and_trailing_bn(body, size):
 def test_evaluate_top1_and_per_class():
     import numpy as np
 
+    from nayer.data import LabeledImages
     from nayer.evaluate import evaluate
 
     class AlwaysClassOne(nn.Module):
@@ -297,11 +282,11 @@ def test_evaluate_top1_and_per_class():
             return torch.tensor([0.0, 1.0, 0.0]).expand(x.shape[0], 3)
     x = np.zeros((6, 4, 4, 3), dtype=np.uint8)
     y = np.array([0, 1, 1, 1, 2, 2])
-    result = evaluate(AlwaysClassOne(), x, y, [0.5] * 3, [0.5] * 3, num_classes=3, batch_size=4)
+    result = evaluate(AlwaysClassOne(), LabeledImages(x, y), spec(3, 4), CPU, batch_size=4)
     assert result["top1"] == pytest.approx(50.0)
     assert result["per_class"] == [0.0, 100.0, 0.0]
-    with pytest.raises(ValueError, match="uint8 NHWC"):
-        evaluate(AlwaysClassOne(), x.astype(np.float32), y, [0.5] * 3, [0.5] * 3)
+    with pytest.raises(ValueError, match="uint8"):
+        LabeledImages(x.astype(np.float32), y)
 
 
 @pytest.mark.parametrize("arch", ["resnet20_a", "wrn16_1", "vgg11_bn", "alexnet", "resnet18"])
@@ -317,10 +302,10 @@ def test_zoo_models_work_as_teacher_and_student(arch):
         cfg.synthesis.a_bn = 0.0  # no BatchNorm: the BN prior must be switched off (supplementary Table 9)
     teacher = build_model(arch, 10).eval().requires_grad_(False)
     student = build_model(arch, 10)
-    syn = NayerSynthesizer(teacher, student, torch.randn(10, 8), 32, [0.5] * 3, [0.25] * 3, cfg.generator,
-                           cfg.synthesis, torch.device("cpu"))
+    syn = NayerSynthesizer(teacher, student, torch.randn(10, 8), spec(10, 32), cfg.generator, cfg.synthesis,
+                           CPU_CHANNELS_LAST)
     result = syn.synthesize(warmup=False)
-    trainer = StudentTrainer(student, teacher, cfg.kd, 1, [0.5] * 3, [0.25] * 3, torch.device("cpu"))
+    trainer = StudentTrainer(student, teacher, cfg.kd, 1, spec(10, 32), CPU_CHANNELS_LAST)
     assert trainer.train_epoch([(result.images, result.labels)])["kd_steps"] == 1
 
 

@@ -21,6 +21,7 @@ from nayer.runtime import DiskFullError, atomic_write, save_torch
 from nayer.synthesis import NayerSynthesizer
 from orchestrator.faults import FaultPlan
 from orchestrator.shards import CorruptShardError, Manifest, shard_batches, write_shards
+from helpers import CPU, spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,8 +175,8 @@ class NaNOnCalls(nn.Module):
 def synthesizer(teacher, policy, g_steps=3):
     cfg = parse_config(RunConfig, ["generator.nz=16", "generator.ngf=8", "synthesis.batch_size=10",
                                    f"synthesis.g_steps={g_steps}", "synthesis.g_loops=2", "synthesis.warmup_loops=2"])
-    return NayerSynthesizer(teacher, NaNOnCalls([]), torch.randn(10, 8), 16, [0.5] * 3, [0.25] * 3, cfg.generator,
-                            cfg.synthesis, torch.device("cpu"), channels_last=False, on_nonfinite=policy)
+    return NayerSynthesizer(teacher, NaNOnCalls([]), torch.randn(10, 8), spec(), cfg.generator, cfg.synthesis, CPU,
+                            on_nonfinite=policy)
 
 
 def test_nonfinite_generator_loss_stops_naming_round_iteration_and_step():
@@ -194,13 +195,12 @@ def test_nonfinite_generator_steps_are_skipped_and_counted():
 def test_nonfinite_kd_loss_stops_or_skips_the_step():
     student = NaNOnCalls([])
     batches = [(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), None) for _ in range(4)]
-    stopping = StudentTrainer(student, NaNOnCalls([2]).eval(), RunConfig().kd, 2, [0.5] * 3, [0.25] * 3,
-                              torch.device("cpu"), channels_last=False)
+    stopping = StudentTrainer(student, NaNOnCalls([2]).eval(), RunConfig().kd, 2, spec(), CPU)
     with pytest.raises(NonFiniteLossError, match="KD loss is nan at round 5, KD step 2: .*on_nonfinite=skip"):
         stopping.train_epoch(batches, 5)
     before = {k: v.detach().clone() for k, v in student.named_parameters()}
-    skipping = StudentTrainer(student, NaNOnCalls([0, 1, 2, 3]).eval(), RunConfig().kd, 2, [0.5] * 3, [0.25] * 3,
-                              torch.device("cpu"), channels_last=False, on_nonfinite="skip")
+    skipping = StudentTrainer(student, NaNOnCalls([0, 1, 2, 3]).eval(), RunConfig().kd, 2, spec(), CPU,
+                              on_nonfinite="skip")
     stats = skipping.train_epoch(batches, 5)
     assert stats["kd_nonfinite_steps"] == 4 and stats["kd_steps"] == 0
     for key, value in student.named_parameters():  # no optimizer step was taken on a NaN loss

@@ -11,9 +11,9 @@ from nayer.config import GENERATOR_INPUTS, NOISY_ARCHS, RunConfig
 from nayer.methods import build_synthesizer
 from nayer.metrics import FeatureBank, ce_steps, diversity, inception_score
 from nayer.run import run
-from test_engine import teacher_with_statistics, tiny_net
+from helpers import CPU, spec, teacher_with_statistics, tiny_net
 
-MEAN, STD = [0.5, 0.4, 0.3], [0.25, 0.2, 0.3]
+IMAGES = spec(10, 16, mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))
 
 
 def synthesizer(method="nayer", *extra, teacher=None):
@@ -21,7 +21,7 @@ def synthesizer(method="nayer", *extra, teacher=None):
                                    "synthesis.g_steps=3", "synthesis.g_loops=2", "synthesis.warmup_loops=1",
                                    "fm.nz=12", *extra])
     teacher = teacher or teacher_with_statistics()
-    return build_synthesizer(cfg, teacher, tiny_net(), torch.randn(10, 8), 16, MEAN, STD, torch.device("cpu"), 0), cfg
+    return build_synthesizer(cfg, teacher, tiny_net(), torch.randn(10, 8), IMAGES, CPU, 0), cfg
 
 
 @pytest.mark.parametrize("method", ["nayer", "fm", "deepinv"])

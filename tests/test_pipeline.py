@@ -17,68 +17,16 @@ from nayer.models import build_model
 from orchestrator.config import PipelineConfig
 from orchestrator.run import run
 from orchestrator.shards import Manifest, shard_batches, write_shards
+from helpers import pipeline_args as tiny_args, records
 
 
-def tiny_args(tmp_path, **extra):
-    args = {
-        "out_dir": str(tmp_path / "runs"), "name": "tiny", "warmup": 1, "epochs": 2,
-        "data.dataset": "digits", "data.eval": "digits:test",
-        "teacher.arch": "resnet20", "student.arch": "resnet20", "lte.encoder": "onehot",
-        "lte.cache_dir": str(tmp_path / "lte"), "generator.nz": 64, "generator.ngf": 16,
-        "synthesis.batch_size": 20, "synthesis.g_steps": 2, "synthesis.g_loops": 2, "synthesis.warmup_loops": 2,
-        "kd.batch_size": 16, "kd.kd_steps": 3, "cluster.shard_samples": 8,
-    }
-    args.update(extra)
-    return [f"{k}={v}" for k, v in args.items()]
-
-
-def records(folder):
-    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_pipeline_end_to_end_then_resume_after_a_killed_round(tmp_path, local_ray):
-    budget = ["time_budget_s=0.001"]  # stop after round 0, as if killed after its checkpoint
-    first = run(parse_config(PipelineConfig, tiny_args(tmp_path) + budget))
+def test_pipeline_stops_on_sigterm_and_resume_finishes_the_run(tmp_path, local_ray):
+    """End to end, and what slurm/ray_cluster_requeue.sbatch relies on: a driver attached to a running cluster (as on
+    a SLURM allocation) gets SIGTERM, finishes and checkpoints the round in progress and exits 0; the round after
+    it had left shards and a temporary file that were never committed; the same command with resume=true (and
+    nothing else) completes the run, every committed shard kept once and the killed round's files dropped."""
     folder = tmp_path / "runs" / "tiny"
-    assert first["rounds_run"] == 1 and first["buffer_images"] == 40
-    # Round 0: 2 workers x 1 iteration x 20 images, each worker's 20 split into shards of <= 8 samples.
-    round0 = Manifest.load(folder / "buffer").shards
-    assert sorted(s["path"] for s in round0) == [f"round-00000/worker-00{w}-00000{p}.tar" for w in (0, 1) for p in range(3)]
-    # The killed round 1 had written shards and a temporary file but never committed them.
-    x = torch.zeros(5, 3, 32, 32, dtype=torch.uint8)
-    write_shards(folder / "buffer", 1, 0, x, torch.zeros(5, dtype=torch.int64), 8)
-    (folder / "buffer" / "round-00001" / "worker-001-000000.tar.99.tmp").write_bytes(b"partial")
-
-    with pytest.raises(ConfigError, match="already holds a run"):
-        run(parse_config(PipelineConfig, tiny_args(tmp_path)))
-    with pytest.raises(ConfigError, match="config differs"):
-        run(parse_config(PipelineConfig, tiny_args(tmp_path, **{"cluster.synth_workers": 1}) + ["resume=true"]))
-    second = run(parse_config(PipelineConfig, tiny_args(tmp_path) + ["resume=true"]))
-    assert second["rounds_run"] == 3 and second["buffer_images"] == 120
-
-    shards = Manifest.load(folder / "buffer").shards
-    paths = [s["path"] for s in shards]
-    assert len(paths) == len(set(paths)) == 18 and shards[:6] == round0  # nothing duplicated, nothing lost
-    assert {s["round"] for s in shards} == {0, 1, 2} and sum(s["samples"] for s in shards) == 120
-    assert sorted(p.relative_to(folder / "buffer").as_posix() for p in (folder / "buffer").rglob("*.tar")) == sorted(paths)
-    log = records(folder)
-    assert [r["epoch"] for r in log] == [0, 1, 2] and [r["phase"] for r in log] == ["warmup", "kd", "kd"]
-    for r in log[1:]:
-        assert r["kd_steps_per_rank"] == [3, 3] and 0 <= r["top1"] <= 100 and len(r["per_class"]) == 10
-    assert log[2]["lr"] < log[1]["lr"]  # the cosine continued across the restart
-    # Each driver start has its own Ray Train experiment (student-<first round>); the first start's is gone.
-    assert (folder / "trainer" / "student-00001" / "round-00002" / "student" / "mp_rank_00_model_states.pt").is_file()
-    assert [p.name for p in (folder / "trainer").iterdir()] == ["student-00001"]
-    assert (folder / "samples" / "round-00002.png").is_file()
-    student = build_model("resnet20", 10)
-    student.load_state_dict(torch.load(folder / "student.pt", weights_only=True))
-
-
-def test_sigterm_stops_after_a_checkpointed_round_and_resume_finishes(tmp_path, local_ray):
-    """What slurm/ray_cluster_requeue.sbatch relies on: SIGTERM -> the round in progress is finished and
-    checkpointed, the driver exits 0; the same command with resume=true completes the run."""
-    folder = tmp_path / "runs" / "tiny"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as from a shell
+    env = {**os.environ, "RAY_ADDRESS": local_ray}
     args = tiny_args(tmp_path, epochs=4)
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.run", *args], cwd=Path(__file__).parents[1], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -91,11 +39,43 @@ def test_sigterm_stops_after_a_checkpointed_round_and_resume_finishes(tmp_path, 
     output = driver.communicate(timeout=180)[0]
     assert driver.returncode == 0, output[-3000:]
     summary = json.loads((folder / "summary.json").read_text())
-    assert summary["stopped_by"] == "SIGTERM" and 2 <= summary["rounds_run"] < 5
+    stopped = summary["rounds_run"]
+    assert summary["stopped_by"] == "SIGTERM" and 2 <= stopped < 5 and summary["buffer_images"] == 40 * stopped
     assert "continue with resume=true" in output
+    # Round 0: 2 workers x 1 iteration x 20 images, each worker's 20 split into shards of <= 8 samples.
+    before = Manifest.load(folder / "buffer").shards
+    assert sorted(s["path"] for s in before if s["round"] == 0) == [
+        f"round-00000/worker-00{w}-00000{p}.tar" for w in (0, 1) for p in range(3)]
+    # The next round, killed: shards and a temporary file on disk, never committed.
+    x = torch.zeros(5, 3, 32, 32, dtype=torch.uint8)
+    write_shards(folder / "buffer", stopped, 0, x, torch.zeros(5, dtype=torch.int64), 8)
+    (folder / "buffer" / f"round-{stopped:05d}" / "worker-001-000000.tar.99.tmp").write_bytes(b"partial")
+
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(parse_config(PipelineConfig, args))
+    with pytest.raises(ConfigError, match="config differs"):
+        run(parse_config(PipelineConfig, tiny_args(tmp_path, epochs=4, **{"cluster.synth_workers": 1}) + ["resume=true"]))
     done = run(parse_config(PipelineConfig, args + ["resume=true"]))
-    assert done["rounds_run"] == 5 and done["stopped_by"] is None
-    assert [r["epoch"] for r in records(folder)] == [0, 1, 2, 3, 4]
+    assert done["rounds_run"] == 5 and done["stopped_by"] is None and done["buffer_images"] == 200
+
+    shards = Manifest.load(folder / "buffer").shards
+    paths = [s["path"] for s in shards]
+    assert len(paths) == len(set(paths)) == 30 and shards[:len(before)] == before  # nothing duplicated or lost
+    assert {s["round"] for s in shards} == set(range(5)) and sum(s["samples"] for s in shards) == 200
+    assert sorted(p.relative_to(folder / "buffer").as_posix() for p in (folder / "buffer").rglob("*.tar")) == sorted(paths)
+    assert not list((folder / "buffer").rglob("*.tmp"))
+    log = records(folder)
+    assert [r["epoch"] for r in log] == list(range(5)) and [r["phase"] for r in log] == ["warmup"] + ["kd"] * 4
+    for r in log[1:]:
+        assert r["kd_steps_per_rank"] == [3, 3] and 0 <= r["top1"] <= 100 and len(r["per_class"]) == 10
+    assert log[stopped]["lr"] < log[stopped - 1]["lr"]  # the cosine continued across the restart
+    # Each driver start has its own Ray Train experiment (student-<first round>); the first start's stays only
+    # because it holds the checkpoint the second start resumed from.
+    assert sorted(p.name for p in (folder / "trainer").iterdir()) == ["student-00000", f"student-{stopped:05d}"]
+    assert (folder / "trainer" / f"student-{stopped:05d}" / "round-00004" / "student" / "mp_rank_00_model_states.pt").is_file()
+    assert (folder / "samples" / "round-00004.png").is_file()
+    student = build_model("resnet20", 10)
+    student.load_state_dict(torch.load(folder / "student.pt", weights_only=True))
 
 
 @pytest.mark.parametrize("deepspeed", ["zero2_bf16"])

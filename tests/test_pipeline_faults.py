@@ -20,7 +20,7 @@ from orchestrator.config import PipelineConfig
 from orchestrator.faults import ENV
 from orchestrator.run import run
 from orchestrator.shards import CorruptShardError, Manifest
-from test_pipeline import records, tiny_args
+from helpers import pipeline_args as tiny_args, records
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,16 +60,23 @@ def faults(monkeypatch):
     return inject
 
 
-def test_synthesis_actor_killed_while_writing_is_restarted_and_the_result_is_unchanged(tmp_path, reference, faults):
-    faults("kill_synthesis_writing:round=1,worker=0")
-    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path, **{"cluster.synth_max_restarts": 1})))
+def test_killed_actor_and_killed_rank_are_restarted_and_the_result_is_unchanged(tmp_path, reference, faults):
+    """Two faults in one run: a synthesis actor SIGKILLed half-way through its first shard of round 1, and DeepSpeed
+    rank 1 SIGKILLed before step 1 of round 2. Ray restarts the actor, which reloads the last checkpoint and
+    retries its round; Ray Train restarts the ranks from round 1's checkpoint and they redo round 2."""
+    faults("kill_synthesis_writing:round=1,worker=0;kill_rank:round=2,rank=1,step=1")
+    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path, **{"cluster.synth_max_restarts": 1,
+                                                                      "cluster.trainer_max_failures": 1})))
     folder = tmp_path / "runs" / "tiny"
     assert (folder / "faults" / "0-kill_synthesis_writing.fired").is_file()  # it did die, half-way into a shard
+    assert (folder / "faults" / "1-kill_rank.fired").is_file()
     assert summary["rounds_run"] == 3 and summary["buffer_images"] == 120
     assert_buffer_consistent(folder)
-    # The restarted actor reloads the last checkpoint and its round is reseeded: the same images, byte for byte.
+    # The restarted actor's round is reseeded: the same images, byte for byte; the ranks' round 2 uses its own seeds.
     assert shard_digests(folder) == shard_digests(reference)
-    assert [r["top1"] for r in records(folder)[1:]] == [r["top1"] for r in records(reference)[1:]]
+    log = records(folder)
+    assert [r["epoch"] for r in log] == [0, 1, 2] and log[2]["kd_steps_per_rank"] == [3, 3]
+    assert [r["top1"] for r in log[1:]] == [r["top1"] for r in records(reference)[1:]]
     assert_same_student(folder, reference)
 
 
@@ -87,28 +94,16 @@ def test_synthesis_actor_killed_without_restarts_stops_the_run_resumably(tmp_pat
     assert shard_digests(folder) == shard_digests(reference)
 
 
-def test_killed_deepspeed_rank_restarts_from_the_last_checkpoint(tmp_path, reference, faults):
-    faults("kill_rank:round=2,rank=1,step=1")
-    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path, **{"cluster.trainer_max_failures": 1})))
-    folder = tmp_path / "runs" / "tiny"
-    assert (folder / "faults" / "0-kill_rank.fired").is_file()
-    assert summary["rounds_run"] == 3
-    log = records(folder)
-    assert [r["epoch"] for r in log] == [0, 1, 2] and log[2]["kd_steps_per_rank"] == [3, 3]
-    # Round 2 was redone from round 1's DeepSpeed checkpoint with the round's own seeds.
-    assert log[2]["top1"] == records(reference)[2]["top1"]
-    assert_same_student(folder, reference)
-
-
 def test_killed_deepspeed_rank_without_restarts_stops_with_a_clear_error(tmp_path, faults):
     faults("kill_rank:round=1,rank=0,step=0")
     with pytest.raises(RunError, match=r"the DeepSpeed ranks stopped \(.*\); cluster.trainer_max_failures=N"):
         run(parse_config(PipelineConfig, tiny_args(tmp_path)))
 
 
-def test_driver_killed_mid_round_resumes_from_the_last_committed_round(tmp_path, reference):
+def test_driver_killed_mid_round_resumes_from_the_last_committed_round(tmp_path, reference, local_ray):
+    """The driver process dies (SIGKILL) on a cluster that lives on: Ray ends its actors and ranks with it."""
     folder = tmp_path / "runs" / "tiny"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as from a shell
+    env = {**os.environ, "RAY_ADDRESS": local_ray}
     driver = subprocess.Popen([sys.executable, "-m", "orchestrator.run", *tiny_args(tmp_path)], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 240
@@ -118,8 +113,6 @@ def test_driver_killed_mid_round_resumes_from_the_last_committed_round(tmp_path,
         time.sleep(0.05)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(30)
-    time.sleep(3)
-    os.killpg(driver.pid, signal.SIGKILL)  # what is left of its local Ray (a node that died would take it along)
     # Killed in round 2's synthesis or KD: its shards may be written, even committed to the manifest, but the
     # driver checkpoint (round 1) does not list them.
     on_disk = json.loads((folder / "buffer" / "manifest.json").read_text())["shards"]

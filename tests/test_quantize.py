@@ -16,12 +16,12 @@ from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
 
 from nayer.augment import Normalize
+from nayer.buffer import InMemoryBuffer
 from nayer.cli_config import ConfigError, parse_config
 from nayer.quantize import (
     QATConfig,
     QATTrainer,
     QuantizeConfig,
-    batches,
     calibrate,
     fake_quant_weights,
     load_buffer,
@@ -29,8 +29,11 @@ from nayer.quantize import (
     quantize_model,
     run,
 )
+from helpers import spec
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+IMAGES = spec(4, 16, MEAN, STD)  # what the Tiny model below takes
+CIFAR = spec(10, 32)
 CPU = torch.device("cpu")
 
 
@@ -195,15 +198,15 @@ def test_qat_by_kd_lowers_the_kd_loss_on_a_fixed_batch_and_changes_weights():
     teacher = tiny_teacher()
     teacher.fc.weight.mul_(5)  # logits that vary across random images, so the KD target is not trivial
     teacher, q, images = prepared(2, 4, first_last="8bit", teacher=teacher)
-    cfg = QATConfig(steps=25, lr=0.02, weight_decay=0.0, crop_padding=0, flip=False, temperature=4.0)
-    trainer = QATTrainer(q, teacher, cfg, MEAN, STD, CPU)
+    cfg = QATConfig(kd_steps=25, lr=0.02, weight_decay=0.0, crop_padding=0, flip=False, temperature=4.0)
+    trainer = QATTrainer(q, teacher, cfg, IMAGES, CPU)
     fixed = images[:32]
     before_weights = {k: v.clone() for k, v in q.state_dict().items() if k.endswith("weight")}
     trainer._apply_freezes()  # the state QAT trains in (fake quant on, observers and BN frozen)
     q.eval()
     with torch.no_grad():
         loss_before = trainer.objective(fixed).item()
-    losses = [trainer.step(fixed) for _ in range(cfg.steps)]
+    losses = [trainer.step(fixed) for _ in range(cfg.kd_steps)]
     q.eval()
     with torch.no_grad():
         loss_after = trainer.objective(fixed).item()
@@ -217,9 +220,11 @@ def test_float_model_is_never_modified():
     teacher = tiny_teacher()
     state = copy.deepcopy(teacher.state_dict())
     _, q, images = prepared(2, 4, teacher=teacher)
-    trainer = QATTrainer(q, teacher, QATConfig(steps=5, lr=0.05, freeze_bn_step=-1, freeze_observer_step=-1),
-                         MEAN, STD, CPU)
-    for batch in batches(images, 16, 5, torch.Generator().manual_seed(0)):
+    trainer = QATTrainer(q, teacher, QATConfig(kd_steps=5, lr=0.05, freeze_bn_step=-1, freeze_observer_step=-1),
+                         IMAGES, CPU)
+    buffer = InMemoryBuffer()
+    buffer.append(images, torch.zeros(len(images), dtype=torch.long))
+    for batch, _ in buffer.batches(16, 5, torch.Generator().manual_seed(0)):
         trainer.step(batch)  # BN statistics and observers live: the most the copy can change
     trainer.finish()
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
@@ -230,8 +235,8 @@ def test_float_model_is_never_modified():
 
 def test_freeze_steps_follow_the_config():
     teacher, q, images = prepared(4, 4)
-    trainer = QATTrainer(q, teacher, QATConfig(steps=4, lr=1e-3, freeze_bn_step=2, freeze_observer_step=3),
-                         MEAN, STD, CPU)
+    trainer = QATTrainer(q, teacher, QATConfig(kd_steps=4, lr=1e-3, freeze_bn_step=2, freeze_observer_step=3),
+                         IMAGES, CPU)
     conv2, fq = q.get_submodule("conv2"), next(iter(activation_fqs(q).values()))
     mean0 = conv2.bn.running_mean.clone()
     trainer.step(images[:16])
@@ -255,6 +260,7 @@ def test_bits_out_of_range_raise_config_error_naming_key_and_range(key, value):
 @pytest.mark.parametrize("item, pattern", [
     ("w_bit=4", r"unknown config key 'w_bit'.*did you mean 'w_bits'"),
     ("qat.stepz=3", r"unknown config key 'qat.stepz'"),
+    ("qat.steps=3", r"unknown config key 'qat.steps'.*did you mean 'qat.kd_steps'"),
     ("first_last=int4", r"first_last='int4' is not allowed; choose one of: 8bit, same, float"),
     ("act_observer=mse", r"act_observer='mse' is not allowed"),
     ("qat.temperature=0", r"qat.temperature=0.0 is out of range; allowed: > 0"),
@@ -289,36 +295,36 @@ def save_chunk(folder, images, labels, index=0):
 
 def test_missing_buffer_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="buffer folder not found"):
-        load_buffer(tmp_path / "nope", 32, 10)
+        load_buffer(tmp_path / "nope", CIFAR)
 
 
 def test_empty_buffer_folder(tmp_path):
     with pytest.raises(ValueError, match="is empty: it has no chunk-"):
-        load_buffer(tmp_path, 32, 10)
+        load_buffer(tmp_path, CIFAR)
     save_chunk(tmp_path, torch.empty(0, 3, 32, 32, dtype=torch.uint8), torch.empty(0, dtype=torch.long))
-    with pytest.raises(ValueError, match="hold 0 images"):
-        load_buffer(tmp_path, 32, 10)
+    with pytest.raises(ValueError, match="holds 0 images"):
+        load_buffer(tmp_path, CIFAR)
 
 
 def test_webdataset_buffer_is_refused_with_a_reason(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(ValueError, match="WebDataset.*chunk-"):
-        load_buffer(tmp_path, 32, 10)
+        load_buffer(tmp_path, CIFAR)
 
 
 def test_buffer_image_size_and_class_count_must_fit_the_model(tmp_path):
     save_chunk(tmp_path / "a", random_images(4, size=16), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match=r"\(3, 16, 16\) images but the model takes \(3, 32, 32\)"):
-        load_buffer(tmp_path / "a", 32, 10)
+        load_buffer(tmp_path / "a", CIFAR)
     save_chunk(tmp_path / "b", random_images(4, size=32), torch.tensor([0, 1, 2, 12]))
-    with pytest.raises(ValueError, match=r"labels in \[0, 12\] but the model has 10 classes"):
-        load_buffer(tmp_path / "b", 32, 10)
+    with pytest.raises(ValueError, match=r"has label 12 but the model has 10 classes"):
+        load_buffer(tmp_path / "b", CIFAR)
 
 
 def test_run_folder_is_accepted_and_chunks_concatenate(tmp_path):
     save_chunk(tmp_path / "buffer", random_images(3, size=32), torch.tensor([0, 1, 2]), 0)
     save_chunk(tmp_path / "buffer", random_images(2, size=32), torch.tensor([3, 4]), 1)
-    x, y = load_buffer(tmp_path, 32, 10)
+    x, y = load_buffer(tmp_path, CIFAR).tensors()
     assert x.shape == (5, 3, 32, 32) and y.tolist() == [0, 1, 2, 3, 4]
 
 
@@ -330,7 +336,7 @@ def small_run(tmp_path):
     np.savez(tmp_path / "test.npz", x=rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8),
              y=np.arange(20) % 10, classes=np.array([f"c{i}" for i in range(10)]))
     return ["arch=resnet20", f"buffer={tmp_path / 'run' / 'buffer'}", f"eval={tmp_path / 'test.npz'}", "device=cpu",
-            "calib.batches=2", "calib.batch_size=8", "qat.steps=3", "qat.batch_size=8", "qat.log_every=2",
+            "calib.batches=2", "calib.batch_size=8", "qat.kd_steps=3", "qat.batch_size=8", "qat.log_every=2",
             "w_bits=4", "a_bits=6", f"out={tmp_path / 'summary.json'}"]
 
 
@@ -345,9 +351,28 @@ def test_run_end_to_end_summary(small_run, tmp_path):
 
 
 def test_cli_prints_one_json_line(small_run, capsys):
-    main(small_run + ["qat.steps=0"])
+    main(small_run + ["qat.kd_steps=0"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["recovered_top1"] == json.loads(lines[0])["ptq_top1"]
+
+
+def test_a_pipeline_buffer_is_quantized_through_orchestrator_quantize(small_run, tmp_path, capsys):
+    from orchestrator.quantize import main as pipeline_main
+    from orchestrator.shards import Manifest, write_shards
+
+    buffer = tmp_path / "pipeline" / "buffer"
+    Manifest(buffer).commit(0, write_shards(buffer, 0, 0, random_images(24, size=32), torch.arange(24) % 10, 10))
+    argv = [a for a in small_run if not a.startswith("buffer=")] + [f"buffer={tmp_path / 'pipeline'}"]
+    pipeline_main(argv)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["synthetic_images"] == 24
+    with pytest.raises(SystemExit, match="WebDataset shards of orchestrator.run .*python -m orchestrator.quantize"):
+        main(argv)
+    shard = buffer / "round-00000" / "worker-000-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match=f"error: buffer shard {shard.resolve()}: its sha256 does not match"):
+        pipeline_main(argv)
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -11,21 +11,7 @@ from nayer.config import RunConfig
 from nayer.models import build_model
 from nayer.run import main, run
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-def tiny_args(tmp_path, **extra):
-    args = {
-        "out_dir": str(tmp_path / "runs"), "name": "tiny", "warmup": 1, "epochs": 2,
-        "data.dataset": "digits", "data.eval": "digits:test",
-        "teacher.arch": "resnet20", "student.arch": "resnet20", "lte.encoder": "onehot",
-        "lte.cache_dir": str(tmp_path / "lte"),
-        "generator.nz": 64, "generator.ngf": 16,
-        "synthesis.batch_size": 20, "synthesis.g_steps": 2, "synthesis.g_loops": 1, "synthesis.warmup_loops": 1,
-        "kd.batch_size": 16, "kd.kd_steps": 2,
-    }
-    args.update(extra)
-    return [f"{k}={v}" for k, v in args.items()]
+from helpers import CONFIGS, run_args as tiny_args
 
 
 def test_typo_in_override_fails_and_lists_valid_keys():

@@ -11,6 +11,7 @@ from nayer.cli_config import ConfigError, parse_config
 from orchestrator.config import PipelineConfig, load_deepspeed_config
 from orchestrator.shards import Manifest, rank_samples, shard_batches, write_shards
 from orchestrator.workers import split_iterations
+from helpers import spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -160,8 +161,7 @@ def test_synthesis_worker_refreshes_its_student_and_writes_balanced_shards(tmp_p
     driver_checkpoint = tmp_path / "checkpoints" / "driver.pt"
 
     def new_worker():
-        return SynthesisWorker(cfg, 1, teacher.state_dict(), torch.eye(10), 32, [0.5] * 3, [0.5] * 3,
-                               str(tmp_path / "buffer"), str(tmp_path / "samples"), str(driver_checkpoint),
+        return SynthesisWorker(cfg, 1, teacher.state_dict(), torch.eye(10), spec(10, 32), str(tmp_path / "buffer"), str(tmp_path / "samples"), str(driver_checkpoint),
                                FaultPlan())
 
     worker = new_worker()  # no driver checkpoint yet: a fresh synthesizer

@@ -8,7 +8,7 @@ import pytest
 
 from nayer.cli_config import ConfigError
 from orchestrator.tune import parse_sweep, sweep_main
-from test_pipeline import tiny_args
+from helpers import pipeline_args as tiny_args
 
 
 def write_sweep(tmp_path, text):

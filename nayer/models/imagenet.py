@@ -2,13 +2,13 @@
 
 Weights are fetched with ``WeightsEnum.get_state_dict`` (cached under ``$TORCH_HOME``). Offline
 machines cannot download them, so a failed fetch is turned into one clear error that points at the
-offline alternative, a local state_dict passed as ``teacher.checkpoint``.
+offline alternative, a local state_dict passed as ``teacher.checkpoint``. torchvision is imported on use: it costs
+about 1.5 s per process, and every Ray worker imports the model zoo.
 """
 
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 # Registry name -> torchvision builder name.
@@ -17,6 +17,8 @@ TORCHVISION_ARCHS: dict[str, str] = {"tv_resnet18": "resnet18", "tv_resnet50": "
 
 def build_torchvision_model(name: str, num_classes: int) -> nn.Module:
     """Randomly initialised torchvision model with a ``num_classes``-way ``fc`` head."""
+    import torchvision
+
     return torchvision.models.get_model(TORCHVISION_ARCHS[name], weights=None, num_classes=num_classes)
 
 
@@ -26,6 +28,8 @@ def fetch_pretrained_state_dict(name: str, tag: str, num_classes: int) -> dict[s
     Raises ValueError for an unknown tag or a class count the weights do not have, and RuntimeError
     when the weights cannot be downloaded (no retry: offline runs should fail at once).
     """
+    import torchvision
+
     weights_enum = torchvision.models.get_model_weights(TORCHVISION_ARCHS[name])
     valid_tags = list(weights_enum.__members__)  # includes the DEFAULT alias
     if tag not in valid_tags:

@@ -1,0 +1,72 @@
+"""The command line of every entry point: `--help`, key=value parsing and one error policy.
+
+    def main(argv=None):
+        cli(run, argv, doc=__doc__, schema=RunConfig)
+
+`--help` / `-h` prints the entry point's usage docstring and every config key with its default and the comment
+written next to it in the schema. A bad input, or a failure the run can name (a full disk, a non-finite loss, a
+dead worker), exits with one line `error: <what is wrong and what is allowed>`; anything else is a bug and keeps
+its traceback. The runner's result is printed as one JSON line (a string as it is).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import sys
+from typing import Any, Callable, Sequence
+
+from nayer.cli_config import ConfigError, describe_keys, parse_config
+from nayer.runtime import RunError
+
+USER_ERRORS = (ConfigError, OSError, ValueError, RunError)  # reported in one line; anything else is a bug
+HELP_FLAGS = ("-h", "--help")
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an error's message (ours are one line; an OS error adds what the disk said)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full: {exc}; free space and run again with resume=true"
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def help_text(doc: str, sections: Sequence[tuple[str, type]]) -> str:
+    """The usage docstring, then per schema its keys as `key = default  comment` (prefix: e.g. `sweep.`)."""
+    lines = [(doc or "").strip(), ""]
+    for prefix, schema in sections:
+        keys = [(f"{prefix}{key}", repr(default), comment) for key, default, comment in describe_keys(schema)]
+        width = min(max(len(k) + len(d) for k, d, _ in keys) + 3, 60)
+        lines.append(f"keys {prefix}*:" if prefix else
+                     "config keys (config=a.yaml,b.yaml merged left to right, then key=value overrides):")
+        for key, default, comment in keys:
+            entry = f"  {key} = {default}"
+            lines.append(f"{entry:<{width + 2}}  {comment}".rstrip() if comment else entry)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def cli(runner: Callable[[Any], Any], argv: Sequence[str] | None = None, *, doc: str, schema: type,
+        parse: Callable[[list[str]], Any] | None = None, more_keys: Sequence[tuple[str, type]] = (),
+        positional: str = "", explain: Callable[[BaseException], BaseException] = lambda exc: exc) -> None:
+    """Parse `argv` (default: the command line) and call `runner` with the result; print it as one JSON line.
+
+    `parse` replaces `parse_config(schema, args)` (the sweep's split of its own keys; an example's fixed config
+    files); `more_keys` adds (prefix, schema) sections to --help; `positional` names the key a lone argument
+    without `=` sets (`python -m nayer.report runs/<name>`); `explain` finds the error inside wrappers (Ray's task
+    and worker-group errors)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in HELP_FLAGS for a in args):
+        print(help_text(doc, [("", schema), *more_keys]))
+        return
+    if positional:
+        args = [a if "=" in a else f"{positional}={a}" for a in args]
+    try:
+        result = runner(parse(args) if parse is not None else parse_config(schema, args))
+    except Exception as exc:  # noqa: BLE001 - filtered: only USER_ERRORS become one line
+        root = explain(exc)
+        if not isinstance(root, USER_ERRORS):
+            raise
+        sys.exit(f"error: {one_line(root)}")
+    if result is not None:
+        print(result if isinstance(result, str) else json.dumps(result))
