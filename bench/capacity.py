@@ -17,7 +17,11 @@ Measured with the project's own code (random weights: the cost does not depend o
 Settings: configs/imagenet.yaml (ResNet-50 -> ResNet-18, 224 px) and, as a cross-check against the measured pipeline
 round, the CIFAR-10 benchmark's config (configs/cifar10.yaml + profiles/cpu.yaml, ResNet-56 -> ResNet-20, 32 px).
 The plan turns the ImageNet numbers into GPU time with the ASSUMPTIONS given as options (GPU peak and utilization,
-per-step overhead, bandwidths); nothing in it was measured on a GPU.
+per-step overhead, bandwidths); nothing in it was measured on a GPU. It models a round of the old pipeline
+("before": alternating phases, shard reader in the KD loop, eval on rank 0, actor states in the driver checkpoint)
+and of the code now ("after": overlapped rounds, resident buffer shares, per-actor state files, sharded eval; also
+with cluster.schedule=alternating), and searches the synthesis : trainer split for each. --plan-only reads the
+measured costs from results/capacity.json and only re-plans.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from nayer.kd import KDObjective, StudentTrainer  # noqa: E402
 from nayer.models import build_model  # noqa: E402
 from nayer.specs import Compute  # noqa: E402
 from nayer.synthesis import NayerSynthesizer  # noqa: E402
-from orchestrator.config import PipelineConfig  # noqa: E402
+from orchestrator.config import ClusterConfig, PipelineConfig  # noqa: E402
 from orchestrator.shards import Manifest, shard_batches, write_shards  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
@@ -241,14 +245,23 @@ def measure_setting(name: str, spec: dict, args: argparse.Namespace, tmp: Path) 
 
 
 # ---------------------------------------------------------------------------------------------------- the plan
-def round_model(m: dict, ns: int, nt: int, k: int, a: argparse.Namespace) -> dict | None:
-    """One round of the pipeline as orchestrator/run.py runs it, with ns synthesis GPUs and nt trainer GPUs.
+VARIANTS = {"before": ("before", "alternating"),  # plan -> (code, schedule): the old pipeline (the old headline),
+            "after": ("after", "overlapped"),  # the code now with the cluster default (auto: overlapped on GPUs),
+            "after_alternating": ("after", "alternating")}  # the code now with cluster.schedule=alternating
 
-    The phases alternate (student broadcast -> synthesis -> commit -> KD -> eval -> checkpoints): a round is their
-    sum and each pool idles while the other works. Recipe rule: keep the paper's KD image-passes per synthesized
-    image (S x B / (I x bs) = 256) and at least `--min-micro-batch` images per rank; k > 1 merges k paper rounds into
-    one (I and S x B times k, epochs / k): the same total images and KD passes, fewer rounds (fewer per-round costs,
-    fewer student refreshes). Returns None for a split the code would reject or that leaves synthesis GPUs idle."""
+
+def round_model(m: dict, ns: int, nt: int, k: int, a: argparse.Namespace, code: str = "before",
+                schedule: str = "alternating") -> dict | None:
+    """One round of the pipeline with ns synthesis GPUs and nt trainer GPUs. Each term runs on the synthesis path
+    (actors), the KD path (ranks) or serially (driver). alternating: a round is the sum of the terms; overlapped
+    (the ranks train round r while the actors synthesize r+1): max(synthesis path, KD path) + serial. code "before":
+    the old pipeline (each rank decoded its share inside the KD loop every round, eval on rank 0, the driver pulled
+    every actor's state into its checkpoint); "after": the code now (a rank reads each new shard of its share once,
+    in a loader thread, and trains from memory; each actor writes its own state; eval sharded over the ranks).
+    Recipe rule: keep the paper's KD image-passes per synthesized image (S x B / (I x bs) = 256) and at least
+    `--min-micro-batch` images per rank; k > 1 merges k paper rounds into one (I and S x B times k, epochs / k): the
+    same total images and KD passes, fewer rounds (fewer per-round costs, fewer student refreshes). Returns None for
+    a split the code would reject or that leaves synthesis GPUs idle."""
     f, by = m["flops"], m["bytes"]
     rate, oh, gbs = a.gpu_tflops * 1e12 * a.gpu_util, a.step_overhead_ms / 1e3, 1e9
     if nt <= m["kd_batch"] // a.min_micro_batch:  # the paper's batch fits: keep it
@@ -262,61 +275,94 @@ def round_model(m: dict, ns: int, nt: int, k: int, a: argparse.Namespace) -> dic
     if ns > loops or new_images < nt * mb:  # workers.split_iterations gives the extra actors nothing to do;
         return None  # trainer.py: in the first KD round every rank needs a micro-batch of samples
     steps = round(m["kd_steps"] * m["kd_batch"] * k / batch)
-    shuffle = min(2000, steps * mb // 10)  # a rank decodes this many images it never uses per round (buffer fill)
+    shuffle = min(2000, steps * mb // 10)  # a reader decodes this many images it never uses per round (buffer fill)
     ds = "zero0" if nt <= a.gpus_per_node else "zero2_bf16"  # bf16 gradients halve the cross-node all-reduce
     grad_bytes = by["student_params"] * (2 if ds == "zero2_bf16" else 4)
     ring = a.intranode_gbs if nt <= a.gpus_per_node else a.allreduce_gbs
-    reader_rate = 1 / m["cpu"]["reader"]["s_per_unit"]  # one core per rank: the reader runs inside the KD loop
+    reader_rate = 1 / m["cpu"]["reader"]["s_per_unit"]  # one core per rank (measured)
     iters = math.ceil(loops / ns)
     shards_round = ns * max(math.ceil(iters * m["synthesis_batch"] / m["shard_samples"]), math.ceil(nt / ns))
     entries = shards_round * epochs  # at the last round
-    t = {
-        "student broadcast to actors": by["student_state"] * ns / (a.objstore_gbs * gbs),
-        "synthesis compute": iters * m["g_steps"] * m["synthesis_batch"] * f["synthesis_per_image_step"] / rate,
-        "synthesis step overhead": iters * m["g_steps"] * oh,
-        "shard write": new_images * by["shard_per_image"] / (a.storage_gbs * gbs),
-        "manifest commit + publish": entries * (m["manifest_save_s_per_entry"]
-                                                + by["snapshot_per_entry_pickled"] * nt / (a.objstore_gbs * gbs)),
-        "KD compute": steps * mb * f["kd_per_image"] / rate,
-        "KD step overhead": steps * oh,
-        "KD all-reduce": steps * 2 * (nt - 1) / nt * grad_bytes / (ring * gbs),
-        "KD shard reading (1 core/rank)": (steps * mb + shuffle) / reader_rate,
-        "eval on rank 0": a.eval_images * f["eval_per_image"] / rate,
-    }
-    driver_ckpt = ns * by["synthesizer_state"] + by["student_state"] + entries * by["manifest_per_entry"]
-    t["checkpoints (driver + DeepSpeed)"] = (ns * by["synthesizer_state"] / (a.objstore_gbs * gbs)
-                                              + (driver_ckpt + by["student_and_sgd_state"]) / (a.ckpt_gbs * gbs))
-    round_s = sum(t.values())
+    new_bytes, image_bytes = new_images * by["shard_per_image"], 3 * m["image_size"] ** 2
+    # a rank's share (seq % ranks) at the end: file bytes against cluster.rank_buffer_gb, uint8 image bytes against
+    # cluster.rank_buffer_device_gb (GiB, orchestrator/resident.py); beyond both it streams from storage
+    share, share_images = epochs * new_bytes / nt, epochs * new_images * image_bytes / nt
+    resident = ("device" if share_images <= a.rank_buffer_device_gb * 2 ** 30 else
+                "host" if share <= a.rank_buffer_gb * 2 ** 30 else "streams")
+    loop = [("KD compute", "KD", steps * mb * f["kd_per_image"] / rate), ("KD step overhead", "KD", steps * oh),
+            ("KD all-reduce", "KD", steps * 2 * (nt - 1) / nt * grad_bytes / (ring * gbs))]
+    reread = (steps * mb + shuffle) / reader_rate  # a rank decodes its share's batches and the shuffle fill
+    terms = [("student broadcast to actors", "synthesis", by["student_state"] * ns / (a.objstore_gbs * gbs)),
+             ("synthesis compute", "synthesis",
+              iters * m["g_steps"] * m["synthesis_batch"] * f["synthesis_per_image_step"] / rate),
+             ("synthesis step overhead", "synthesis", iters * m["g_steps"] * oh),
+             ("shard write", "synthesis", new_bytes / (a.storage_gbs * gbs))]
+    if code == "before":
+        driver_ckpt = ns * by["synthesizer_state"] + by["student_state"] + entries * by["manifest_per_entry"]
+        terms += [("manifest commit + publish", "serial", entries * (m["manifest_save_s_per_entry"] + by[
+            "snapshot_per_entry_pickled"] * nt / (a.objstore_gbs * gbs))), *loop,
+                  ("KD shard reading (1 core/rank)", "KD", reread),  # synchronous, inside the step loop
+                  ("eval on rank 0", "KD", a.eval_images * f["eval_per_image"] / rate),
+                  ("checkpoints (driver + DeepSpeed)", "serial", ns * by["synthesizer_state"] / (a.objstore_gbs * gbs)
+                   + (driver_ckpt + by["student_and_sgd_state"]) / (a.ckpt_gbs * gbs))]
+        read_bytes = steps * batch * by["shard_per_image"]
+    else:
+        driver_ckpt, state = entries * by["manifest_per_entry"], by["synthesizer_state"]
+        batches = {"device": 0.0,  # an on-device gather; host: a copy per batch; streams: what the prefetch
+                   "host": steps * mb * image_bytes / (a.h2d_gbs * gbs),  # thread cannot hide behind the steps
+                   "streams": max(0.0, reread - sum(s for _, _, s in loop))}[resident]
+        terms += [("synthesizer states (each actor its file)", "synthesis",  # all at once: the slower limit
+                   max(state / (a.ckpt_gbs * gbs), ns * state / (a.storage_gbs * gbs))),
+                  ("manifest commit + new entries to the ranks", "synthesis", entries * m["manifest_save_s_per_entry"]
+                   + shards_round * by["snapshot_per_entry_pickled"] * (1 + nt) / (a.objstore_gbs * gbs)),
+                  # the loader threads read and verify the new shards as they are committed; the next KD round
+                  # waits for them, so this ends the synthesis path
+                  ("new shards read once (loader thread)", "synthesis",
+                   max(new_images / nt / reader_rate, new_bytes / (a.storage_gbs * gbs))), *loop,
+                  (f"KD batches ({resident})", "KD", batches),
+                  ("eval sharded over the ranks", "KD", a.eval_images / nt * f["eval_per_image"] / rate),
+                  ("DeepSpeed checkpoint (ranks)", "KD", by["student_and_sgd_state"] / (a.ckpt_gbs * gbs)),
+                  ("driver checkpoint (cursors, manifest)", "serial", driver_ckpt / (a.ckpt_gbs * gbs))]
+        read_bytes = new_bytes if resident != "streams" else steps * batch * by["shard_per_image"]
+    t, path = {n: s for n, _, s in terms}, {n: p for n, p, _ in terms}
+    paths = {p: sum(v for key, v in t.items() if path[key] == p) for p in ("synthesis", "KD", "serial")}
+    if schedule == "overlapped":
+        binding = max(("synthesis", "KD"), key=paths.get)
+        round_s = paths[binding] + paths["serial"]
+        run_s = epochs * round_s + min(paths["synthesis"], paths["KD"])  # the first synthesis, last KD run alone
+    else:
+        binding, round_s = "both", sum(t.values())
+        run_s = epochs * round_s
+    critical = [key for key in t if path[key] in (binding, "serial") or schedule == "alternating"]
     kd_s = sum(v for key, v in t.items() if key.startswith("KD"))
     useful = (loops * m["g_steps"] * m["synthesis_batch"] * f["synthesis_per_image_step"]
               + steps * batch * f["kd_per_image"] + a.eval_images * f["eval_per_image"]) / rate
     syn_s = t["synthesis compute"] + t["synthesis step overhead"]
     syn_rate = iters * m["synthesis_batch"] / syn_s  # kept images/s of one synthesis GPU
     kd_rate = steps * mb / kd_s  # per trainer GPU
-    read_bytes = steps * batch * by["shard_per_image"]
     return {
+        "code": code, "schedule": schedule,
         "synth_gpus": ns, "trainer_gpus": nt, "rounds_merged": k, "g_loops": loops, "epochs": epochs,
         "kd_batch": batch, "micro_batch": mb, "kd_steps": steps, "shuffle_buffer": shuffle, "deepspeed": ds,
-        "times_s": t, "round_s": round_s, "run_h": epochs * round_s / 3600,
+        "times_s": t, "term_path": path, "path_s": paths, "binding_path": binding,
+        "round_s": round_s, "run_h": run_s / 3600, "useful_gpu_s": useful,
         "gpu_compute_util": useful / ((ns + nt) * round_s),
         "synth_images_per_s_per_gpu": syn_rate, "kd_images_per_s_per_gpu": kd_rate, "kd_images_per_s": nt * kd_rate,
         "kd_passes_per_new_image": steps * batch / new_images,
         "overlap_synth_per_trainer_gpu": kd_rate / (steps * batch / new_images * syn_rate),
         "overlap_synth_per_trainer_gpu_flops_only": new_images * f["synthesis_per_kept_image"]
         / (steps * batch * f["kd_per_image"]),
-        "buffer_bytes_per_round": new_images * by["shard_per_image"],
-        "buffer_bytes_end": epochs * new_images * by["shard_per_image"],
-        "shard_write_gbs": new_images * by["shard_per_image"] / syn_s / gbs,
-        "kd_read_bytes_per_round": read_bytes, "kd_read_gbs_uncached": read_bytes / kd_s / gbs,
-        "buffer_per_node_end": epochs * new_images * by["shard_per_image"] * min(a.gpus_per_node, nt) / nt,
-        "shards_per_round": shards_round, "manifest_entries_end": entries,
-        "manifest_bytes_end": entries * by["manifest_per_entry"], "driver_checkpoint_bytes": driver_ckpt,
+        "buffer_bytes_per_round": new_bytes, "buffer_bytes_end": epochs * new_images * by["shard_per_image"],
+        "shard_write_gbs": new_bytes / syn_s / gbs, "kd_read_bytes_per_round": read_bytes,
+        "kd_read_gbs_uncached": read_bytes / (kd_s if code == "before" else round_s) / gbs,
+        "share_per_rank_end": share, "share_images_per_rank_end": share_images, "share_resident": resident,
+        "shards_per_round": shards_round, "manifest_entries_end": entries, "driver_checkpoint_bytes": driver_ckpt,
+        "manifest_bytes_end": entries * by["manifest_per_entry"],
         "deepspeed_checkpoint_bytes": by["student_and_sgd_state"],
-        "first_bottleneck": max((key for key in t if key not in ("synthesis compute", "KD compute")), key=t.get),
-    }
+        "first_bottleneck": max((key for key in critical if "compute" not in key), key=t.get)}
 
 
-def snippet(r: dict, gpus: int, m: dict, lr: float) -> str:
+def snippet(r: dict, gpus: int, m: dict, lr: float, a: argparse.Namespace) -> str:
     """The plan as a YAML layered on configs/imagenet.yaml (`plan` validates it with the pipeline's own parser)."""
     lines = [f"# {gpus} GPUs available: {r['synth_gpus']} synthesis actors + {r['trainer_gpus']} DeepSpeed ranks "
              f"(bench/capacity.py model)", "# python -m orchestrator.run config=configs/imagenet.yaml,<this file> ...",
@@ -331,31 +377,37 @@ def snippet(r: dict, gpus: int, m: dict, lr: float) -> str:
                   f"{lr * r['kd_batch'] / m['kd_batch']:.2g}; not validated)"]
     lines += ["cluster:", f"  synth_workers: {r['synth_gpus']}", "  synth_gpus: 1",
               f"  trainer_workers: {r['trainer_gpus']}", "  trainer_gpus: 1",
-              f"  deepspeed: configs/deepspeed/{r['deepspeed']}.json",
-              f"  shuffle_buffer: {r['shuffle_buffer']}"]
+              f"  deepspeed: configs/deepspeed/{r['deepspeed']}.json", f"  schedule: {r['schedule']}"]
+    lines += [f"  {key}: {getattr(a, key)}" for key in ("rank_buffer_gb", "rank_buffer_device_gb")
+              if getattr(a, key) != getattr(ClusterConfig, key)]
+    if r["share_resident"] == "streams":  # only a streamed share uses the shuffle buffer
+        lines.append(f"  shuffle_buffer: {r['shuffle_buffer']}")
     return "\n".join(lines) + "\n"
 
 
-def plan(m: dict, a: argparse.Namespace) -> dict:
+def plan(m: dict, a: argparse.Namespace, code: str, schedule: str) -> dict:
     """For each scale: among the options (not every GPU has to be used) whose modeled run is within --slack of the
-    shortest, the one closest to the paper's recipe (fewest merged rounds), then with the fewest GPUs; its config."""
+    shortest, the one closest to the paper's recipe (fewest merged rounds), then with the fewest GPUs; its config
+    (for the code now)."""
     config = f"config={ROOT}/configs/imagenet.yaml"
     lr = parse_config(PipelineConfig, [config]).kd.lr
     out = {}
     for gpus in a.scales:
         options = [r for k in range(1, a.max_merge + 1) for ns in range(1, gpus) for nt in range(1, gpus - ns + 1)
-                   if (r := round_model(m, ns, nt, k, a)) is not None]
+                   if (r := round_model(m, ns, nt, k, a, code, schedule)) is not None]
         fastest = min(r["run_h"] for r in options)
         best = min((r for r in options if r["run_h"] <= fastest * (1 + a.slack)),
                    key=lambda r: (r["rounds_merged"], r["synth_gpus"] + r["trainer_gpus"], r["run_h"]))
         paper = min((r for r in options if r["rounds_merged"] == 1), key=lambda r: r["run_h"])
-        best["paper_rounds"] = {key: paper[key] for key in ("synth_gpus", "trainer_gpus", "round_s", "run_h",
-                                                             "gpu_compute_util", "first_bottleneck")}
-        best["config_yaml"] = snippet(best, gpus, m, lr)
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:  # fails loudly if a key or value is invalid
-            f.write(best["config_yaml"])
-            f.flush()
-            parse_config(PipelineConfig, [f"{config},{f.name}"])
+        best["gpu_compute_util_all"] = best["useful_gpu_s"] / (gpus * best["round_s"])
+        best["paper_rounds"] = {key: paper[key] for key in ("synth_gpus", "trainer_gpus", "kd_batch", "round_s",
+                                                             "run_h", "gpu_compute_util", "first_bottleneck")}
+        if code == "after":
+            best["config_yaml"] = snippet(best, gpus, m, lr, a)
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:  # fails loudly if a key or value is invalid
+                f.write(best["config_yaml"])
+                f.flush()
+                parse_config(PipelineConfig, [f"{config},{f.name}"])
         out[str(gpus)] = best
     return out
 
@@ -418,44 +470,72 @@ def markdown(res: dict) -> str:
               "|---|---|---|"]
     lines += [f"| {key} | {v['model']:.1f} | {v['measured_pipeline']:.1f} |" for key, v in res["cifar_check"].items()]
     lines += ["", "## ASSUMPTIONS of the plan (not measured)", ""]
-    lines += [f"- `--{k.replace('_', '-')} {v}`" for k, v in res["assumptions"].items()]
-    plans = list(res["plan"].values())
-    lines += ["", "## Plan (model)", "", "| | " + " | ".join(f"{g} GPUs" for g in res["plan"]) + " |",
-              "|---|" + "---|" * len(plans)]
-    table = [("synthesis : trainer GPUs", lambda r: f"{r['synth_gpus']} : {r['trainer_gpus']}"),
-             ("paper rounds per round (k) / g_loops / epochs",
-              lambda r: f"{r['rounds_merged']} / {r['g_loops']} / {r['epochs']}"),
-             ("kd.batch_size (per rank) / kd_steps",
-              lambda r: f"{r['kd_batch']} ({r['micro_batch']}) / {r['kd_steps']}"),
-             ("deepspeed / shuffle_buffer", lambda r: f"{r['deepspeed']} / {r['shuffle_buffer']}"),
-             *[(f"s: {key}", lambda r, key=key: f"{r['times_s'][key]:.2f}") for key in plans[0]["times_s"]],
-             ("round s / whole run h", lambda r: f"{r['round_s']:.1f} / {r['run_h']:.2f}"),
-             ("GPU compute utilization", lambda r: f"{r['gpu_compute_util']:.0%}"),
-             ("kept images/s per synthesis GPU", lambda r: f"{r['synth_images_per_s_per_gpu']:.1f}"),
-             ("KD images/s per trainer GPU / all trainers",
-              lambda r: f"{r['kd_images_per_s_per_gpu']:,.0f} / {r['kd_images_per_s']:,.0f}"),
-             ("KD passes per synthesized image", lambda r: f"{r['kd_passes_per_new_image']:.0f}"),
-             ("synthesis GPUs per trainer GPU if the phases overlapped (FLOPs only)",
-              lambda r: f"{r['overlap_synth_per_trainer_gpu']:.2f} "
-                        f"({r['overlap_synth_per_trainer_gpu_flops_only']:.2f})"),
-             ("buffer growth per round / after all rounds",
-              lambda r: f"{gb(r['buffer_bytes_per_round'])} / {gb(r['buffer_bytes_end'])}"),
-             ("shard writes during synthesis, GB/s", lambda r: f"{r['shard_write_gbs']:.2f}"),
+    lines += [f"- `--{k.replace('_', '-')} {v}`" + (f" (cluster.{k}: a config key, not an assumption)"
+                                                    if k.startswith("rank_buffer") else "")
+              for k, v in res["assumptions"].items()]
+    before, after, alt = (res["plan"][v] for v in VARIANTS)
+    scales = list(after)
+
+    def split(r: dict, gpus: str) -> str:
+        idle = int(gpus) - r["synth_gpus"] - r["trainer_gpus"]
+        return f"{r['synth_gpus']} : {r['trainer_gpus']}" + (f" ({idle} idle)" if idle else "")
+
+    lines += ["", "## Headline (model): before = the old pipeline, after = the code now", "",
+              "| GPUs | | split (synthesis : trainer) | k | s/round | run h | GPU compute utilization | "
+              "first bottleneck |", "|---|---|---|---|---|---|---|---|"]
+    for g in scales:
+        for name, r in (("before", before[g]), ("after", after[g])):
+            lines.append(f"| {g} | {name} ({r['schedule']}) | {split(r, g)} | {r['rounds_merged']} | "
+                         f"{r['round_s']:.1f} | {r['run_h']:.2f} | {r['gpu_compute_util']:.0%} | "
+                         f"{r['first_bottleneck']} |")
+    lines += ["", "Target (issue 14): at least 2x the old modeled utilization at 8 and 64 GPUs."]
+    for g in scales:
+        ratio = after[g]["gpu_compute_util"] / before[g]["gpu_compute_util"]
+        verdict = "met" if ratio >= 2 else f"missed by {2 - ratio:.2f}x" if g in ("8", "64") else "no target"
+        lines.append(f"- {g} GPUs: {before[g]['gpu_compute_util']:.0%} -> {after[g]['gpu_compute_util']:.0%}, "
+                     f"{ratio:.2f}x ({verdict}).")
+    columns = [(g, name, r[g]) for g in scales for name, r in (("before", before), ("after", after))]
+    lines += ["", "## Plan (model)", "", "| | " + " | ".join(f"{g} GPUs {name}" for g, name, _ in columns) + " |",
+              "|---|" + "---|" * len(columns)]
+    terms = {key: r["term_path"][key] for _, _, r in columns for key in r["times_s"]}
+    table = [("schedule; synthesis : trainer GPUs", "{schedule}; {synth_gpus} : {trainer_gpus}"),
+             ("paper rounds per round (k) / g_loops / epochs", "{rounds_merged} / {g_loops} / {epochs}"),
+             ("kd.batch_size (per rank) / kd_steps / deepspeed",
+              "{kd_batch} ({micro_batch}) / {kd_steps} / {deepspeed}"),
+             *[(f"s: {key} [{where}]", lambda r, key=key: f"{r['times_s'][key]:.2f}" if key in r["times_s"] else "-")
+               for key, where in terms.items()],
+             ("s: synthesis path / KD path / serial; a round is", lambda r: "{synthesis:.1f} / {KD:.1f} / "
+              "{serial:.2f}; ".format(**r["path_s"]) + ("the sum" if r["schedule"] == "alternating" else
+                                                       f"{r['binding_path']} path + serial")),
+             ("round s / whole run h", "{round_s:.1f} / {run_h:.2f}"),
+             ("GPU compute utilization: of the GPUs used / of all",
+              "{gpu_compute_util:.0%} / {gpu_compute_util_all:.0%}"),
+             ("first bottleneck (largest non-compute term on the critical path)", "{first_bottleneck}"),
+             ("kept images/s per synthesis GPU; KD images/s per trainer GPU / all trainers",
+              "{synth_images_per_s_per_gpu:.1f}; {kd_images_per_s_per_gpu:,.0f} / {kd_images_per_s:,.0f}"),
+             ("synthesis GPUs per trainer GPU for balanced paths (FLOPs only)",
+              "{overlap_synth_per_trainer_gpu:.2f} ({overlap_synth_per_trainer_gpu_flops_only:.2f})"),
+             ("buffer growth per round / after all rounds; shard writes, GB/s",
+              lambda r: f"{gb(r['buffer_bytes_per_round'])} / {gb(r['buffer_bytes_end'])}; {r['shard_write_gbs']:.2f}"),
              ("KD reads per round / GB/s if none were cached",
-              lambda r: f"{gb(r['kd_read_bytes_per_round'])} / {r['kd_read_gbs_uncached']:.1f}"),
-             ("buffer read by one node's ranks (end)", lambda r: gb(r["buffer_per_node_end"])),
-             ("shards per round / manifest entries (end)",
-              lambda r: f"{r['shards_per_round']} / {r['manifest_entries_end']:,}"),
-             ("manifest (end)", lambda r: gb(r["manifest_bytes_end"])),
-             ("driver checkpoint, written every round", lambda r: gb(r["driver_checkpoint_bytes"])),
-             ("DeepSpeed checkpoint, every round", lambda r: gb(r["deepspeed_checkpoint_bytes"])),
-             ("first bottleneck (largest non-compute term)", lambda r: r["first_bottleneck"]),
-             ("fastest with the paper's rounds (k = 1): split, round s, run h, utilization, first bottleneck",
-              lambda r: "{synth_gpus} : {trainer_gpus}, {round_s:.1f} s, {run_h:.2f} h, {gpu_compute_util:.0%}, "
-                        "{first_bottleneck}".format(**r["paper_rounds"]))]
-    lines += [f"| {label} | " + " | ".join(str(fn(r)) for r in plans) + " |" for label, fn in table]
-    for gpus, r in res["plan"].items():
-        lines += ["", f"### {gpus} GPUs", "", "```yaml", r["config_yaml"].rstrip(), "```"]
+              lambda r: f"{gb(r['kd_read_bytes_per_round'])} / {r['kd_read_gbs_uncached']:.2f}"),
+             ("a rank's share at the end: file / image bytes, where it is held",
+              lambda r: f"{gb(r['share_per_rank_end'])} / {gb(r['share_images_per_rank_end'])}, "
+                        + (r["share_resident"] if r["code"] == "after" else "re-read every round")),
+             ("shards per round / manifest entries, bytes (end)", lambda r: f"{r['shards_per_round']} / "
+              f"{r['manifest_entries_end']:,}, {gb(r['manifest_bytes_end'])}"),
+             ("checkpoints every round: driver / DeepSpeed", lambda r: f"{gb(r['driver_checkpoint_bytes'])} / "
+              f"{gb(r['deepspeed_checkpoint_bytes'])}"),
+             ("fastest with the paper's rounds (k = 1): split, KD batch, round s, run h, utilization, first bottleneck",
+              lambda r: "{synth_gpus} : {trainer_gpus}, {kd_batch}, {round_s:.1f} s, {run_h:.2f} h, "
+                        "{gpu_compute_util:.0%}, {first_bottleneck}".format(**r["paper_rounds"]))]
+    lines += [f"| {label} | " + " | ".join(fn.format(**r) if isinstance(fn, str) else fn(r) for _, _, r in columns)
+              + " |" for label, fn in table]
+    lines += ["", "The code now with `cluster.schedule=alternating` (the fixes without the overlap), best split:", ""]
+    lines += [f"- {g} GPUs: {split(r, g)}, k = {r['rounds_merged']}, {r['round_s']:.1f} s/round, {r['run_h']:.2f} h, "
+              f"{r['gpu_compute_util']:.0%}, first bottleneck {r['first_bottleneck']}" for g, r in alt.items()]
+    for gpus, r in after.items():
+        lines += ["", f"### {gpus} GPUs (after)", "", "```yaml", r["config_yaml"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -477,12 +557,16 @@ def main() -> None:
     g.add_argument("--intranode-gbs", type=float, default=100.0, help="all-reduce bandwidth per GPU within a node")
     g.add_argument("--allreduce-gbs", type=float, default=20.0, help="all-reduce bandwidth per GPU across nodes")
     g.add_argument("--storage-gbs", type=float, default=10.0, help="aggregate shared-filesystem bandwidth")
-    g.add_argument("--ckpt-gbs", type=float, default=1.0, help="one process (driver, rank 0) writing to the shared FS")
+    g.add_argument("--ckpt-gbs", type=float, default=1.0, help="one process (an actor, rank 0) writing to shared FS")
     g.add_argument("--objstore-gbs", type=float, default=2.0, help="Ray object transfer out of one node")
     g.add_argument("--gpus-per-node", type=int, default=8)
     g.add_argument("--min-micro-batch", type=int, default=16, help="KD images per rank (the paper's 128 over 8 GPUs)")
     g.add_argument("--max-merge", type=int, default=4, help="at most this many paper rounds merged into one")
-    g.add_argument("--eval-images", type=int, default=50000, help="ImageNet val, evaluated on rank 0 every round")
+    g.add_argument("--eval-images", type=int, default=50000, help="ImageNet val, evaluated every round")
+    g.add_argument("--h2d-gbs", type=float, default=10.0, help="host-to-GPU copy of a batch from a host-held share")
+    for key in ("rank_buffer_gb", "rank_buffer_device_gb"):  # not assumptions: the config's keys and defaults
+        g.add_argument(f"--{key.replace('_', '-')}", type=float, default=getattr(ClusterConfig, key),
+                       help=f"cluster.{key}")
     args = ap.parse_args()
     start = time.perf_counter()
     out = RESULTS / "capacity.json"
@@ -498,7 +582,7 @@ def main() -> None:
     measuring = ("plan_only", "threads", "max_load", "max_wait", "slack", "scales")
     assumptions = {k: v for k, v in vars(args).items() if k not in measuring}
     res.update(assumptions=assumptions, cifar_check=cifar_check(res["measured"]["cifar10"]),
-               plan=plan(res["measured"]["imagenet"], args))
+               plan={name: plan(res["measured"]["imagenet"], args, *v) for name, v in VARIANTS.items()})
     RESULTS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2) + "\n")
     (RESULTS / "capacity.md").write_text(markdown(res))

@@ -4,6 +4,8 @@
     python bench/cifar10_resnet56.py --budget-min 10 --name quick synthesis.g_steps=5   # extra key=value overrides
     python bench/cifar10_resnet56.py --pipeline       # the same run on the distributed pipeline (issue 3):
                                                       # local Ray, 2 synthesis actors, 2 DeepSpeed ranks
+    python bench/cifar10_resnet56.py --pipeline --name bench-cifar10-resnet56-overlapped cluster.schedule=overlapped \
+        cluster.synth_workers=1 cluster.trainer_workers=1 kd.kd_steps=<balanced> epochs=<rounds that fit>  # issue 14
 
 Target (issues 2 and 3): student top-1 >= 60% on ../shared/data/cifar10_test.npz within 60 minutes on 2 CPU cores.
 Reports top-1 after every epoch and each epoch's time split into synthesis, KD and evaluation; the budget counts
@@ -85,7 +87,15 @@ def write_report(stem: Path, cfg: RunConfig, summary: dict, metrics: list[dict],
            f"{mean('kd_read_time', kd):.2f} s, eval {mean('eval_time', kd):.1f} s, DeepSpeed save "
            f"{mean('save_time', kd):.2f} s) + driver checkpoint {mean('checkpoint_time', kd):.2f} s; "
            f"outside compute {100 * mean('outside_compute', kd):.1f}% of the round"]
-          if kd and "round_time" in kd[0] else []),
+          if kd and "round_time" in kd[0] and kd[0].get("schedule") != "overlapped" else []),
+        *([f"- pipeline, overlapped, mean per KD round: {mean('round_time', kd):.1f} s, while the actors "
+           f"synthesized the next round for {mean('step_synthesis_time', kd):.1f} s (busy "
+           f"{100 * mean('synth_busy', kd):.0f}%) and the ranks' KD phase took {mean('kd_phase_time', kd):.1f} s "
+           f"(busy {100 * mean('kd_busy', kd):.0f}%; steps {mean('kd_time', kd):.1f} s of which waiting for "
+           f"batches {mean('kd_read_time', kd):.2f} s, eval {mean('eval_time', kd):.1f} s); driver checkpoint "
+           f"{mean('checkpoint_time', kd):.2f} s; rank reads per round {mean('kd_read_bytes', kd[1:] or kd) / 1e6:.1f}"
+           f" MB against {mean('committed_bytes', kd[1:] or kd) / 1e6:.1f} MB committed"]
+          if kd and kd[0].get("schedule") == "overlapped" else []),
         f"- config: g_steps={cfg.synthesis.g_steps} g_loops={cfg.synthesis.g_loops} "
         f"bs_gen={cfg.synthesis.batch_size} warmup={cfg.warmup}x{cfg.synthesis.warmup_loops} "
         f"kd_steps={cfg.kd.kd_steps} bs_kd={cfg.kd.batch_size} epochs={cfg.epochs} lte={cfg.lte.encoder} "

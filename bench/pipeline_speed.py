@@ -7,7 +7,8 @@
    CPU each, the CIFAR-10 profile (ResNet-56 teacher, bs 200, g=10, bf16); plus 1 actor with 2 threads, the best
    a single process gets from both cores. Goal (issue 3): 2 actors >= 1.7x one.
 2. Buffer: writing 20,000 32x32 images as shards (uint8 .npy samples, 5000 per shard, temporary name + rename +
-   sha256) and reading them back through the per-rank WebDataset reader, images/s and MB/s.
+   sha256) and reading them back through the streaming WebDataset reader (`shard_batches`), images/s and MB/s;
+   bench/reader.py compares it with the resident share the ranks use.
 Needs the real ResNet-56 in ../shared/data. Run on an idle machine.
 """
 
@@ -35,7 +36,7 @@ from orchestrator.cluster import start_local_ray  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
 from orchestrator.faults import FaultPlan  # noqa: E402
 from orchestrator.shards import Manifest, shard_batches, write_shards  # noqa: E402
-from orchestrator.workers import SynthesisWorker  # noqa: E402
+from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles  # noqa: E402
 
 
 def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.Tensor, workers: int, cpus: float,
@@ -43,14 +44,16 @@ def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.T
     """Kept images per wall second for `workers` actors each running `iterations` adversarial iterations."""
     cfg.cluster.synth_cpus = cpus
     images = resolve_images(cfg)
-    no_checkpoint = str(Path(buffer) / "driver.pt")  # fresh synthesizers: no driver checkpoint to restore
+    files = WorkerFiles(buffer, buffer, str(Path(buffer) / "states"))
     actors = [ray.remote(SynthesisWorker).options(num_cpus=cpus).remote(cfg, w, teacher_state, embeddings, images,
-                                                                        buffer, buffer, no_checkpoint, FaultPlan())
+                                                                        files, FaultPlan())
               for w in range(workers)]
     student = build_model(cfg.student.arch, images.num_classes).state_dict()
-    ray.get([a.synthesize.remote(0, False, 1, student, 1, False) for a in actors])  # warm: first-call costs
+    # round 0 warms up (first-call costs); round 1 continues from each actor's own state after it
+    ray.get([a.synthesize.remote(SynthesisTask(0, False, 1, 1, False, -1, 0), student) for a in actors])
     start = time.perf_counter()
-    out = ray.get([a.synthesize.remote(1, False, iterations, student, 1, False) for a in actors])
+    out = ray.get([a.synthesize.remote(SynthesisTask(1, False, iterations, 1, False, 0, 0), student)
+                   for a in actors])
     wall = time.perf_counter() - start
     for a in actors:
         ray.kill(a)

@@ -41,11 +41,19 @@ def read_metrics(folder: Path) -> list[dict]:
 
 
 def round_times(record: dict) -> dict[str, float]:
-    """Seconds per part of one round (see TIME_PARTS); single-process runs: KD = kd_time + eval_time."""
+    """Seconds per part of one round (see TIME_PARTS); single-process runs: KD = kd_time + eval_time. In an
+    overlapped pipeline round synthesis (of the next round) and KD run at the same time: synthesis is the wall
+    time the actors worked during this round, and the parts add up to more than the round."""
     times = {part: sum(record.get(k, 0.0) for k in keys) for part, keys in TIME_PARTS}
     if "kd_phase_time" not in record:
         times["KD + eval"] = record.get("kd_time", 0.0) + record.get("eval_time", 0.0)
+    if overlapped(record):
+        times["synthesis"] = record.get("step_synthesis_time", 0.0)
     return times
+
+
+def overlapped(record: dict) -> bool:
+    return record.get("schedule") == "overlapped"
 
 
 def _save_figure(fig, path: Path) -> Path:
@@ -69,14 +77,21 @@ def plot_accuracy(records: list[dict], teacher_top1: float | None, path: Path) -
 
 
 def plot_round_times(records: list[dict], path: Path) -> Path:
+    """Stacked parts per round; overlapped rounds: the synthesis and KD walls side by side under the round time."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
     rounds = [r["epoch"] for r in records]
-    bottom = [0.0] * len(records)
-    for part, _ in TIME_PARTS:
-        values = [round_times(r)[part] for r in records]
-        if any(values):
-            ax.bar(rounds, values, bottom=bottom, label=part)
-            bottom = [b + v for b, v in zip(bottom, values)]
+    if any(overlapped(r) for r in records):
+        times = [round_times(r) for r in records]
+        ax.bar([x - 0.2 for x in rounds], [t["synthesis"] for t in times], width=0.4, label="synthesis (actors)")
+        ax.bar([x + 0.2 for x in rounds], [t["KD + eval"] for t in times], width=0.4, label="KD + eval (ranks)")
+        ax.plot(rounds, [r.get("round_time", 0.0) for r in records], "k.-", label="round")
+    else:
+        bottom = [0.0] * len(records)
+        for part, _ in TIME_PARTS:
+            values = [round_times(r)[part] for r in records]
+            if any(values):
+                ax.bar(rounds, values, bottom=bottom, label=part)
+                bottom = [b + v for b, v in zip(bottom, values)]
     ax.set(xlabel="round (warm-up rounds synthesize only)", ylabel="seconds", title="time per round")
     ax.grid(alpha=0.3, axis="y")
     ax.legend()
@@ -92,6 +107,17 @@ def plot_per_class(per_class: list[float], names: list[str] | None, path: Path) 
     ax.set(xlabel="class", ylabel="top-1 (%)", ylim=(0, 100), title="final student: accuracy per class")
     ax.grid(alpha=0.3, axis="y")
     return _save_figure(fig, path)
+
+
+def where_the_time_went(records: list[dict], total: dict[str, float], spent: float) -> str:
+    if not any(overlapped(r) for r in records):
+        return "Where the time went: " + ", ".join(f"{part} {total[part]:.0f} s ({100 * total[part] / spent:.0f}%)"
+                                                   for part, _ in TIME_PARTS if total[part])
+    wall = sum(r.get("round_time", 0.0) for r in records) or 1.0
+    return (f"Rounds overlapped (cluster.schedule=overlapped): {wall:.0f} s of rounds; the actors synthesized "
+            f"{100 * total['synthesis'] / wall:.0f}% of it and the ranks trained and evaluated "
+            f"{100 * total['KD + eval'] / wall:.0f}% of it, at the same time; commit + checkpoints "
+            f"{total['commit'] + total['checkpoint']:.0f} s")
 
 
 def _class_names(folder: Path) -> list[str] | None:
@@ -148,8 +174,7 @@ def write_report(folder: str | Path) -> Path:
         f"| synthetic images in the buffer | {last.get('buffer', '-')} |",
         f"| wall time | {_fmt(last.get('elapsed'), '.0f')} s |",
         f"| status | {_status(summary)} |", "",
-        "Where the time went: " + ", ".join(f"{part} {total[part]:.0f} s ({100 * total[part] / spent:.0f}%)"
-                                            for part, _ in TIME_PARTS if total[part]), "",
+        where_the_time_went(records, total, spent), "",
     ]
     for title, image in (("Accuracy per round", accuracy), ("Time per round", times),
                          (f"Synthetic samples, {grids[-1].stem} (one row per class)" if grids else "", grids[-1] if grids else None),

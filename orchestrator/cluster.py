@@ -61,6 +61,20 @@ def start_local_ray(num_cpus: int, object_store_bytes: int) -> None:
              dashboard_host="127.0.0.1", log_to_driver=True)
 
 
+def resolve_schedule(cfg: PipelineConfig) -> str:
+    """`cluster.schedule=auto` -> overlapped where synthesis and KD can compute at once without sharing a processor:
+    both pools on GPUs, or a cluster of several nodes, or one machine with a core for every worker's CPUs; else
+    alternating (on a laptop the two pools would only take cores from each other)."""
+    c = cfg.cluster
+    if c.schedule != "auto":
+        return c.schedule
+    if c.synth_gpus > 0 and c.trainer_gpus > 0:
+        return "overlapped"
+    if len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        return "overlapped"
+    return "overlapped" if c.total("CPU") <= (os.cpu_count() or 1) else "alternating"
+
+
 def check_capacity(cfg: PipelineConfig) -> None:
     """The synthesis actors and the DeepSpeed ranks live at the same time: a cluster without the CPUs or GPUs for
     all of them would leave one waiting forever. (An autoscaling cluster that adds nodes on demand is not seen.)"""

@@ -15,6 +15,7 @@ from nayer.cli_config import ConfigError
 from nayer.config import RunConfig, check_choice
 
 CORRUPT_SHARD_POLICIES = ("fail", "exclude")
+SCHEDULES = ("auto", "alternating", "overlapped")
 DS_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
@@ -31,7 +32,15 @@ class ClusterConfig:
     trainer_gpus: float = 0.0  # > 0: ranks run on GPUs (ScalingConfig use_gpu)
     deepspeed: str = "configs/deepspeed/zero0.json"  # DeepSpeed JSON; batch sizes are filled in from kd.batch_size
     shard_samples: int = 5000  # at most this many images per WebDataset shard
-    shuffle_buffer: int = 2000  # per-rank sample shuffle buffer when reading shards
+    # alternating: synthesize round r, then train KD round r (Algorithm 1 exactly; each pool idles while the other
+    # works). overlapped: the actors synthesize round r+1 while the ranks train round r; round r+1's adversarial
+    # term then uses the student after KD round r-1 (a fixed staleness of one round). auto: overlapped where the
+    # two pools have processors of their own (GPUs for both, an attached cluster, or a local machine with a core
+    # for every worker), alternating where they would share cores.
+    schedule: str = "auto"
+    rank_buffer_gb: float = 8.0  # host memory a rank may hold its share of the buffer in; beyond it, it streams
+    rank_buffer_device_gb: float = 4.0  # on a GPU: a share up to this size is held in device memory
+    shuffle_buffer: int = 2000  # per-rank sample shuffle buffer when a share streams from storage
     object_store_mb: int = 1024  # local Ray only: the object store's size
     keep_checkpoints: int = 2  # student (DeepSpeed) checkpoints Ray Train keeps
     synth_max_restarts: int = 0  # Ray restarts a dead synthesis actor this often (from the last checkpoint)
@@ -54,7 +63,8 @@ class PipelineConfig(RunConfig):
     # A requeued SLURM job resumes on another head address; restart and corruption policies may be raised.
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = RunConfig.RESUME_MAY_CHANGE + (
         "cluster.address", "cluster.object_store_mb", "cluster.keep_checkpoints", "cluster.synth_max_restarts",
-        "cluster.trainer_max_failures", "cluster.on_corrupt_shard")
+        "cluster.trainer_max_failures", "cluster.on_corrupt_shard", "cluster.rank_buffer_gb",
+        "cluster.rank_buffer_device_gb")
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -62,6 +72,7 @@ class PipelineConfig(RunConfig):
         super().validate()
         c = self.cluster
         check_choice("cluster.on_corrupt_shard", c.on_corrupt_shard, CORRUPT_SHARD_POLICIES)
+        check_choice("cluster.schedule", c.schedule, SCHEDULES)
         for key, value in [("cluster.synth_workers", c.synth_workers), ("cluster.trainer_workers", c.trainer_workers),
                            ("cluster.shard_samples", c.shard_samples), ("cluster.shuffle_buffer", c.shuffle_buffer),
                            ("cluster.keep_checkpoints", c.keep_checkpoints)]:
@@ -72,7 +83,9 @@ class PipelineConfig(RunConfig):
             if value < -1:
                 raise ConfigError(f"{key} must be >= 0 (or -1: without limit), got {value}")
         for key, value in [("cluster.synth_cpus", c.synth_cpus), ("cluster.synth_gpus", c.synth_gpus),
-                           ("cluster.trainer_cpus", c.trainer_cpus), ("cluster.trainer_gpus", c.trainer_gpus)]:
+                           ("cluster.trainer_cpus", c.trainer_cpus), ("cluster.trainer_gpus", c.trainer_gpus),
+                           ("cluster.rank_buffer_gb", c.rank_buffer_gb),
+                           ("cluster.rank_buffer_device_gb", c.rank_buffer_device_gb)]:
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
         if self.kd.batch_size % c.trainer_workers:

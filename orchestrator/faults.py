@@ -1,6 +1,7 @@
 """Fault injection for drills and tests: a synthesis actor or a DeepSpeed rank of a real run dies (SIGKILL, no
 cleanup, like an OOM kill or a lost node) at a chosen point, so that the restart settings
-(`cluster.synth_max_restarts`, `cluster.trainer_max_failures`) can be checked on the cluster they will run on.
+(`cluster.synth_max_restarts`, `cluster.trainer_max_failures`) can be checked on the cluster they will run on; or a
+shard's bytes change on storage after it was written (bit rot, a bad disk), which the ranks' checksum must catch.
 
     NAYER_FAULTS="kill_synthesis_writing:round=2,worker=0" python -m orchestrator.run ... cluster.synth_max_restarts=1
     NAYER_FAULTS="kill_rank:round=3,rank=1,step=5" python -m orchestrator.run ... cluster.trainer_max_failures=1
@@ -8,6 +9,7 @@ cleanup, like an OOM kill or a lost node) at a chosen point, so that the restart
 Faults, separated by ';':
     kill_synthesis_writing:round=R,worker=W   the actor, half-way through writing its first shard of round R
     kill_rank:round=R,rank=Q,step=S           DeepSpeed rank Q, before KD step S (0-based) of round R
+    corrupt_shard:round=R,worker=W            one byte flipped in worker W's first shard of round R, after its write
 Keys left out match any value. Each fault fires once per run folder: a marker file in `<run>/faults/` (created
 before the kill) keeps the restarted process from dying again. Unset, nothing is injected.
 """
@@ -22,7 +24,8 @@ from pathlib import Path
 from nayer.cli_config import ConfigError
 
 ENV = "NAYER_FAULTS"
-KINDS = {"kill_synthesis_writing": ("round", "worker"), "kill_rank": ("round", "rank", "step")}
+KINDS = {"kill_synthesis_writing": ("round", "worker"), "kill_rank": ("round", "rank", "step"),
+         "corrupt_shard": ("round", "worker")}
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,8 @@ class FaultPlan:
     def from_env(cls, marker_dir: str | Path) -> "FaultPlan":
         return cls.parse(os.environ.get(ENV, ""), marker_dir)
 
-    def kill_if(self, kind: str, **at: int) -> None:
-        """SIGKILL this process if an unfired fault of `kind` matches `at`."""
+    def fires(self, kind: str, **at: int) -> bool:
+        """True (once per run folder) if an unfired fault of `kind` matches `at`."""
         for index, fault in enumerate(self.faults):
             if fault.kind != kind or not fault.matches(at):
                 continue
@@ -73,5 +76,21 @@ class FaultPlan:
                 os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 continue  # fired before: this is the restarted process
-            print(f"fault injection ({ENV}): {kind} at {at}: SIGKILL pid {os.getpid()}", flush=True)
+            print(f"fault injection ({ENV}): {kind} at {at} (pid {os.getpid()})", flush=True)
+            return True
+        return False
+
+    def kill_if(self, kind: str, **at: int) -> None:
+        """SIGKILL this process if an unfired fault of `kind` matches `at`."""
+        if self.fires(kind, **at):
+            print(f"fault injection ({ENV}): SIGKILL pid {os.getpid()}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
+
+    def corrupt_if(self, path: str | Path, **at: int) -> None:
+        """Flip one byte in the middle of the file at `path` if an unfired corrupt_shard fault matches `at`."""
+        if self.fires("corrupt_shard", **at):
+            with open(path, "r+b") as f:
+                f.seek(os.path.getsize(path) // 2)
+                byte = f.read(1)
+                f.seek(-1, os.SEEK_CUR)
+                f.write(bytes([byte[0] ^ 0xFF]))

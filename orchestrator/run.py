@@ -6,28 +6,28 @@
     ray job submit --address http://<head>:8265 --working-dir . --runtime-env configs/ray/runtime_env.yaml -- \\
         python -m orchestrator.run config=... out_dir=/shared/runs cluster.synth_workers=8 cluster.synth_gpus=1 \\
         cluster.trainer_workers=8 cluster.trainer_gpus=1
+    python -m orchestrator.run config=... cluster.schedule=alternating   # Algorithm 1 exactly (see below)
     python -m orchestrator.run config=... name=<existing run> resume=true      # continue a killed run
     python -m orchestrator.run --help                                         # every key, its default
 
-Without cluster.address (and no RAY_ADDRESS) a local Ray is started on this machine. Each round:
-synthesize on N actors -> commit their shards to the manifest -> S DeepSpeed steps on M ranks -> evaluate ->
-checkpoint (student via DeepSpeed + ray.train.report; generators, noisy layers, BN EMA, RNG, manifest and round
-in checkpoints/driver.pt). Warm-up rounds synthesize only. `resume=true` continues from the last committed round
-and drops shards a killed round left behind. SIGTERM / SIGUSR1 stop the run after the round in progress is
-checkpointed (slurm/ray_cluster_requeue.sbatch relies on it).
+Without cluster.address (and no RAY_ADDRESS) a local Ray is started on this machine. A round: synthesize on N
+actors -> commit their shards to the manifest (the ranks' loaders read their new shards at once) -> S DeepSpeed
+steps on M ranks -> sharded evaluation -> checkpoints (the ranks': DeepSpeed + ray.train.report; each actor's:
+its own file; the driver's: `checkpoints/driver.pt`, small). Warm-up rounds synthesize only.
+`cluster.schedule=overlapped`: while the ranks train round r, the actors synthesize round r+1 (its adversarial term
+uses the student after round r-1), so a round costs max(synthesis, KD) instead of their sum; `alternating`: one
+after the other. `resume=true` continues from the last checkpointed round and drops shards a killed round left
+behind. SIGTERM / SIGUSR1 stop the run after the round in progress is checkpointed (slurm/ray_cluster_requeue.sbatch).
 Run folder `runs/<name>/`: config.yaml, metrics.jsonl, tb/, samples/round-XXXXX.png, buffer/manifest.json +
 buffer/round-XXXXX/worker-YYY-ZZZZZZ.tar, trainer/student-SSSSS/round-XXXXX/ (DeepSpeed; a Ray Train experiment
-per driver start S), checkpoints/driver.pt,
-student.pt, summary.json, report.md + plots/ (nayer.report).
+per driver start S), checkpoints/driver.pt + checkpoints/synthesis/worker-YYY/round-XXXXX.pt, student.pt,
+summary.json, report.md + plots/ (nayer.report).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import shutil
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -43,111 +43,31 @@ from nayer.report import write_report
 from nayer.run_folder import RunFolder
 from nayer.runtime import RunError, save_json, save_torch, seed_everything
 from nayer.specs import Compute
-from nayer.state import Best
-from orchestrator.cluster import check_capacity, connect, last_error_line, root_cause
+from orchestrator.board import RoundBoard
+from orchestrator.cluster import check_capacity, connect, resolve_schedule, root_cause
 from orchestrator.config import PipelineConfig, load_deepspeed_config
 from orchestrator.faults import FaultPlan
+from orchestrator.rounds import gather_synthesis, synthesis_record
 from orchestrator.shards import Manifest, rank_samples
-from orchestrator.trainer import RoundBoard, TrainerRun, make_trainer
-from orchestrator.workers import SynthesisWorker, split_iterations
-
-SUMMED_STATS = ("syn_steps", "syn_nonfinite_steps")
+from orchestrator.signals import StopOnSignal
+from orchestrator.state import DriverState
+from orchestrator.trainer import STUDENT_WEIGHTS, TrainerRun, make_trainer
+from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles, split_iterations
 
 
 class PipelineFolder(RunFolder):
-    """The single-process run folder plus the Ray Train storage (trainer/) and the driver checkpoint."""
+    """The single-process run folder plus the Ray Train storage (trainer/) and the checkpoints of the driver and
+    of each synthesis actor (checkpoints/)."""
 
     CHECKPOINT = "checkpoints/driver.pt"
 
     def __init__(self, cfg: PipelineConfig):
         super().__init__(cfg)
         self.trainer = self.path / "trainer"
+        self.synthesis_states = self.checkpoint.parent / "synthesis"
 
     def outputs(self) -> list[Path]:
         return [*super().outputs(), self.trainer, self.checkpoint.parent, self.path / "faults"]
-
-
-def synthesize_round(workers: list, calls: list) -> list[dict]:
-    """Wait for a round's synthesis tasks; an actor's own error (a non-finite loss, a full disk) comes out as
-    itself, a dead actor (killed, out of memory, out of restarts) as a RunError naming it."""
-    try:
-        return ray.get(calls)
-    except ray.exceptions.RayActorError as exc:
-        dead = next((w for w, call in enumerate(calls) if _died(call)), "?")
-        if exc.actor_init_failed:
-            raise RunError(f"synthesis worker {dead} could not start: {last_error_line(str(exc))}") from None
-        first = (str(exc).strip().splitlines() or ["died"])[0]
-        raise RunError(f"synthesis worker {dead} died ({first}); cluster.synth_max_restarts=N lets Ray restart it "
-                       "from the last checkpoint and retry its round") from None
-    except ray.exceptions.RayTaskError as exc:
-        raise root_cause(exc) from None
-
-
-def _died(call: ray.ObjectRef) -> bool:
-    """True if the call has ended with its actor's death (not still running, not another error)."""
-    if not ray.wait([call], timeout=0)[0]:
-        return False
-    try:
-        ray.get(call)
-    except ray.exceptions.RayActorError:
-        return True
-    except Exception:  # noqa: BLE001 - another failure: not a death
-        return False
-    return False
-
-
-def round_record(r: int, warm: bool, outputs: list[dict]) -> dict:
-    """Synthesis statistics of a round: losses and the paper's metrics averaged over the workers' iterations
-    (curves step by step), counts summed, the slowest worker's time. A worker's diversity is measured against
-    its own earlier images."""
-    iterations = sum(o["stats"]["syn_iterations"] for o in outputs)
-    record: dict = {"epoch": r, "phase": "warmup" if warm else "kd", "syn_iterations": iterations}
-    for key in outputs[0]["stats"]:
-        if key in SUMMED_STATS:
-            record[key] = sum(o["stats"][key] for o in outputs)
-            continue
-        weighted = [(o["stats"][key], o["stats"]["syn_iterations"]) for o in outputs
-                    if o["stats"].get(key) is not None and o["stats"]["syn_iterations"] > 0]
-        if key in ("syn_iterations", "syn_time", "metrics_time"):
-            continue
-        if not weighted:  # e.g. diversity in the first round: nothing earlier to compare with
-            record[key] = None
-            continue
-        weight = sum(w for _, w in weighted)
-        if isinstance(weighted[0][0], list):
-            length = min(len(v) for v, _ in weighted)
-            record[key] = [sum(v[i] * w for v, w in weighted) / weight for i in range(length)]
-        else:
-            record[key] = sum(v * w for v, w in weighted) / weight
-    record["syn_compute_time"] = max(o["compute_time"] for o in outputs)
-    record["shard_write_time"] = max(o["write_time"] for o in outputs)
-    return record
-
-
-class StopOnSignal:
-    """SIGTERM or SIGUSR1 (a scheduler's preemption notice; SLURM's `--signal` before the time limit) -> finish
-    the round in progress, checkpoint it and stop, so `resume=true` continues after it. Installed on the main
-    thread only (Python's rule); a Tune trial runs the driver on another thread and Tune stops it itself."""
-
-    SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1") if hasattr(signal, name))
-
-    def __init__(self):
-        self.received: str | None = None
-        self.previous: dict = {}
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signal.Signals(signum).name
-
-    def arm(self) -> None:
-        """Called after ray.init: Ray's core worker installs a SIGTERM handler of its own that aborts the process."""
-        if threading.current_thread() is threading.main_thread():
-            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-
-    def disarm(self) -> None:
-        for s, handler in self.previous.items():
-            if handler is not None:  # None: a handler installed outside Python, which cannot be put back
-                signal.signal(s, handler)
-        self.previous = {}
 
 
 def run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None = None) -> dict:
@@ -155,151 +75,247 @@ def run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None = None) -> 
     `on_round(record)` is called with each round's metrics after its checkpoint (Tune reports them)."""
     stop = StopOnSignal()
     try:
-        return _run(cfg, on_round, stop)
+        return Driver(cfg, on_round, stop).run()
     finally:
         stop.disarm()
 
 
-def _run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: StopOnSignal) -> dict:
-    wall_start = time.perf_counter()
-    folder = PipelineFolder(cfg)
-    ds_config = load_deepspeed_config(cfg)
-    faults = FaultPlan.from_env(folder.path / "faults")
-    seed_everything(cfg.seed)  # a teacher without a checkpoint is random: the same one in every run of a seed
-    inputs = load_inputs(cfg, torch.device("cpu"))
-    folder.create()
-    state = torch.load(folder.checkpoint, map_location="cpu", weights_only=True) if cfg.resume else None
-    manifest = Manifest(folder.buffer, state["manifest"] if state else [])
-    if state:  # the committed buffer only: a round killed before its commit leaves shards nobody may read
-        for message in manifest.verify(cfg.cluster.on_corrupt_shard):
-            print(f"resume: excluded {message} (moved to buffer/quarantine/)", flush=True)
-        dropped = manifest.discard_uncommitted()
-        if dropped:
-            print(f"resume: dropped {len(dropped)} uncommitted shard file(s) of the killed round", flush=True)
-    manifest.save()
+class Driver:
+    """One start of a pipeline run: checks and loads its inputs and state on creation; `run()` starts the actors,
+    the board and (at the first KD round) the ranks, runs the remaining rounds, and releases them all."""
 
-    teacher_top1 = state["teacher_top1"] if state else None
-    if inputs.eval_set is not None and state is None:
-        teacher_top1 = evaluate(inputs.teacher, inputs.eval_set, inputs.images, Compute(bf16=cfg.bf16),
-                                cfg.data.eval_batch_size)["top1"]
-        print(f"teacher top-1 on {cfg.data.eval}: {teacher_top1:.2f}%", flush=True)
+    def __init__(self, cfg: PipelineConfig, on_round: Callable[[dict], None] | None, stop: StopOnSignal):
+        self.cfg, self.on_round, self.stop = cfg, on_round, stop
+        self.wall_start = time.perf_counter()
+        self.folder = PipelineFolder(cfg)
+        self.ds_config = load_deepspeed_config(cfg)
+        self.faults = FaultPlan.from_env(self.folder.path / "faults")
+        seed_everything(cfg.seed)  # a teacher without a checkpoint is random: the same one in every run of a seed
+        self.inputs = load_inputs(cfg, torch.device("cpu"))
+        self.folder.create()
+        self.state = DriverState.load(self.folder.checkpoint) if cfg.resume else DriverState()
+        self.elapsed_before = self.state.elapsed
+        self.checkpointed = self.state.synthesized  # the synthesis round of the last driver checkpoint
+        self.manifest = self._open_buffer()
+        if self.inputs.eval_set is not None and not cfg.resume:
+            self.state.teacher_top1 = evaluate(self.inputs.teacher, self.inputs.eval_set, self.inputs.images,
+                                               Compute(bf16=cfg.bf16), cfg.data.eval_batch_size)["top1"]
+            print(f"teacher top-1 on {cfg.data.eval}: {self.state.teacher_top1:.2f}%", flush=True)
+        self.workers: list = []
+        self.board = None
+        self.trainer: TrainerRun | None = None
+        self.student_ref = None  # the student after KD round `state.kd_round()` (None: no KD round yet)
+        self.progress: RoundProgress | None = None
 
-    started_ray = connect(cfg)
-    stop.arm()
-    board, trainer_run, workers = None, None, []
-    try:
-        check_capacity(cfg)
-        c = cfg.cluster
-        teacher_ref = ray.put(inputs.teacher.state_dict())
-        embeddings_ref = ray.put(inputs.embeddings.cpu())
-        # A crashed actor is restarted (state: the last checkpoint) and its round's task retried; its shards
-        # are rewritten under the same names, and nothing of a round is visible before the driver commits it.
-        actor = ray.remote(SynthesisWorker).options(num_cpus=c.synth_cpus, num_gpus=c.synth_gpus,
-                                                    max_restarts=c.synth_max_restarts,
-                                                    max_task_retries=c.synth_max_restarts)
-        workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, inputs.images,
-                                str(folder.buffer.resolve()), str(folder.samples.resolve()),
-                                str(folder.checkpoint.resolve()), faults)
-                   for w in range(c.synth_workers)]
-        student_ref, student_state = None, state["student"] if state else None
-        if state and state["student"] is not None:
-            student_ref = ray.put(state["student"])
-        board = RoundBoard.remote()
-        loop_config = {"cfg": cfg, "board": board, "images": inputs.images, "deepspeed": ds_config,
-                       "teacher": teacher_ref, "resume_from": None, "faults": faults,
-                       "eval_set": ray.put(inputs.eval_set) if inputs.eval_set is not None else None}
-        trainer_storage = folder.trainer.resolve()
-        if state and state["student_checkpoint"]:  # the DeepSpeed checkpoint of the last committed KD round
-            loop_config["resume_from"] = str(trainer_storage / state["student_checkpoint"])
+    # ------------------------------------------------------------------------------------------------ start
+    def _open_buffer(self) -> Manifest:
+        """The committed buffer: on resume, the manifest cut back to the last checkpointed synthesis round (a round
+        committed after it is synthesized again), every shard verified, files nobody committed removed."""
+        manifest = Manifest.load(self.folder.buffer) if self.cfg.resume else Manifest(self.folder.buffer)
+        if self.cfg.resume:
+            manifest.truncate(self.state.synthesized)
+            for message in manifest.verify(self.cfg.cluster.on_corrupt_shard):
+                print(f"resume: excluded {message} (moved to buffer/quarantine/)", flush=True)
+            dropped = manifest.discard_uncommitted()
+            if dropped:
+                print(f"resume: dropped {len(dropped)} uncommitted shard file(s) of the killed round", flush=True)
+        manifest.save()
+        return manifest
 
-        start = state["round"] + 1 if state else 0
-        experiment = trainer_experiment(trainer_storage, start, state["student_checkpoint"] if state else None)
-        best = Best(**state["best"]) if state else Best()
-        elapsed_before = state["elapsed"] if state else 0.0
-        checkpoint_name = state["student_checkpoint"] if state else None
-        metrics = folder.metrics_log()
+    def run(self) -> dict:
+        cfg, c = self.cfg, self.cfg.cluster
+        started_ray = connect(cfg)
+        self.stop.arm()
+        try:
+            check_capacity(cfg)
+            self.schedule = resolve_schedule(cfg)
+            teacher_ref = ray.put(self.inputs.teacher.state_dict())
+            # A crashed actor is restarted (fresh) and its round's task retried; the task names the last committed
+            # round, whose state the actor loads from its own file. Its shards are rewritten under the same names,
+            # and nothing of a round is visible before the driver commits it.
+            actor = ray.remote(SynthesisWorker).options(num_cpus=c.synth_cpus, num_gpus=c.synth_gpus,
+                                                        max_restarts=c.synth_max_restarts,
+                                                        max_task_retries=c.synth_max_restarts)
+            files = WorkerFiles(str(self.folder.buffer.resolve()), str(self.folder.samples.resolve()),
+                                str(self.folder.synthesis_states.resolve()))
+            embeddings_ref = ray.put(self.inputs.embeddings.cpu())
+            self.workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, self.inputs.images, files, self.faults)
+                            for w in range(c.synth_workers)]
+            self.board = RoundBoard.remote()
+            self.board.commit.remote(self.manifest.snapshot())
+            storage = self.folder.trainer.resolve()
+            self.experiment = trainer_experiment(storage, self.state.done + 1, self.state.student_checkpoint)
+            self.loop_config = {
+                "cfg": cfg, "board": self.board, "images": self.inputs.images, "deepspeed": self.ds_config,
+                "teacher": teacher_ref, "faults": self.faults,
+                "resume_from": str(storage / self.state.student_checkpoint) if self.state.student_checkpoint else None,
+                "eval_set": ray.put(self.inputs.eval_set) if self.inputs.eval_set is not None else None}
+            if self.state.student_checkpoint:  # the adversarial term's student: the last KD round's
+                self.student_ref = ray.put(torch.load(storage / self.state.student_checkpoint / STUDENT_WEIGHTS,
+                                                      map_location="cpu", weights_only=True))
+            self._rounds()
+            ray.get(self.board.stop.remote())
+            if self.trainer is not None:
+                self.trainer.join()
+            if self.student_ref is not None:
+                save_torch(ray.get(self.student_ref), self.folder.path / "student.pt")
+        finally:  # also after a failure: on a cluster that outlives this run, release what it holds
+            if self.board is not None:
+                ray.get(self.board.stop.remote())
+            if self.trainer is not None and self.trainer.thread.is_alive():
+                self.trainer.thread.join(60)  # the ranks leave their loop once the board has stopped
+            for worker in self.workers:
+                ray.kill(worker)
+            if started_ray:
+                ray.shutdown()
+        return self._summary()
+
+    # ------------------------------------------------------------------------------------------------ rounds
+    def _rounds(self) -> None:
+        cfg = self.cfg
         total = cfg.warmup + cfg.epochs
-        progress = RoundProgress(cfg.name, start, total)
-        record: dict = {}
-        for r in range(start, total):
-            t0 = time.perf_counter()
-            warm = r < cfg.warmup
-            shares = split_iterations(cfg.synthesis.warmup_loops if warm else cfg.synthesis.g_loops, c.synth_workers)
-            active = sum(1 for s in shares if s > 0)
-            min_shards = math.ceil(c.trainer_workers / max(active, 1))  # every rank gets a shard of every round
-            outputs = synthesize_round(workers, [
-                w.synthesize.remote(r, warm, share, None if warm else student_ref, min_shards, i == 0)
-                for i, (w, share) in enumerate(zip(workers, shares))])
-            t_synth = time.perf_counter()
-            excluded = manifest.commit(r, [entry for o in outputs for entry in o["shards"]], c.on_corrupt_shard)
-            manifest.remove_temporaries(r)
-            t_commit = time.perf_counter()
-            record = round_record(r, warm, outputs)
-            record.update(syn_time=t_synth - t0, commit_time=t_commit - t_synth)
-            if not warm:
-                check_readable(manifest, r, c.trainer_workers, ds_config["train_micro_batch_size_per_gpu"])
-                if trainer_run is None:  # started at the first KD round: warm-up rounds keep all cores for synthesis
-                    trainer_run = TrainerRun(make_trainer(cfg, str(trainer_storage), experiment, loop_config)).start()
-                board.publish.remote({"round": r, "shards": manifest.snapshot()})
-                result = trainer_run.wait(board.result.remote(r))
-                student_ref = result.pop("student")[0]
-                checkpoint_name = f"{experiment}/{result.pop('checkpoint')}"
-                corrupt = result.pop("corrupt_shards")
-                excluded += [f"buffer shard {url}: failed its checksum when read" for url in corrupt]
-                manifest.exclude(manifest.relative(url) for url in corrupt)
-                record.update(result)
-                record["kd_phase_time"] = time.perf_counter() - t_commit
-                best.update(record.get("top1"), r)
-            for message in excluded:
-                progress.write(f"round {r}: excluded {message} (moved to buffer/quarantine/, never trained on)")
-            record.update(buffer=manifest.samples, shards=len(manifest.shards), excluded_shards=len(excluded))
-            t_ckpt = time.perf_counter()
-            student_state = ray.get(student_ref) if student_ref is not None else None
-            elapsed = elapsed_before + time.perf_counter() - wall_start
-            save_torch({"round": r, "synthesizers": ray.get([w.state_dict.remote() for w in workers]),
-                        "manifest": manifest.shards, "student": student_state, "student_checkpoint": checkpoint_name,
-                        "best": dataclasses.asdict(best), "elapsed": elapsed,
-                        "teacher_top1": teacher_top1}, folder.checkpoint)
-            now = time.perf_counter()
-            compute = record["syn_compute_time"] + record.get("kd_time", 0.0) - record.get("kd_read_time", 0.0) \
-                + record.get("eval_time", 0.0)
-            record.update(checkpoint_time=now - t_ckpt, round_time=now - t0,
-                          outside_compute=1.0 - compute / (now - t0), elapsed=elapsed_before + now - wall_start)
-            metrics.log(record)
-            progress.round_done(record)
-            if on_round is not None:
-                on_round(record)
-            if stop.received:
-                progress.write(f"{stop.received}: stopped after round {r} (checkpointed); continue with resume=true")
-                break
-            if cfg.time_budget_s and record["elapsed"] >= cfg.time_budget_s:
-                progress.write(f"time budget of {cfg.time_budget_s:.0f}s reached after round {r}")
-                break
-        progress.close()
-        metrics.close()
-        ray.get(board.stop.remote())
-        if trainer_run is not None:
-            trainer_run.join()
-        if student_state is not None:
-            save_torch(student_state, folder.path / "student.pt")
-    finally:  # also after a failure: on a cluster that outlives this run, release what it holds
-        if board is not None:
-            ray.get(board.stop.remote())
-        if trainer_run is not None and trainer_run.thread.is_alive():
-            trainer_run.thread.join(60)  # the ranks leave their loop once the board has stopped
-        for worker in workers:
-            ray.kill(worker)
-        if started_ray:
-            ray.shutdown()
-    summary = {"name": cfg.name, "teacher_top1": teacher_top1, "final_top1": record.get("top1"),
-               "best_top1_on_test_set": best.top1 if best.found else None, "best_epoch": best.epoch,
-               "rounds_run": record.get("epoch", start - 1) + 1, "buffer_images": manifest.samples,
-               "shards": len(manifest.shards), "synth_workers": cfg.cluster.synth_workers,
-               "trainer_workers": cfg.cluster.trainer_workers, "stopped_by": stop.received,
-               "wall_time_s": elapsed_before + time.perf_counter() - wall_start}
-    save_json(summary, folder.path / "summary.json")
-    write_report(folder.path)
-    return summary
+        self.progress = RoundProgress(cfg.name, self.state.done + 1, total)
+        metrics = self.folder.metrics_log()
+        try:
+            while (r := self.state.done + 1) < total:
+                record = self._step(r, total)
+                metrics.log(record)
+                self.progress.round_done(record)
+                if self.on_round is not None:
+                    self.on_round(record)
+                if self.stop.received:
+                    self.progress.write(f"{self.stop.received}: stopped after round {r} (checkpointed); continue "
+                                        "with resume=true")
+                    break
+                if cfg.time_budget_s and record["elapsed"] >= cfg.time_budget_s:
+                    self.progress.write(f"time budget of {cfg.time_budget_s:.0f}s reached after round {r}")
+                    break
+        finally:
+            self.progress.close()
+            metrics.close()
+
+    def _step(self, r: int, total: int) -> dict:
+        """Round r to its checkpoint. Alternating: synthesize r, then train r. Overlapped: train r while round r+1
+        is synthesized (round r's images were made in the step before, or now, first, for the first KD round)."""
+        t0 = time.perf_counter()
+        warm = r < self.cfg.warmup
+        if not warm and self.trainer is None:  # the ranks start up while the round's images are made
+            self.trainer = TrainerRun(make_trainer(self.cfg, str(self.folder.trainer.resolve()), self.experiment,
+                                                   self.loop_config)).start()
+        synthesized_now = self.state.synthesized < r
+        if synthesized_now:
+            syn = self._commit(r, gather_synthesis(self._launch(r)), time.perf_counter() - t0)
+        else:
+            syn = dict(self.state.pending)
+        synthesis_wall = syn["syn_time"] if synthesized_now else 0.0
+        excluded = syn.pop("excluded_shards", 0) if synthesized_now else 0
+        syn.pop("excluded_shards", None)
+        record = {"epoch": r, "phase": "warmup" if warm else "kd", **syn, "schedule": self.schedule}
+        ahead: dict = {}
+        kd_wall = 0.0
+        if not warm:
+            result, ahead = self._train(r, total)
+            kd_wall = result.pop("kd_wall")
+            record["kd_phase_time"] = kd_wall
+            excluded += result.pop("excluded_shards") + ahead.get("excluded_shards", 0)
+            synthesis_wall += ahead.get("syn_time", 0.0)
+            record.update(result)
+            self.state.best.update(record.get("top1"), r)
+            self.state.last_top1 = record.get("top1")
+        self.state.done, self.state.pending = r, ahead
+        record.update(buffer=self.manifest.samples, shards=len(self.manifest.shards), excluded_shards=excluded,
+                      step_synthesis_round=r + 1 if ahead else (r if synthesized_now else None),
+                      committed_bytes=(syn["syn_bytes"] if synthesized_now else 0) + ahead.get("syn_bytes", 0))
+        t_ckpt = time.perf_counter()
+        self.state.elapsed = self._elapsed()
+        self.state.save(self.folder.checkpoint)
+        self.checkpointed = self.state.synthesized
+        now = time.perf_counter()
+        step = now - t0
+        compute = [(syn["syn_compute_time"] if synthesized_now else 0.0) + ahead.get("syn_compute_time", 0.0),
+                   record.get("kd_time", 0.0) - record.get("kd_read_time", 0.0) + record.get("eval_time", 0.0)]
+        critical = max(compute) if self.schedule == "overlapped" else sum(compute)
+        record.update(checkpoint_time=now - t_ckpt, round_time=step, step_synthesis_time=synthesis_wall,
+                      synth_busy=min(1.0, synthesis_wall / step),
+                      kd_busy=min(1.0, kd_wall / step), outside_compute=1.0 - critical / step,
+                      elapsed=self._elapsed())
+        return record
+
+    def _launch(self, s: int) -> list:
+        """Start synthesis round s on every worker (continuing from the last committed round)."""
+        cfg, c = self.cfg, self.cfg.cluster
+        warm = s < cfg.warmup
+        shares = split_iterations(cfg.synthesis.warmup_loops if warm else cfg.synthesis.g_loops, c.synth_workers)
+        active = sum(1 for share in shares if share > 0)
+        min_shards = math.ceil(c.trainer_workers / max(active, 1))  # every rank gets a shard of every round
+        student = None if warm else self.student_ref
+        tasks = [SynthesisTask(s, warm, share, min_shards, i == 0, self.state.synthesized, self.checkpointed)
+                 for i, share in enumerate(shares)]
+        return [w.synthesize.remote(task, student) for w, task in zip(self.workers, tasks)]
+
+    def _commit(self, s: int, outputs: list[dict], wall: float) -> dict:
+        """Commit round s's shards (the manifest is the commit point), hand them to the ranks' loaders at once;
+        returns the round's synthesis record."""
+        t0 = time.perf_counter()
+        seq = self.manifest.next_seq
+        excluded = self.manifest.commit(s, [entry for o in outputs for entry in o["shards"]],
+                                        self.cfg.cluster.on_corrupt_shard)
+        self.manifest.remove_temporaries(s)
+        self.board.commit.remote(self.manifest.snapshot(after_seq=seq - 1))
+        self.state.synthesized = s
+        for message in excluded:
+            self.progress.write(f"round {s}: excluded {message} (moved to buffer/quarantine/, never trained on)")
+        record = synthesis_record(outputs)
+        # The student the round's adversarial term used: after this KD round (-1: the workers' initial students).
+        adv = None if s < self.cfg.warmup else self.state.kd_round(self.cfg.warmup)
+        record.update(syn_time=wall, commit_time=time.perf_counter() - t0, adv_student_round=adv,
+                      syn_bytes=self.manifest.round_bytes(s), excluded_shards=len(excluded))
+        return record
+
+    def _train(self, r: int, total: int) -> tuple[dict, dict]:
+        """KD round r on the ranks; overlapped, round r+1 is synthesized meanwhile and committed as soon as it is
+        done. Returns the KD result (with `kd_wall`) and the next round's synthesis record ({} if none ran)."""
+        check_readable(self.manifest, r, self.cfg.cluster.trainer_workers,
+                       self.ds_config["train_micro_batch_size_per_gpu"])
+        t0 = time.perf_counter()
+        self.board.publish.remote({"round": r, "upto_seq": self.manifest.last_seq(r)})
+        kd_ref = self.board.result.remote(r)
+        calls = self._launch(r + 1) if self.schedule == "overlapped" and r + 1 < total else []
+        result, ahead, waiting = None, {}, [kd_ref, *calls]
+        while waiting:
+            _, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
+            if calls and not ahead and not any(call in waiting for call in calls):
+                ahead = self._commit(r + 1, gather_synthesis(calls), time.perf_counter() - t0)
+            if result is None and kd_ref not in waiting:
+                result = ray.get(kd_ref)
+                result["kd_wall"] = time.perf_counter() - t0
+            elif result is None and not self.trainer.thread.is_alive():
+                raise self.trainer.failure()
+        self.student_ref = result.pop("student")[0]
+        self.state.student_checkpoint = f"{self.experiment}/{result.pop('checkpoint')}"
+        corrupt = result.pop("corrupt_shards")
+        for url in corrupt:
+            self.progress.write(f"round {r}: excluded buffer shard {url}: failed its checksum when read (moved to "
+                                "buffer/quarantine/, never trained on)")
+        self.manifest.exclude(self.manifest.relative(url) for url in corrupt)
+        result["excluded_shards"] = len(corrupt)
+        return result, ahead
+
+    # ------------------------------------------------------------------------------------------------ end
+    def _elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.wall_start
+
+    def _summary(self) -> dict:
+        summary = {"name": self.cfg.name, "teacher_top1": self.state.teacher_top1,
+                   "final_top1": self.state.last_top1, "best_top1_on_test_set": self.state.best.top1
+                   if self.state.best.found else None, "best_epoch": self.state.best.epoch,
+                   "rounds_run": self.state.done + 1, "buffer_images": self.manifest.samples,
+                   "shards": len(self.manifest.shards), "synth_workers": self.cfg.cluster.synth_workers,
+                   "trainer_workers": self.cfg.cluster.trainer_workers, "schedule": getattr(self, "schedule", None),
+                   "stopped_by": self.stop.received, "wall_time_s": self._elapsed()}
+        save_json(summary, self.folder.path / "summary.json")
+        write_report(self.folder.path)
+        return summary
 
 
 def trainer_experiment(storage: Path, start: int, referenced: str | None) -> str:
@@ -316,15 +332,16 @@ def trainer_experiment(storage: Path, start: int, referenced: str | None) -> str
 
 
 def check_readable(manifest: Manifest, r: int, ranks: int, micro_batch: int) -> None:
-    """Before a KD round: every rank must have a micro-batch of samples to read (split_by_node gives rank q the
-    shards q, q + M, ...), else the ranks would fall out of step."""
-    per_rank = rank_samples(manifest.snapshot(), ranks)
-    if not manifest.samples:
+    """Before a KD round: every rank must have a micro-batch of samples in its share (rank q holds the shards whose
+    seq is q modulo the ranks), else the ranks would fall out of step."""
+    entries = [e for e in manifest.snapshot() if e["round"] <= r]
+    if not entries:
         raise RunError(f"the memory buffer is empty at KD round {r}: no synthesis batch was kept so far; add warm-up "
                        "rounds (warmup=) or synthesis iterations (synthesis.g_loops=)")
+    per_rank = rank_samples(entries, ranks)
     if min(per_rank) < micro_batch:
-        raise RunError(f"round {r}: the buffer's {len(manifest.shards)} shards give the {ranks} ranks {per_rank} "
-                       f"samples, fewer than a micro-batch of {micro_batch}; lower kd.batch_size or add warm-up rounds")
+        raise RunError(f"round {r}: the buffer's {len(entries)} shards give the {ranks} ranks {per_rank} samples, "
+                       f"fewer than a micro-batch of {micro_batch}; lower kd.batch_size or add warm-up rounds")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,14 +1,18 @@
-"""The memory buffer M as WebDataset shards: atomic shard writes, a driver-owned manifest, per-rank readers.
+"""The memory buffer M as WebDataset shards: atomic shard writes, a driver-owned manifest, verified reads.
 
 Layout under `runs/<name>/buffer/`:
     manifest.json                              committed shards in commit order (driver only, atomic rename)
     round-00012/worker-001-000000.tar          one shard: samples {key, "npy": uint8 [C, H, W], "cls": label}
 
 A shard is written under a temporary name and renamed when complete; it becomes part of the buffer only when
-the driver lists it in the manifest, so readers (which read a manifest snapshot, never the folder) never see a
+the driver lists it in the manifest, so readers (which read manifest entries, never the folder) never see a
 shard being written. Samples are raw uint8 arrays (measured faster to write and read than PNG, same size),
 decoded without pickle. Every read checks the shard's size and sha256 against the manifest before a sample of
 it is used; a shard that fails is excluded or fails the run (`cluster.on_corrupt_shard`).
+
+Each committed shard gets a sequence number `seq` (commit order, never reused); the shard belongs to DeepSpeed
+rank `seq % ranks` for the whole run (`rank_share`), so a rank's share only grows, and it reads each of its shards
+once (`orchestrator.resident`).
 """
 
 from __future__ import annotations
@@ -105,14 +109,28 @@ def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor
 class Manifest:
     """The committed shards of the buffer. Only the driver writes it; every write is an atomic rename."""
 
-    def __init__(self, root: str | Path, shards: list[dict] | None = None):
+    def __init__(self, root: str | Path, shards: list[dict] | None = None, excluded: list[dict] | None = None):
         self.root = Path(root)
         self.shards: list[dict] = list(shards or [])
+        self.excluded: list[dict] = list(excluded or [])  # entries dropped as corrupt (their seq stays used)
+        for seq, entry in enumerate(self.shards):  # a manifest written before shards had numbers: commit order
+            entry.setdefault("seq", seq)
 
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":
         path = Path(root) / MANIFEST
-        return cls(root, json.loads(path.read_text())["shards"] if path.is_file() else [])
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        return cls(root, data.get("shards", []), data.get("excluded", []))
+
+    @property
+    def next_seq(self) -> int:
+        return 1 + max((e["seq"] for e in self.shards + self.excluded), default=-1)
+
+    def truncate(self, last_round: int) -> None:
+        """Forget every entry of a round after `last_round` (committed by a driver that died before its own
+        checkpoint recorded the round): that round is synthesized again, and its shards get the same seq."""
+        self.shards = [e for e in self.shards if e["round"] <= last_round]
+        self.excluded = [e for e in self.excluded if e["round"] <= last_round]
 
     def commit(self, round_index: int, entries: Iterable[dict], policy: str = "fail") -> list[str]:
         """Append a round's shards (already renamed into place) and publish the new manifest atomically. A shard
@@ -123,7 +141,7 @@ class Manifest:
             path = self.root / entry["path"]
             size = path.stat().st_size if path.is_file() else None
             if size == entry["bytes"]:
-                good.append({**entry, "round": round_index})
+                good.append({**entry, "round": round_index, "seq": self.next_seq + len(good)})
                 continue
             message = f"buffer shard {path}: " + ("the file does not exist" if size is None else
                                                   f"{size} bytes on disk, its writer wrote {entry['bytes']}")
@@ -146,17 +164,25 @@ class Manifest:
         return stale
 
     def save(self) -> None:
-        save_json({"shards": self.shards, "samples": self.samples}, self.root / MANIFEST)
+        save_json({"shards": self.shards, "samples": self.samples, "excluded": self.excluded}, self.root / MANIFEST)
 
     @property
     def samples(self) -> int:
         return sum(s["samples"] for s in self.shards)
 
-    def snapshot(self) -> list[dict]:
-        """The committed shards with absolute paths and their checksums: what the trainer ranks of one round read."""
+    def snapshot(self, after_seq: int = -1) -> list[dict]:
+        """The committed shards (those with a larger seq than `after_seq`) with absolute paths and checksums: what
+        the ranks read."""
         root = self.root.resolve()
-        return [{"url": str(root / s["path"]), "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"]}
-                for s in self.shards]
+        return [{"url": str(root / s["path"]), "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"],
+                 "seq": s["seq"], "round": s["round"]} for s in self.shards if s["seq"] > after_seq]
+
+    def last_seq(self, upto_round: int) -> int:
+        """The largest seq committed in rounds up to `upto_round` (-1: none)."""
+        return max((s["seq"] for s in self.shards if s["round"] <= upto_round), default=-1)
+
+    def round_bytes(self, round_index: int) -> int:
+        return sum(s["bytes"] for s in self.shards if s["round"] == round_index)
 
     def discard_uncommitted(self) -> list[Path]:
         """Delete shard files the manifest does not list (a round killed before its commit, temporary files);
@@ -198,6 +224,7 @@ class Manifest:
         removed = [s["path"] for s in self.shards if s["path"] in paths]
         if not removed:
             return []
+        self.excluded += [s for s in self.shards if s["path"] in paths]
         self.shards = [s for s in self.shards if s["path"] not in paths]
         self.save()
         for rel in removed:
@@ -216,9 +243,14 @@ class Manifest:
         return Path(url).resolve().relative_to(self.root.resolve()).as_posix()
 
 
-def rank_samples(snapshot: list[dict], world_size: int) -> list[int]:
-    """Samples each rank reads per pass under `wds.split_by_node` (rank r takes shards r, r + M, ...)."""
-    return [sum(s["samples"] for s in snapshot[r::world_size]) for r in range(world_size)]
+def rank_share(entries: list[dict], rank: int, world_size: int) -> list[dict]:
+    """The entries of rank `rank` of `world_size`: those whose commit sequence number is `rank` modulo the ranks."""
+    return [e for e in entries if e["seq"] % world_size == rank]
+
+
+def rank_samples(entries: list[dict], world_size: int) -> list[int]:
+    """Samples in each rank's share."""
+    return [sum(e["samples"] for e in rank_share(entries, r, world_size)) for r in range(world_size)]
 
 
 def _decode(sample: dict) -> tuple[Tensor, int]:
@@ -286,22 +318,21 @@ def _collate(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
-def shard_batches(snapshot: list[dict], batch_size: int, num_batches: int, seed: int,
+def shard_batches(share: list[dict], batch_size: int, num_batches: int, seed: int,
                   shuffle_buffer: int = 2000, on_corrupt: str = "fail",
                   excluded: list[str] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Exactly `num_batches` uint8 batches [B, C, H, W] + labels for this rank, from a manifest snapshot.
+    """Exactly `num_batches` uint8 batches [B, C, H, W] + labels streamed from the shards of `share` (one rank's
+    entries, `rank_share`), read from storage on every pass: the reader of a share too large to hold in memory.
 
-    `split_by_node` gives each rank a disjoint set of shards; each pass over them is a fresh shuffled permutation
-    (shards resampled without replacement, then a sample shuffle buffer), so no sample is read twice within a
-    pass and no two ranks read the same sample in a pass. `with_epoch` repeats passes until every rank has
-    yielded the same batch count (equal steps keep the DeepSpeed ranks in lock step). Shards are verified as
-    they are opened (`verified_streams`; excluded urls are appended to `excluded`); a rank left without a full
-    batch to read raises instead of falling out of step with the others."""
-    urls = [s["url"] for s in snapshot]
+    Each pass is a fresh shuffled permutation (shards resampled without replacement, then a sample shuffle
+    buffer), so no sample is read twice within a pass. `with_epoch` repeats passes until the batch count is reached
+    (equal steps keep the DeepSpeed ranks in lock step). Shards are verified as they are opened (`verified_streams`;
+    excluded urls are appended to `excluded`); a rank left without a full batch to read raises instead of falling
+    out of step with the others."""
+    urls = [s["url"] for s in share]
     excluded = [] if excluded is None else excluded
     pipeline = wds.DataPipeline(
-        lambda: iter(snapshot),  # the manifest entries (url, samples, bytes, sha256), once per pass
-        wds.split_by_node,
+        lambda: iter(share),  # the manifest entries (url, samples, bytes, sha256), once per pass
         wds.shuffle(max(len(urls), 1), initial=max(len(urls), 1), rng=random.Random(seed)),
         verified_streams(on_corrupt, excluded),
         wds.tariterators.tar_file_expander,

@@ -1,15 +1,16 @@
 """Student trainers: M DeepSpeed data-parallel ranks under Ray Train's `TorchTrainer`, alive for the whole run.
 
-Each KD round the driver publishes a manifest snapshot on the `RoundBoard`; every rank reads its disjoint share
-of the shards (`orchestrator.shards.shard_batches`: split_by_node, with_epoch so all ranks step S times), runs S
-DeepSpeed steps of L_KD on its micro-batch (the global batch is kd.batch_size), steps the per-epoch cosine, and
-saves a DeepSpeed checkpoint that `ray.train.report` persists as `round-XXXXX`. Rank 0 evaluates and hands the
-metrics and the new student weights (object store) back to the driver through the board.
+Each rank holds its stable share of the buffer (`orchestrator.resident`): a loader thread reads every newly
+committed shard of the share once, as the driver commits it. Each KD round the driver publishes a plan on the
+`RoundBoard` (`orchestrator.board`); every rank takes S DeepSpeed steps of L_KD on micro-batches sampled from its
+resident share (the global batch is kd.batch_size), steps the per-epoch cosine, evaluates its slice of the
+labeled set (counts all-reduced), and saves a DeepSpeed checkpoint that `ray.train.report` persists as
+`round-XXXXX` (with the student's weights as `student.pt`, for a resumed driver). Rank 0 hands the metrics and the
+new student weights (object store) back to the driver through the board.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import tempfile
 import threading
@@ -20,68 +21,27 @@ import ray.train
 import torch
 import torch.distributed as dist
 
-from nayer.evaluate import evaluate
+from nayer.data import LabeledImages
+from nayer.evaluate import accuracy, accuracy_counts, predict
 from nayer.kd import KDObjective, finite_or_skip, make_optimizer
 from nayer.models import build_model
 from nayer.progress import LineProgress
 from nayer.runtime import RunError
-from nayer.specs import Compute
+from nayer.specs import Compute, ImageSpec
 from orchestrator.cluster import root_cause
 from orchestrator.config import PipelineConfig, threads
-from orchestrator.shards import shard_batches
+from orchestrator.resident import GB, ResidentShare, ShareLoader
+
+STUDENT_WEIGHTS = "student.pt"  # in each checkpoint directory: the module's state_dict, for the synthesis actors
 
 
-@ray.remote(num_cpus=0)
-class RoundBoard:
-    """The driver <-> ranks channel: round plans go down in order, per-round results come back."""
-
-    def __init__(self):
-        self.plans: list[dict] = []
-        self.results: dict[int, dict] = {}
-        self.delivered: set[int] = set()
-        self.stopped = False
-        self.changed: asyncio.Condition | None = None
-
-    def _condition(self) -> asyncio.Condition:
-        if self.changed is None:  # created inside the actor's event loop
-            self.changed = asyncio.Condition()
-        return self.changed
-
-    async def _notify(self) -> None:
-        async with self._condition():
-            self._condition().notify_all()
-
-    async def publish(self, plan: dict) -> None:
-        self.plans.append(plan)
-        await self._notify()
-
-    async def stop(self) -> None:
-        self.stopped = True
-        await self._notify()
-
-    async def next_plan(self, after_round: int) -> dict | None:
-        """The plan of the first KD round after `after_round`; None once the driver has stopped without one."""
-        def later() -> dict | None:
-            return next((p for p in self.plans if p["round"] > after_round), None)
-
-        async with self._condition():
-            await self._condition().wait_for(lambda: later() is not None or self.stopped)
-        return later()
-
-    async def awaited(self, round_index: int) -> bool:
-        """True while the driver still waits for this round's result (published, result not yet delivered)."""
-        return any(p["round"] == round_index for p in self.plans) and round_index not in self.results \
-            and round_index not in self.delivered
-
-    async def finish(self, round_index: int, result: dict) -> None:
-        self.results[round_index] = result
-        await self._notify()
-
-    async def result(self, round_index: int) -> dict:
-        async with self._condition():
-            await self._condition().wait_for(lambda: round_index in self.results)
-        self.delivered.add(round_index)
-        return self.results.pop(round_index)
+def sharded_evaluate(model: torch.nn.Module, part: LabeledImages, spec: ImageSpec, compute: Compute,
+                     batch_size: int) -> dict:
+    """Accuracy over all ranks: each evaluates its own slice of the labeled set, the per-class counts are summed."""
+    counts = accuracy_counts(predict(model, part, spec, compute, batch_size), part.y, spec.num_classes)
+    total = torch.from_numpy(counts).to(compute.device)
+    dist.all_reduce(total)
+    return accuracy(total.cpu().numpy())
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -95,12 +55,15 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(threads(cfg.cluster.trainer_cpus))
     device = ray.train.torch.get_device()
-    board, spec, faults = config["board"], config["images"], config["faults"]
+    board, spec, faults, c = config["board"], config["images"], config["faults"], cfg.cluster
     k = spec.num_classes
     ds_config = config["deepspeed"]
     ds_bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
     # DeepSpeed bf16 keeps bf16 weights: inputs must be autocast to match
     compute = Compute(device, cfg.bf16 or ds_bf16, cfg.channels_last)
+    loader = ShareLoader(lambda seq: ray.get(board.entries_after.remote(seq)), rank, world, c.on_corrupt_shard,
+                         c.rank_buffer_gb * GB)
+    share = ResidentShare(loader, device, c.rank_buffer_device_gb * GB)
 
     teacher = build_model(cfg.teacher.arch, k)
     teacher.load_state_dict(ray.get(config["teacher"]))
@@ -114,14 +77,17 @@ def train_loop_per_worker(config: dict) -> None:
     optimizer, scheduler = make_optimizer(student, cfg.kd, cfg.epochs)  # the cosine steps per round, not per step
     engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     objective = KDObjective(engine, teacher, cfg.kd, spec, compute)
-    eval_set = ray.get(config["eval_set"]) if rank == 0 and config["eval_set"] is not None else None
+    eval_part = None
+    if config["eval_set"] is not None:  # this rank's slice: images rank, rank + M, ...
+        full = ray.get(config["eval_set"])
+        eval_part = LabeledImages(full.x[rank::world], full.y[rank::world], full.classes)
+        del full
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
 
-    def finish(r: int, metrics: dict, started: float) -> None:
-        """Rank 0 hands the round's metrics and the new student weights (object store) to the driver."""
-        weights = {key: value.detach().cpu().clone() for key, value in engine.module.state_dict().items()}
+    def finish(r: int, metrics: dict, weights: dict, started: float) -> None:
+        """Rank 0 hands the round's metrics and the new student weights to the board (which stores the weights)."""
         result = {**metrics, "save_time": time.perf_counter() - started, "checkpoint": f"round-{r:05d}",
-                  "student": [ray.put(weights)]}  # in a list: the driver receives the reference, not a copy
+                  "weights": weights}
         ray.get(board.finish.remote(r, result))
 
     # Ray Train's latest checkpoint when it restarted these ranks after a failure (cluster.trainer_max_failures),
@@ -132,17 +98,19 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as path:
             _, client = engine.load_checkpoint(path, tag="student")
+            weights = torch.load(os.path.join(path, STUDENT_WEIGHTS), map_location="cpu", weights_only=True) \
+                if rank == 0 else None
         scheduler.load_state_dict(client["scheduler"])
         done = client["round"]
         if rank == 0 and ray.get(board.awaited.remote(done)):  # failed after saving, before handing it over
-            finish(done, client["metrics"], time.perf_counter())
+            finish(done, client["metrics"], weights, time.perf_counter())
 
+    reported_bytes, reported_excluded = 0, 0  # what the loader did before the first round counts in it
     while (plan := ray.get(board.next_plan.remote(done))) is not None:
         r = done = plan["round"]
         torch.manual_seed(cfg.seed * 1000003 + 1009 * r + rank)  # augmentation draws: reproducible on resume
-        excluded: list[str] = []  # corrupt shards this rank skipped (cluster.on_corrupt_shard=exclude)
-        batches = shard_batches(plan["shards"], micro_batch, cfg.kd.kd_steps, cfg.seed * 7907 + r,
-                                cfg.cluster.shuffle_buffer, cfg.cluster.on_corrupt_shard, excluded)
+        batches = share.batches(plan["upto_seq"], micro_batch, cfg.kd.kd_steps,
+                                (cfg.seed * 7907 + r) * 1009 + rank, c.shuffle_buffer)
         engine.train()
         start, read_time, losses, skipped = time.perf_counter(), 0.0, [], 0
         progress = LineProgress(cfg.kd.kd_steps, f"round {r} KD rank {rank}") if rank == 0 else None
@@ -170,36 +138,50 @@ def train_loop_per_worker(config: dict) -> None:
             waited = time.perf_counter()
         if progress is not None:
             progress.close()
+        kd_time = time.perf_counter() - start
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        # What this rank read since its last report (the shards committed meanwhile, once each), over all ranks.
+        loader.wait(ray.get(board.last_seq.remote()), check=False)
         mean_loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
         dist.all_reduce(mean_loss)  # the round's KD loss over all ranks
-        steps = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
-        dist.all_gather(steps, torch.tensor([len(losses)], device=device))
+        counts = torch.tensor([len(losses), loader.bytes_read - reported_bytes], dtype=torch.int64, device=device)
+        gathered = [torch.zeros_like(counts) for _ in range(world)]
+        dist.all_gather(gathered, counts)
+        reported_bytes = loader.bytes_read
         corrupt: list[list[str]] = [[] for _ in range(world)]
-        dist.all_gather_object(corrupt, excluded)
+        excluded = list(loader.excluded)
+        dist.all_gather_object(corrupt, excluded[reported_excluded:])
+        reported_excluded = len(excluded)
+        read_bytes = [int(t[1]) for t in gathered]
         metrics = {"kd_loss": mean_loss.item() / world, "kd_steps": len(losses), "lr": lr,
-                   "kd_steps_per_rank": [int(t) for t in steps], "kd_nonfinite_steps": skipped,
+                   "kd_steps_per_rank": [int(t[0]) for t in gathered], "kd_nonfinite_steps": skipped,
+                   "kd_read_bytes": sum(read_bytes), "kd_read_bytes_per_rank": read_bytes,
+                   "kd_streaming": loader.streaming,
                    "corrupt_shards": sorted({url for urls in corrupt for url in urls}),
-                   "kd_time": time.perf_counter() - start, "kd_read_time": read_time}
-        if eval_set is not None:
+                   "kd_time": kd_time, "kd_read_time": read_time}
+        if eval_part is not None:
             t0 = time.perf_counter()
-            ev = evaluate(engine.module, eval_set, spec, compute, cfg.data.eval_batch_size)
+            ev = sharded_evaluate(engine.module, eval_part, spec, compute, cfg.data.eval_batch_size)
             metrics.update(top1=ev["top1"], per_class=ev["per_class"], eval_time=time.perf_counter() - t0)
         t0 = time.perf_counter()
+        weights = {key: value.detach().cpu().clone() for key, value in engine.module.state_dict().items()} \
+            if rank == 0 else None
         with tempfile.TemporaryDirectory() as tmp:  # every rank writes its part; Ray merges them into one checkpoint
             engine.save_checkpoint(tmp, tag="student", client_state={"scheduler": scheduler.state_dict(), "round": r,
                                                                      "metrics": metrics})
+            if rank == 0:
+                torch.save(weights, os.path.join(tmp, STUDENT_WEIGHTS))
             # Ray Train keeps (and later serializes) the dict it is handed: give it its own copy.
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"round-{r:05d}")
         if rank == 0:
-            finish(r, metrics, t0)
+            finish(r, metrics, weights, t0)
 
 
 class TrainerRun:
     """`TorchTrainer.fit()` on a driver thread: the ranks live for the whole run while the driver's round loop
-    goes on; `wait()` surfaces a trainer failure instead of waiting forever for its result."""
+    goes on; `failure()` turns a trainer that ended early into the error the driver raises."""
 
     def __init__(self, trainer):
         self.trainer = trainer
@@ -209,20 +191,12 @@ class TrainerRun:
     def _fit(self) -> None:
         try:
             self.trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the driver thread by wait()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the driver thread (failure(), join())
             self.error = exc
 
     def start(self) -> "TrainerRun":
         self.thread.start()
         return self
-
-    def wait(self, ref: ray.ObjectRef):
-        while True:
-            ready, _ = ray.wait([ref], timeout=1.0)
-            if ready:
-                return ray.get(ref)
-            if not self.thread.is_alive():
-                raise self.failure()
 
     def join(self, timeout: float = 120.0) -> None:
         self.thread.join(timeout)

@@ -190,7 +190,8 @@ def results_table(results, sweep: SweepConfig, base: PipelineConfig) -> list[dic
         summary_path = run_folder / "summary.json"
         if result.error is not None:
             status = "error"
-        elif summary_path.is_file():
+        elif summary_path.is_file() or len(reported) == base.epochs:
+            # trial_run reports the last KD round only after the run has written its summary
             status = "completed"
         else:  # stopped by Tune before the run finished: the scheduler (ASHA) cut it
             status = f"stopped early by {sweep.scheduler.type.upper()}"

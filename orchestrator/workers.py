@@ -3,12 +3,19 @@ layers and BN-statistics EMA, its own seed; or a baseline) and writing its kept 
 
 The driver splits a round's I iterations over the N workers (`split_iterations`); each worker's batches are
 class-balanced (`balanced_targets`), so the round is too. Before the adversarial term is used the worker's
-student copy is refreshed from the latest student weights (handed over through the object store).
+student copy is refreshed from the student weights the driver hands over (through the object store).
+
+Each worker checkpoints its own synthesizer after every round it synthesizes, atomically, in its own file
+(`checkpoints/synthesis/worker-WWW/round-RRRRR.pt`), and keeps its files from the round of the driver's last
+checkpoint on (a resume continues from there; overlapped, a later round may already be committed). A task says
+which round was last committed (`SynthesisTask.after`): a worker whose state is of another round (it was restarted
+by Ray, or the run resumed) loads its own file of that round, onto its own device, before it synthesizes.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +23,7 @@ import torch
 from nayer.methods import build_synthesizer
 from nayer.models import build_model
 from nayer.progress import LineProgress
+from nayer.runtime import save_torch
 from nayer.specs import Compute, ImageSpec
 from nayer.visualize import save_sample_grid
 from orchestrator.config import PipelineConfig, threads
@@ -32,52 +40,90 @@ def worker_seed(seed: int, worker: int) -> int:
     return seed + 7919 * worker  # distinct per worker, reproducible per run seed
 
 
+@dataclass(frozen=True)
+class WorkerFiles:
+    """Where a worker writes: buffer shards, sample grids, its own state files."""
+
+    buffer: str
+    samples: str
+    states: str  # checkpoints/synthesis/: one folder per worker
+
+
+@dataclass(frozen=True)
+class SynthesisTask:
+    """One worker's share of a round."""
+
+    round: int
+    warmup: bool  # no adversarial term
+    iterations: int
+    min_shards: int  # write at least this many shards (so that every rank gets a shard of the round)
+    grid: bool  # also write the round's sample grid
+    after: int  # the last committed synthesis round (-1: none): the state this task continues from
+    keep_from: int  # the synthesis round of the driver's last checkpoint: a resume may continue from it
+
+
 class SynthesisWorker:
     """One synthesis actor. Created with `ray.remote(SynthesisWorker).options(num_cpus=..., num_gpus=...)`."""
 
     def __init__(self, cfg: PipelineConfig, worker: int, teacher_state: dict, embeddings: torch.Tensor,
-                 images: ImageSpec, buffer_root: str, samples_dir: str, driver_checkpoint: str, faults: FaultPlan):
+                 images: ImageSpec, files: WorkerFiles, faults: FaultPlan):
         torch.set_num_threads(threads(cfg.cluster.synth_cpus))  # pinned: co-located actors do not fight over cores
         self.cfg, self.worker, self.faults = cfg, worker, faults
-        compute = Compute.select(cfg.device, cfg.bf16, cfg.channels_last)
-        self.buffer_root, self.samples_dir = Path(buffer_root), Path(samples_dir)
+        self.compute = Compute.select(cfg.device, cfg.bf16, cfg.channels_last)
+        self.buffer_root, self.samples_dir = Path(files.buffer), Path(files.samples)
+        self.states = Path(files.states) / f"worker-{worker:03d}"
         torch.manual_seed(worker_seed(cfg.seed, worker))  # the first generator's weights: the same in every run
         k = images.num_classes
         teacher = build_model(cfg.teacher.arch, k)
         teacher.load_state_dict(teacher_state)
-        self.teacher = compute.place(teacher.eval().requires_grad_(False))
-        self.student = compute.place(build_model(cfg.student.arch, k))
-        self.synthesizer = build_synthesizer(cfg, self.teacher, self.student, embeddings.to(compute.device), images,
-                                             compute, worker_seed(cfg.seed, worker))
-        # A resumed run, or this actor restarted by Ray after a crash (cluster.synth_max_restarts): continue from
-        # the state of the last committed round, which is what the driver's checkpoint holds.
-        if Path(driver_checkpoint).is_file():
-            state = torch.load(driver_checkpoint, map_location=compute.device, weights_only=True)
-            self.synthesizer.load_state_dict(state["synthesizers"][worker])
+        self.teacher = self.compute.place(teacher.eval().requires_grad_(False))
+        self.student = self.compute.place(build_model(cfg.student.arch, k))
+        self.synthesizer = build_synthesizer(cfg, self.teacher, self.student, embeddings.to(self.compute.device),
+                                             images, self.compute, worker_seed(cfg.seed, worker))
+        self.state_round = -1  # the round the synthesizer's state is after (-1: fresh)
 
-    def synthesize(self, round_index: int, warmup: bool, iterations: int, student_state: dict | None,
-                   min_shards: int, grid: bool) -> dict:
-        """Run this worker's share of a round, write its shards; returns manifest entries and statistics."""
+    def state_file(self, round_index: int) -> Path:
+        return self.states / f"round-{round_index:05d}.pt"
+
+    def _continue_after(self, after: int) -> None:
+        """Bring the synthesizer to its state after round `after` (from its own file) unless it is there."""
+        if after == self.state_round:
+            return
+        path = self.state_file(after)
+        if not path.is_file():
+            raise FileNotFoundError(f"synthesis worker {self.worker} has no state file {path} for the last committed "
+                                    f"round {after}; the run folder is incomplete")
+        self.synthesizer.load_state_dict(torch.load(path, map_location=self.compute.device, weights_only=True))
+        self.state_round = after
+
+    def synthesize(self, task: SynthesisTask, student_state: dict | None) -> dict:
+        """Run this worker's share of a round, write its shards and its state; returns manifest entries and
+        statistics."""
         start = time.perf_counter()
+        self._continue_after(task.after)
         # Reseeded per round: a resumed run repeats the augmentation and noisy-layer draws of the original.
-        torch.manual_seed(worker_seed(self.cfg.seed, self.worker) * 100003 + round_index)
+        torch.manual_seed(worker_seed(self.cfg.seed, self.worker) * 100003 + task.round)
         if student_state is not None:
             self.student.load_state_dict(student_state)
-        desc = f"round {round_index} synthesis worker {self.worker}"
-        result = self.synthesizer.synthesize(warmup=warmup, loops=iterations,
+        desc = f"round {task.round} synthesis worker {self.worker}"
+        result = self.synthesizer.synthesize(warmup=task.warmup, loops=task.iterations,
                                              progress=lambda steps: LineProgress(steps, desc))
         compute = time.perf_counter() - start
         entries = []
         if len(result.labels):
-            entries = write_shards(self.buffer_root, round_index, self.worker, result.images, result.labels,
-                                   self.cfg.cluster.shard_samples, min_shards,
-                                   midway=lambda: self.faults.kill_if("kill_synthesis_writing", round=round_index,
+            entries = write_shards(self.buffer_root, task.round, self.worker, result.images, result.labels,
+                                   self.cfg.cluster.shard_samples, task.min_shards,
+                                   midway=lambda: self.faults.kill_if("kill_synthesis_writing", round=task.round,
                                                                       worker=self.worker))
-            if grid:
-                save_sample_grid(result.images, result.labels, self.samples_dir / f"round-{round_index:05d}.png",
+            self.faults.corrupt_if(self.buffer_root / entries[0]["path"], round=task.round, worker=self.worker)
+            if task.grid:
+                save_sample_grid(result.images, result.labels, self.samples_dir / f"round-{task.round:05d}.png",
                                  min(self.synthesizer.num_classes, self.cfg.grid_classes), self.cfg.grid_per_class)
+        t0 = time.perf_counter()
+        save_torch(self.synthesizer.state_dict(), self.state_file(task.round))
+        self.state_round = task.round
+        for old in self.states.glob("round-*.pt"):
+            if int(old.stem.split("-")[1]) < task.keep_from:
+                old.unlink(missing_ok=True)
         return {"worker": self.worker, "shards": entries, "stats": result.stats, "compute_time": compute,
-                "write_time": time.perf_counter() - start - compute}
-
-    def state_dict(self) -> dict:
-        return self.synthesizer.state_dict()
+                "write_time": t0 - start - compute, "state_time": time.perf_counter() - t0}

@@ -161,11 +161,12 @@ def test_masked_adversarial_kl_is_zero_where_argmax_differs():
 
 
 def test_kd_loss_temperature_scaling():
-    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    generator = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=generator), torch.randn(4, 10, generator=generator)
     T = 20.0
     p = torch.softmax(t / T, 1)
     expected = (p * (p.log() - torch.log_softmax(s / T, 1))).sum(1).mean() * T * T
-    assert torch.allclose(kd_loss(s, t, T), expected, atol=1e-5)
+    assert torch.allclose(kd_loss(s, t, T), expected, rtol=1e-4)  # x T^2 = 400 scales float32 rounding too
     assert kd_loss(t, t, T).abs().item() < 1e-5
 
 

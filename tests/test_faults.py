@@ -150,7 +150,7 @@ def test_a_shard_with_a_pickled_array_is_refused_without_unpickling(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     from orchestrator.shards import sha256
-    manifest = Manifest(tmp_path, [{"path": "round-00000/worker-000-000000.tar", "samples": 1, "round": 0,
+    manifest = Manifest(tmp_path, [{"path": "round-00000/worker-000-000000.tar", "samples": 1, "round": 0, "seq": 0,
                                     "bytes": shard.stat().st_size, "sha256": sha256(shard)}])
     with pytest.raises(CorruptShardError, match="sample s0 is not a uint8 image and a label.*allow_pickle"):
         list(shard_batches(manifest.snapshot(), 1, 1, seed=0))

@@ -9,14 +9,13 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from nayer.cli_config import ConfigError, parse_config
 from nayer.models import build_model
 from orchestrator.config import PipelineConfig
 from orchestrator.run import run
-from orchestrator.shards import Manifest, shard_batches, write_shards
+from orchestrator.shards import Manifest, write_shards
 from helpers import pipeline_args as tiny_args, records
 
 
@@ -86,32 +85,6 @@ def test_pipeline_with_zero2_bf16_and_uneven_workers(tmp_path, local_ray, deepsp
     assert summary["buffer_images"] == 60
     (log,) = records(tmp_path / "runs" / "tiny")
     assert log["kd_steps_per_rank"] == [3, 3] and log["syn_iterations"] == 3
-
-
-def test_two_ray_train_ranks_read_disjoint_samples_in_equal_batches(tmp_path, local_ray):
-    """The reader under a real 2-rank TorchTrainer process group (split_by_node from torch.distributed)."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    manifest = Manifest(tmp_path / "buffer")
-    for w in range(2):
-        ids = torch.arange(w * 50, (w + 1) * 50)
-        manifest.commit(0, write_shards(tmp_path / "buffer", 0, w, torch.zeros(50, 3, 4, 4, dtype=torch.uint8), ids, 10))
-    out = tmp_path / "reads"
-    out.mkdir()
-
-    def loop(config):
-        rank = ray.train.get_context().get_world_rank()
-        ids = [y.tolist() for _, y in shard_batches(config["snapshot"], 10, 5, seed=3)]
-        (config["out"] / f"rank-{rank}.json").write_text(json.dumps(ids))
-
-    TorchTrainer(loop, train_loop_config={"snapshot": manifest.snapshot(), "out": out},
-                 scaling_config=ScalingConfig(num_workers=2),
-                 run_config=RunConfig(name="reader", storage_path=str(tmp_path / "ray"))).fit()
-    reads = [json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)]
-    assert [len(r) for r in reads] == [5, 5]
-    seen = [i for rank in reads for batch in rank for i in batch]
-    assert sorted(seen) == list(range(100))  # one pass: every sample exactly once over the two ranks
 
 
 @pytest.mark.slow  # about 11 minutes: two full digits runs (configs/digits.yaml, as `make run`)

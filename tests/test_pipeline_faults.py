@@ -1,6 +1,14 @@
-"""Faults in a real pipeline run on a local Ray: killed synthesis actors, a killed DeepSpeed rank, a killed driver,
-corrupt shards, a full disk and non-finite losses. Every run is compared with an uninterrupted run of the same
-seed; what must be bit-identical is (see the README's fault table for why)."""
+"""Faults in a real pipeline run on a local Ray, in both schedules (alternating: Algorithm 1 exactly; overlapped:
+round r+1 synthesized while round r trains): killed synthesis actors, a killed DeepSpeed rank, a killed driver,
+corrupt shards, a full disk and non-finite losses. Every run that goes on is compared with an uninterrupted run of
+the same seed and schedule; what must be bit-identical is (see the README's fault table for why). The alternating
+drills are in the slow tier (see SCHEDULES).
+
+1 warm-up round + 2 KD rounds. Overlapped, round 1 is synthesized alone (nothing to train yet), then round 2 is
+synthesized while round 1 trains, then round 2 trains alone. The faults are placed so that in the overlapped
+schedule they hit the concurrent step: an actor killed in round 2 dies while the ranks train round 1, a rank killed
+in round 1 dies while the actors synthesize round 2.
+"""
 
 import json
 import os
@@ -20,9 +28,27 @@ from orchestrator.config import PipelineConfig
 from orchestrator.faults import ENV
 from orchestrator.run import run
 from orchestrator.shards import CorruptShardError, Manifest
-from helpers import pipeline_args as tiny_args, records
+from orchestrator.state import DriverState
+from helpers import ROOT, pipeline_args, records
 
-ROOT = Path(__file__).resolve().parents[1]
+# Both schedules run every drill; the alternating ones are in the slow tier (`pytest -m slow`, ~12 min), since the
+# other pipeline tests run alternating already (on 2 cores `auto` resolves to it) and the overlapped schedule is
+# the one with concurrent steps to break.
+SCHEDULES = [pytest.param("alternating", marks=pytest.mark.slow), "overlapped"]
+
+
+@pytest.fixture(scope="module", params=SCHEDULES)
+def schedule(request) -> str:
+    return request.param
+
+
+def args(tmp_path, schedule, **extra):
+    return pipeline_args(tmp_path, **{"cluster.schedule": schedule, **extra})
+
+
+def done_round(folder: Path) -> int:
+    """The last round the driver checkpointed."""
+    return DriverState.load(folder / "checkpoints" / "driver.pt").done
 
 
 def shard_digests(folder: Path) -> list[tuple[str, int, str]]:
@@ -46,10 +72,10 @@ def assert_buffer_consistent(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, local_ray):
-    """The uninterrupted run every fault run is compared with: 1 warm-up + 2 KD rounds."""
-    base = tmp_path_factory.mktemp("reference")
-    run(parse_config(PipelineConfig, tiny_args(base, name="ref")))
+def reference(tmp_path_factory, local_ray, schedule):
+    """The uninterrupted run every fault run of this schedule is compared with."""
+    base = tmp_path_factory.mktemp(f"reference-{schedule}")
+    run(parse_config(PipelineConfig, args(base, schedule, name="ref")))
     return base / "runs" / "ref"
 
 
@@ -60,122 +86,154 @@ def faults(monkeypatch):
     return inject
 
 
-def test_killed_actor_and_killed_rank_are_restarted_and_the_result_is_unchanged(tmp_path, reference, faults):
-    """Two faults in one run: a synthesis actor SIGKILLed half-way through its first shard of round 1, and DeepSpeed
-    rank 1 SIGKILLed before step 1 of round 2. Ray restarts the actor, which reloads the last checkpoint and
-    retries its round; Ray Train restarts the ranks from round 1's checkpoint and they redo round 2."""
-    faults("kill_synthesis_writing:round=1,worker=0;kill_rank:round=2,rank=1,step=1")
-    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path, **{"cluster.synth_max_restarts": 1,
-                                                                      "cluster.trainer_max_failures": 1})))
+def test_the_schedules_differ_only_where_they_should(reference, schedule):
+    log = records(reference)
+    assert [r["schedule"] for r in log] == [schedule] * 3
+    # The adversarial term of round 2 used the student after round 1 (alternating) or round 0: none (overlapped).
+    assert [r["adv_student_round"] for r in log] == [None, -1, 1 if schedule == "alternating" else -1]
+    assert [r["step_synthesis_round"] for r in log] == ([0, 1, 2] if schedule == "alternating" else [0, 2, None])
+
+
+def test_killed_actor_and_killed_rank_are_restarted_and_the_result_is_unchanged(tmp_path, reference, schedule, faults):
+    """Two faults in one run: a synthesis actor SIGKILLed half-way through its first shard of round 2, and DeepSpeed
+    rank 1 SIGKILLed before step 1 of round 1. Ray restarts the actor, which reloads its own state file of the last
+    committed round and retries the round; Ray Train restarts the ranks from their last checkpoint."""
+    faults("kill_synthesis_writing:round=2,worker=0;kill_rank:round=1,rank=1,step=1")
+    summary = run(parse_config(PipelineConfig, args(tmp_path, schedule, **{"cluster.synth_max_restarts": 1,
+                                                                         "cluster.trainer_max_failures": 1})))
     folder = tmp_path / "runs" / "tiny"
     assert (folder / "faults" / "0-kill_synthesis_writing.fired").is_file()  # it did die, half-way into a shard
     assert (folder / "faults" / "1-kill_rank.fired").is_file()
     assert summary["rounds_run"] == 3 and summary["buffer_images"] == 120
     assert_buffer_consistent(folder)
-    # The restarted actor's round is reseeded: the same images, byte for byte; the ranks' round 2 uses its own seeds.
+    # The restarted actor's round is reseeded: the same images, byte for byte; the ranks' round uses its own seeds.
     assert shard_digests(folder) == shard_digests(reference)
     log = records(folder)
-    assert [r["epoch"] for r in log] == [0, 1, 2] and log[2]["kd_steps_per_rank"] == [3, 3]
+    assert [r["epoch"] for r in log] == [0, 1, 2] and log[1]["kd_steps_per_rank"] == [3, 3]
     assert [r["top1"] for r in log[1:]] == [r["top1"] for r in records(reference)[1:]]
     assert_same_student(folder, reference)
 
 
-def test_synthesis_actor_killed_without_restarts_stops_the_run_resumably(tmp_path, reference, faults):
-    faults("kill_synthesis_writing:round=1,worker=1")
+def test_synthesis_actor_killed_without_restarts_stops_the_run_resumably(tmp_path, reference, schedule, faults):
+    faults("kill_synthesis_writing:round=2,worker=1")
     with pytest.raises(RunError, match="synthesis worker 1 died .*cluster.synth_max_restarts=N"):
-        run(parse_config(PipelineConfig, tiny_args(tmp_path)))
+        run(parse_config(PipelineConfig, args(tmp_path, schedule)))
     folder = tmp_path / "runs" / "tiny"
-    assert torch.load(folder / "checkpoints" / "driver.pt", weights_only=True)["round"] == 0
-    assert {s["round"] for s in Manifest.load(folder / "buffer").shards} == {0}  # round 1's shards never committed
-    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path, **{"cluster.synth_max_restarts": 1})
+    # Alternating, round 1 was checkpointed before round 2 began; overlapped, round 2 was made during round 1.
+    assert done_round(folder) == (1 if schedule == "alternating" else 0)
+    summary = run(parse_config(PipelineConfig, args(tmp_path, schedule, **{"cluster.synth_max_restarts": 1})
                                + ["resume=true"]))  # a restart policy may change on resume
     assert summary["rounds_run"] == 3
     assert_buffer_consistent(folder)
     assert shard_digests(folder) == shard_digests(reference)
+    assert_same_student(folder, reference)
 
 
-def test_killed_deepspeed_rank_without_restarts_stops_with_a_clear_error(tmp_path, faults):
+def test_killed_deepspeed_rank_without_restarts_stops_with_a_clear_error(tmp_path, schedule, faults):
     faults("kill_rank:round=1,rank=0,step=0")
     with pytest.raises(RunError, match=r"the DeepSpeed ranks stopped \(.*\); cluster.trainer_max_failures=N"):
-        run(parse_config(PipelineConfig, tiny_args(tmp_path)))
+        run(parse_config(PipelineConfig, args(tmp_path, schedule)))
 
 
-def test_driver_killed_mid_round_resumes_from_the_last_committed_round(tmp_path, reference, local_ray):
+def test_driver_killed_mid_round_resumes_from_the_last_committed_round(tmp_path, reference, schedule, local_ray):
     """The driver process dies (SIGKILL) on a cluster that lives on: Ray ends its actors and ranks with it."""
     folder = tmp_path / "runs" / "tiny"
     env = {**os.environ, "RAY_ADDRESS": local_ray}
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.run", *tiny_args(tmp_path)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.run", *args(tmp_path, schedule)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True)
     deadline = time.monotonic() + 240
-    # Round 1 (the first KD round) checkpointed, round 2's synthesis under way: kill the driver there.
+    # Round 2's synthesis under way (overlapped: while round 1 trains): kill the driver there.
     while not (folder / "buffer" / "round-00002").is_dir():
         assert driver.poll() is None and time.monotonic() < deadline, driver.communicate()[0][-3000:]
         time.sleep(0.05)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(30)
-    # Killed in round 2's synthesis or KD: its shards may be written, even committed to the manifest, but the
-    # driver checkpoint (round 1) does not list them.
+    # Round 2's shards may be written, even committed to the manifest, but the driver checkpoint does not list them
+    # (overlapped: round 1 may have ended just before the kill, with round 2 committed and checkpointed).
+    done = done_round(folder)
+    assert done in ((1,) if schedule == "alternating" else (0, 1)) and len(records(folder)) == done + 1
     on_disk = json.loads((folder / "buffer" / "manifest.json").read_text())["shards"]
-    assert {s["round"] for s in on_disk} <= {0, 1, 2} and len(records(folder)) == 2
-    assert torch.load(folder / "checkpoints" / "driver.pt", weights_only=True)["round"] == 1
-    before = [s for s in on_disk if s["round"] <= 1]
+    before = [s for s in on_disk if s["round"] <= DriverState.load(folder / "checkpoints" / "driver.pt").synthesized]
 
-    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path) + ["resume=true"]))
+    summary = run(parse_config(PipelineConfig, args(tmp_path, schedule) + ["resume=true"]))
     assert summary["rounds_run"] == 3 and [r["epoch"] for r in records(folder)] == [0, 1, 2]
-    after = Manifest.load(folder / "buffer").shards
-    assert after[:len(before)] == before  # committed shards untouched
+    assert Manifest.load(folder / "buffer").shards[:len(before)] == before  # committed shards untouched
     assert_buffer_consistent(folder)
     assert shard_digests(folder) == shard_digests(reference)
     assert records(folder)[2]["top1"] == records(reference)[2]["top1"]
     assert_same_student(folder, reference)
 
 
-def corrupt_after_round(round_index: int, folder: Path):
-    """on_round callback: after `round_index`, flip a byte in the first committed shard."""
-    def on_round(record: dict) -> None:
-        if record["epoch"] == round_index:
+def test_a_shard_corrupted_on_storage_is_caught_at_its_first_read(tmp_path, schedule, faults):
+    """A byte of worker 0's first shard of round 2 flips after its write: the rank that owns it finds the sha256
+    wrong when it reads it, before any sample of it is used. `fail` stops the run naming it; on resume with
+    `exclude`, the shard goes to quarantine and the run completes without it."""
+    faults("corrupt_shard:round=2,worker=0")
+    folder = tmp_path / "runs" / "tiny"
+    bad = folder.resolve() / "buffer" / "round-00002" / "worker-000-000000.tar"
+    with pytest.raises(CorruptShardError, match=f"buffer shard {bad}: its sha256 does not match"):
+        run(parse_config(PipelineConfig, args(tmp_path, schedule)))
+    assert done_round(folder) == 1
+    summary = run(parse_config(PipelineConfig, args(tmp_path, schedule, **{"cluster.on_corrupt_shard": "exclude"})
+                               + ["resume=true"]))
+    assert summary["rounds_run"] == 3
+    if schedule == "alternating":  # round 2 was never checkpointed: it is synthesized again (the fault fired once)
+        assert summary["buffer_images"] == 120 and not (folder / "buffer" / "quarantine").exists()
+    else:  # round 2 was committed and checkpointed a step before its first read: the resume's check excludes it
+        assert summary["buffer_images"] == 120 - 7 and (folder / "buffer" / "quarantine" / bad.relative_to(
+            folder.resolve() / "buffer")).is_file()
+    assert_buffer_consistent(folder)
+
+
+def test_a_corrupt_shard_found_by_a_rank_is_excluded_and_the_run_goes_on(tmp_path, schedule, faults):
+    faults("corrupt_shard:round=2,worker=0")
+    folder = tmp_path / "runs" / "tiny"
+    summary = run(parse_config(PipelineConfig, args(tmp_path, schedule, **{"cluster.on_corrupt_shard": "exclude"})))
+    assert summary["rounds_run"] == 3 and summary["buffer_images"] == 120 - 7  # 20 split 7/7/6: a 7 went
+    assert sum(r["excluded_shards"] for r in records(folder)) == 1
+    assert (folder / "buffer" / "quarantine" / "round-00002" / "worker-000-000000.tar").is_file()
+    assert "round-00002/worker-000-000000.tar" not in [s["path"] for s in Manifest.load(folder / "buffer").shards]
+
+
+def test_a_shard_read_once_then_corrupted_is_caught_on_resume(tmp_path, schedule):
+    """Each rank reads a shard once and keeps its samples, so bit rot after that read harms nothing in the run; a
+    resumed run reads every shard again, checks it, and fails or excludes it."""
+    folder = tmp_path / "runs" / "tiny"
+
+    def flip_first_shard(record: dict) -> None:
+        if record["epoch"] == 1:
             path = folder / "buffer" / Manifest.load(folder / "buffer").shards[0]["path"]
             data = bytearray(path.read_bytes())
             data[600] ^= 0xFF
             path.write_bytes(bytes(data))
-    return on_round
 
-
-def test_corrupt_shard_is_never_trained_on_fail_then_exclude_on_resume(tmp_path, local_ray):
-    folder = tmp_path / "runs" / "tiny"
+    assert run(parse_config(PipelineConfig, args(tmp_path, schedule, epochs=3)),
+               on_round=flip_first_shard)["rounds_run"] == 4  # never read again after round 1
     bad = Path("round-00000") / "worker-000-000000.tar"
-    with pytest.raises(CorruptShardError, match=f"buffer shard {folder.resolve() / 'buffer' / bad}: its sha256 does not match"):
-        run(parse_config(PipelineConfig, tiny_args(tmp_path)), on_round=corrupt_after_round(1, folder))
-    with pytest.raises(CorruptShardError, match=f"{folder / 'buffer' / bad}: its sha256"):  # the resume check
-        run(parse_config(PipelineConfig, tiny_args(tmp_path) + ["resume=true"]))
-    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path, **{"cluster.on_corrupt_shard": "exclude"})
-                               + ["resume=true"]))
-    assert summary["rounds_run"] == 3 and summary["buffer_images"] == 120 - 7  # 20 split 7/7/6: a 7 went
+    more = args(tmp_path, schedule, epochs=3) + ["resume=true"]
+    with pytest.raises(CorruptShardError, match=f"{folder / 'buffer' / bad}: its sha256"):
+        run(parse_config(PipelineConfig, more))
+    summary = run(parse_config(PipelineConfig, more + ["cluster.on_corrupt_shard=exclude"]))
+    assert summary["rounds_run"] == 4 and summary["buffer_images"] == 160 - 7
     assert (folder / "buffer" / "quarantine" / bad).is_file()
-    assert bad.as_posix() not in [s["path"] for s in Manifest.load(folder / "buffer").shards]
 
 
-def test_corrupt_shard_found_by_the_ranks_is_excluded(tmp_path, local_ray):
-    folder = tmp_path / "runs" / "tiny"
-    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path, **{"cluster.on_corrupt_shard": "exclude"})),
-                  on_round=corrupt_after_round(1, folder))
-    log = records(folder)
-    assert summary["rounds_run"] == 3 and log[2]["excluded_shards"] == 1 and log[2]["buffer"] == 120 - 7
-    assert (folder / "buffer" / "quarantine" / "round-00000" / "worker-000-000000.tar").is_file()
-
-
-def test_full_disk_stops_the_run_with_the_previous_checkpoint_intact(tmp_path, local_ray):
+def test_full_disk_stops_the_run_with_the_previous_checkpoint_intact(tmp_path, schedule, local_ray):
     disk = tmp_path / "disk"
     disk.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("mounting a tmpfs needs root (CAP_SYS_ADMIN); test_faults.py covers the writer with a patch")
+    # The disk fills after a round; the next shard written is round 2's (alternating) or round 1's (overlapped:
+    # round 2's shards were written during round 1, so fill it after the warm-up round).
+    fill_after, failing = (1, 2) if schedule == "alternating" else (0, 1)
     try:
         folder = disk / "runs" / "tiny"
         ballast = disk / "ballast"
 
         def fill_disk(record: dict) -> None:
-            if record["epoch"] == 1:
-                with open(ballast, "wb") as f:
+            if record["epoch"] == fill_after:
+                with open(ballast, "wb", buffering=0) as f:  # unbuffered: closing it writes nothing more
                     try:
                         while True:
                             f.write(b"\0" * (1 << 16))
@@ -183,26 +241,27 @@ def test_full_disk_stops_the_run_with_the_previous_checkpoint_intact(tmp_path, l
                     except OSError:
                         pass
 
-        args = tiny_args(disk, **{"lte.cache_dir": str(tmp_path / "lte")})
-        with pytest.raises(DiskFullError, match=f"disk full writing {folder.resolve()}/buffer/round-00002/"):
-            run(parse_config(PipelineConfig, args), on_round=fill_disk)
-        assert torch.load(folder / "checkpoints" / "driver.pt", weights_only=True)["round"] == 1
+        run_args = args(disk, schedule, **{"lte.cache_dir": str(tmp_path / "lte")})
+        with pytest.raises(DiskFullError, match=f"disk full writing {folder.resolve()}/buffer/round-{failing:05d}/"):
+            run(parse_config(PipelineConfig, run_args), on_round=fill_disk)
+        assert done_round(folder) == fill_after
         assert not list((folder / "buffer").rglob("*.tmp"))
         ballast.unlink()
-        summary = run(parse_config(PipelineConfig, args + ["resume=true"]))
+        summary = run(parse_config(PipelineConfig, run_args + ["resume=true"]))
         assert summary["rounds_run"] == 3
         assert_buffer_consistent(folder)
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_nonfinite_losses_stop_naming_the_step_or_are_skipped_on_every_rank(tmp_path, local_ray):
+def test_nonfinite_losses_stop_naming_the_step_or_are_skipped_on_every_rank(tmp_path, schedule, local_ray):
     with pytest.raises(NonFiniteLossError, match="generator loss is inf at round 0, iteration 0, generator step 0"):
-        run(parse_config(PipelineConfig, tiny_args(tmp_path, name="g", **{"synthesis.a_bn": 1e39})))
+        run(parse_config(PipelineConfig, args(tmp_path, schedule, name="g", **{"synthesis.a_bn": 1e39})))
     diverging = {"kd.lr": 1e30, "kd.momentum": 0.0, "kd.weight_decay": 0.0}
     with pytest.raises(NonFiniteLossError, match=r"KD loss is (nan|inf) at round \d, KD step \d on rank \d"):
-        run(parse_config(PipelineConfig, tiny_args(tmp_path, name="kd", **diverging)))
-    summary = run(parse_config(PipelineConfig, tiny_args(tmp_path, name="skip", on_nonfinite="skip", **diverging)))
+        run(parse_config(PipelineConfig, args(tmp_path, schedule, name="kd", **diverging)))
+    summary = run(parse_config(PipelineConfig, args(tmp_path, schedule, name="skip", on_nonfinite="skip",
+                                                    **diverging)))
     log = records(tmp_path / "runs" / "skip")
     assert summary["rounds_run"] == 3 and sum(r["kd_nonfinite_steps"] for r in log[1:]) > 0
     for r in log[1:]:  # skipped together: every rank took the same number of steps

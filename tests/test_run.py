@@ -1,7 +1,6 @@
 """The single-process runner and its strict config: end to end on tiny settings."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
