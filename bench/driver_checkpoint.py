@@ -42,7 +42,7 @@ def run_once(checkout: Path, actors: int, out: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkout", default=str(ROOT))
     ap.add_argument("--label", default="after")
     ap.add_argument("--actors", default="1,2,4")

@@ -135,7 +135,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kd-rounds", type=int, default=12)
     ap.add_argument("--kd-steps", type=int, default=14)  # balanced with synthesis here (fp32)
     ap.add_argument("--schedules", default=",".join(SCHEDULES))

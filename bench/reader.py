@@ -141,7 +141,7 @@ def bytes_per_round(rounds: int, out: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="32,224")
     ap.add_argument("--rounds", type=int, default=30, help="KD rounds of the bytes-per-round run (0: skip it)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))

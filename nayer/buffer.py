@@ -100,6 +100,10 @@ class InMemoryBuffer:
             buf.append(*read_chunk(path))
         return buf
 
+    def rows(self, chunks: int) -> int:
+        """Images held in the first `chunks` appended chunks."""
+        return self._ends[chunks - 1] if chunks else 0
+
     @property
     def num_chunks(self) -> int:
         return len(self._ends)

@@ -37,8 +37,7 @@ class ShareLoader:
         self.changed = threading.Condition()
         self.seen_seq = -1  # every entry up to this seq has been handled (loaded, another rank's, or excluded)
         self.share: list[dict] = []  # this rank's readable entries, in commit order
-        self.store = InMemoryBuffer()  # their samples while the share fits in memory, shard after shard
-        self.rows: list[int] = []  # rows of `store` after each shard of `share`
+        self.store = InMemoryBuffer()  # their samples while the share fits in memory, one chunk per shard
         self.excluded: list[str] = []  # urls of corrupt shards left out (cluster.on_corrupt_shard=exclude)
         self.corrupt: dict[int, str] = {}  # seq -> why, for corrupt shards under policy fail: a round needing one stops
         self.bytes_read = 0  # shard bytes read from storage by this rank so far
@@ -62,9 +61,9 @@ class ShareLoader:
                 self.changed.notify_all()
 
     def _add(self, entry: dict) -> None:
-        if not self.streaming and sum(e["bytes"] for e in self.share) + entry["bytes"] > self.host_limit:
+        if not self.streaming and self.bytes_read + entry["bytes"] > self.host_limit:  # bytes held so far
             with self.changed:  # the share no longer fits: let go of what is held, stream from now on
-                self.streaming, self.store, self.rows = True, InMemoryBuffer(), []
+                self.streaming, self.store = True, InMemoryBuffer()
             print(f"rank {self.rank}: its buffer share outgrew cluster.rank_buffer_gb={self.host_limit / GB:g}; "
                   "it streams from storage from now on", flush=True)
         if self.streaming:
@@ -85,7 +84,6 @@ class ShareLoader:
             self.bytes_read += entry["bytes"]
             self.store.append(images, labels)
             self.share.append(entry)
-            self.rows.append(len(self.store))
 
     def wait(self, upto_seq: int, check: bool = True) -> None:
         """Block until every entry with seq <= upto_seq is handled; raise what the thread raised, and (`check`) a
@@ -122,7 +120,7 @@ class ResidentShare:
             held = sum(1 for e in loader.share if e["seq"] <= upto_seq)
             entries = loader.share[:held]
             streaming = loader.streaming
-            rows = loader.rows[held - 1] if held and not streaming else 0
+            rows = 0 if streaming else loader.store.rows(held)
             images, labels = loader.store.tensors() if rows else (None, None)
         if not entries:
             raise CorruptShardError(f"rank {loader.rank} has no readable shard of the buffer")

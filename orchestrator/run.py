@@ -151,8 +151,8 @@ class Driver:
                 "resume_from": str(storage / self.state.student_checkpoint) if self.state.student_checkpoint else None,
                 "eval_set": ray.put(self.inputs.eval_set) if self.inputs.eval_set is not None else None}
             if self.state.student_checkpoint:  # the adversarial term's student: the last KD round's
-                self.student_ref = ray.put(torch.load(storage / self.state.student_checkpoint / STUDENT_WEIGHTS,
-                                                      map_location="cpu", weights_only=True))
+                weights = storage / self.state.student_checkpoint / STUDENT_WEIGHTS
+                self.student_ref = ray.put(torch.load(weights, map_location="cpu", weights_only=True))
             self._rounds()
             ray.get(self.board.stop.remote())
             if self.trainer is not None:
@@ -208,8 +208,8 @@ class Driver:
         else:
             syn = dict(self.state.pending)
         synthesis_wall = syn["syn_time"] if synthesized_now else 0.0
-        excluded = syn.pop("excluded_shards", 0) if synthesized_now else 0
-        syn.pop("excluded_shards", None)
+        committed_excluded = syn.pop("excluded_shards", 0)
+        excluded = committed_excluded if synthesized_now else 0  # a pending round's: counted when it was committed
         record = {"epoch": r, "phase": "warmup" if warm else "kd", **syn, "schedule": self.schedule}
         ahead: dict = {}
         kd_wall = 0.0
@@ -334,7 +334,7 @@ def trainer_experiment(storage: Path, start: int, referenced: str | None) -> str
 def check_readable(manifest: Manifest, r: int, ranks: int, micro_batch: int) -> None:
     """Before a KD round: every rank must have a micro-batch of samples in its share (rank q holds the shards whose
     seq is q modulo the ranks), else the ranks would fall out of step."""
-    entries = [e for e in manifest.snapshot() if e["round"] <= r]
+    entries = [e for e in manifest.shards if e["round"] <= r]
     if not entries:
         raise RunError(f"the memory buffer is empty at KD round {r}: no synthesis batch was kept so far; add warm-up "
                        "rounds (warmup=) or synthesis iterations (synthesis.g_loops=)")
