@@ -45,10 +45,13 @@ def error_line(main, argv, capsys) -> str:
     return message
 
 
-def free_port() -> int:
+@pytest.fixture
+def dead_port():
+    """A port bound but not listening, held for the test: a connection is refused, and no process started meanwhile
+    (a Ray worker of an earlier test) can take the port and answer."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        yield s.getsockname()[1]
 
 
 # (case, extra arguments on top of a tiny pipeline run, expected text); {d} = the inputs folder.
@@ -91,8 +94,8 @@ BEFORE_RAY = [
 
 
 @pytest.mark.parametrize("case, extra, expected", BEFORE_RAY, ids=[c[0] for c in BEFORE_RAY])
-def test_pipeline_command_line_errors_are_one_line(tmp_path, files, capsys, case, extra, expected):
-    argv = tiny_args(tmp_path) + [a.format(d=files, port=free_port()) for a in extra]
+def test_pipeline_command_line_errors_are_one_line(tmp_path, files, capsys, dead_port, case, extra, expected):
+    argv = tiny_args(tmp_path) + [a.format(d=files, port=dead_port) for a in extra]
     assert re.search(expected, error_line(pipeline_run.main, argv, capsys))
 
 
