@@ -137,7 +137,7 @@ def file_bytes(obj, path: Path) -> int:
 
 def measure_setting(name: str, spec: dict, args: argparse.Namespace, tmp: Path) -> dict:
     cfg = parse_config(PipelineConfig, spec["argv"])
-    images = resolve_images(cfg)
+    images, _ = resolve_images(cfg)
     size, k = images.size, images.num_classes
     compute = Compute(torch.device("cpu"), channels_last=cfg.channels_last)
     emb = torch.randn(k, EMB_DIM[cfg.lte.encoder])

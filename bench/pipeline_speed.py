@@ -43,7 +43,7 @@ def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.T
                    iterations: int, buffer: str) -> dict:
     """Kept images per wall second for `workers` actors each running `iterations` adversarial iterations."""
     cfg.cluster.synth_cpus = cpus
-    images = resolve_images(cfg)
+    images, _ = resolve_images(cfg)
     files = WorkerFiles(buffer, buffer, str(Path(buffer) / "states"))
     actors = [ray.remote(SynthesisWorker).options(num_cpus=cpus).remote(cfg, w, teacher_state, embeddings, images,
                                                                         files, FaultPlan())
@@ -89,7 +89,7 @@ def main() -> None:
     cfg = parse_config(PipelineConfig, [f"config={ROOT / 'configs/cifar10.yaml'},{ROOT / 'configs/profiles/cpu.yaml'}",
                                         f"synthesis.batch_size={args.batch_size}", "teacher.arch=resnet56"])
     require(TEACHER)
-    names = list(resolve_images(cfg).class_names)
+    names = list(resolve_images(cfg)[0].class_names)
     teacher = build_model("resnet56", len(names))
     teacher.load_state_dict(torch.load(TEACHER, map_location="cpu", weights_only=True))
     embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cache_dir=str(ROOT / ".cache/lte"))

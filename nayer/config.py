@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
 from nayer.cli_config import ConfigError
-from nayer.models import model_names
+from nayer.models import check_arch
 from nayer.runtime import check_device_name
 
 NOISY_MODES = ("k_to_1", "one_to_one")
@@ -24,10 +24,13 @@ NONFINITE_POLICIES = ("stop", "skip")
 @dataclass
 class DataConfig:
     dataset: str = "cifar10"  # preset: class count, image size, mean/std, class names
-    class_names: Optional[List[str]] = None  # overrides the preset's names (same count as the teacher's outputs)
+    class_names: Optional[List[str]] = None  # one per teacher output; None = the weights' names, else the preset's
     class_names_file: str = ""  # text file, one name per line (TinyImageNet, custom teachers)
-    mean: Optional[List[float]] = None  # teacher input normalization; None = the preset's
-    std: Optional[List[float]] = None  # None = the preset's
+    # The teacher's input. None = what the teacher's pretrained weights say (torchvision meta, timm pretrained_cfg),
+    # else the preset's; inputs.json in the run folder records where each value came from.
+    image_size: Optional[int] = None  # square side of the synthetic images
+    mean: Optional[List[float]] = None  # input normalization
+    std: Optional[List[float]] = None
     eval: str = ""  # labeled test set: a .npz (shared/data format), an image folder, or digits:test; "" = none
     eval_batch_size: int = 500  # images per evaluation forward pass
     eval_limit: int = 0  # evaluate on a fixed random subset of this many labeled images (quick looks); 0 = all
@@ -35,9 +38,11 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet56"  # zoo name (nayer.models.model_names)
+    # zoo name (nayer.models.model_names), torchvision:<name>, timm:<name>[.<tag>] or <package.module>:<function>
+    arch: str = "resnet56"
     checkpoint: str = ""  # state_dict file (loaded with weights_only=True)
-    weights: str = ""  # torchvision weights tag, e.g. IMAGENET1K_V2 (tv_* models only)
+    weights: str = ""  # pretrained weights: a torchvision tag (IMAGENET1K_V2, DEFAULT) or, for timm, pretrained
+    rename: List[str] = field(default_factory=list)  # checkpoint key renaming, OLD->NEW regex prefix pairs
 
 
 @dataclass
@@ -165,8 +170,11 @@ class RunConfig:
         """Cross-field checks the type system cannot express; each error names the value and what is allowed."""
         check_device_name(self.device)
         check_choice("on_nonfinite", self.on_nonfinite, NONFINITE_POLICIES)
-        check_choice("teacher.arch", self.teacher.arch, tuple(model_names()))
-        check_choice("student.arch", self.student.arch, tuple(model_names()))
+        for role, model in (("teacher", self.teacher), ("student", self.student)):
+            try:
+                check_arch(model.arch)
+            except ValueError as error:
+                raise ConfigError(f"{role}.arch={model.arch!r}: {error}") from None
         check_choice("method", self.method, METHODS)
         check_choice("generator.input", self.generator.input, GENERATOR_INPUTS)
         check_choice("generator.body", self.generator.body, GENERATOR_BODIES)

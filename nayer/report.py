@@ -164,9 +164,14 @@ def write_report(folder: str | Path) -> Path:
     best = max(scored, key=lambda r: r["top1"]) if scored else None
     total = {part: sum(round_times(r)[part] for r in records) for part, _ in TIME_PARTS}
     spent = sum(total.values()) or 1.0
+    inputs_path = folder / "inputs.json"
+    inputs = json.loads(inputs_path.read_text()) if inputs_path.is_file() else {}
     lines = [
         f"# Run `{folder.name}`", "",
         "| | |", "|---|---|",
+        *([f"| teacher | {inputs['teacher']} ({inputs['weights']}); L_BN hooks {inputs['bn_layers_hooked']} "
+           f"BatchNorm2d layers; class names from {inputs['class_names']}, mean/std from {inputs['mean']} |"]
+          if inputs else []),
         f"| teacher top-1 | {_fmt(teacher)}% |",
         f"| student top-1, last round | {_fmt(scored[-1]['top1'] if scored else None)}% |",
         f"| best round (test set) | {_fmt(best['top1'] if best else None)}% at round {best['epoch'] if best else '-'} |",

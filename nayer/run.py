@@ -28,7 +28,7 @@ from nayer.evaluate import evaluate
 from nayer.inputs import load_inputs
 from nayer.kd import StudentTrainer
 from nayer.methods import build_synthesizer
-from nayer.models import build_model
+from nayer.models import load_model
 from nayer.progress import RoundProgress
 from nayer.report import write_report
 from nayer.run_folder import RunFolder
@@ -50,7 +50,8 @@ def run(cfg: RunConfig) -> dict:
     inputs = load_inputs(cfg, compute.device)
     spec, eval_set = inputs.images, inputs.eval_set
     teacher = compute.place(inputs.teacher)
-    student = compute.place(build_model(cfg.student.arch, spec.num_classes))
+    student = compute.place(load_model(cfg.student.arch, spec.num_classes, cfg.student.checkpoint or None,
+                                       cfg.student.weights or None, cfg.student.rename, role="student"))
 
     synthesizer = build_synthesizer(cfg, teacher, student, inputs.embeddings, spec, compute, cfg.seed)
     trainer = StudentTrainer(student, teacher, cfg.kd, cfg.epochs, spec, compute, cfg.on_nonfinite)
@@ -61,7 +62,8 @@ def run(cfg: RunConfig) -> dict:
         kd_model = trainer.objective.student = torch.compile(student)
         trainer.objective.teacher = torch.compile(teacher)
     start_epoch, best, elapsed_before = 0, Best(), 0.0
-    folder.create()
+    print(inputs.summary(), flush=True)
+    folder.create(inputs.provenance)
 
     if cfg.resume:
         state = RunState.load(folder.checkpoint)

@@ -45,14 +45,16 @@ class RunFolder:
                                   f"{'; '.join(changed[:4])}; resume with the same config (only "
                                   f"{', '.join(may_change)} may change)")
 
-    def create(self) -> None:
-        """Clear the leftovers of a start that never checkpointed, write the resolved config."""
+    def create(self, inputs: dict) -> None:
+        """Clear the leftovers of a start that never checkpointed, write the resolved config and `inputs`: where the
+        teacher, its weights and the image values came from (inputs.json)."""
         if not self.cfg.resume and self.path.exists():
             self.metrics.unlink(missing_ok=True)
             for stale in self.outputs():
                 shutil.rmtree(stale, ignore_errors=True)
         self.samples.mkdir(parents=True, exist_ok=True)
         save_text(config_to_yaml(self.cfg), self.path / "config.yaml")
+        save_text(json.dumps(inputs, indent=2) + "\n", self.path / "inputs.json")
 
     def outputs(self) -> list[Path]:
         """Folders a run writes into (removed when a run that never checkpointed is started again)."""

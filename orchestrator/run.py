@@ -92,7 +92,8 @@ class Driver:
         self.faults = FaultPlan.from_env(self.folder.path / "faults")
         seed_everything(cfg.seed)  # a teacher without a checkpoint is random: the same one in every run of a seed
         self.inputs = load_inputs(cfg, torch.device("cpu"))
-        self.folder.create()
+        print(self.inputs.summary(), flush=True)
+        self.folder.create(self.inputs.provenance)
         self.state = DriverState.load(self.folder.checkpoint) if cfg.resume else DriverState()
         self.elapsed_before = self.state.elapsed
         self.checkpointed = self.state.synthesized  # the synthesis round of the last driver checkpoint

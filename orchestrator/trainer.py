@@ -24,7 +24,7 @@ import torch.distributed as dist
 from nayer.data import LabeledImages
 from nayer.evaluate import accuracy, accuracy_counts, predict
 from nayer.kd import KDObjective, finite_or_skip, make_optimizer
-from nayer.models import build_model
+from nayer.models import build_model, load_model
 from nayer.progress import LineProgress
 from nayer.runtime import RunError
 from nayer.specs import Compute, ImageSpec
@@ -69,7 +69,8 @@ def train_loop_per_worker(config: dict) -> None:
     teacher.load_state_dict(ray.get(config["teacher"]))
     teacher = teacher.to(device).eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)  # the student's initial weights (DeepSpeed broadcasts rank 0's): the same every run
-    student = build_model(cfg.student.arch, k).to(device)
+    student = load_model(cfg.student.arch, k, cfg.student.checkpoint or None, cfg.student.weights or None,
+                         cfg.student.rename, role="student").to(device)
     if cfg.channels_last:  # the student's weights stay contiguous (DeepSpeed broadcasts them as flat bytes);
         teacher = teacher.to(memory_format=torch.channels_last)  # its convs still run channels_last on CL inputs
     if ds_bf16:

@@ -25,6 +25,8 @@ def files(tmp_path_factory):
     """Inputs a user might hand over by mistake."""
     d = tmp_path_factory.mktemp("inputs")
     torch.save(build_model("resnet20", 10).state_dict(), d / "resnet20.pt")
+    torch.save({k.replace("fc.", "linear."): v for k, v in build_model("resnet20", 10).state_dict().items()},
+               d / "linear_head.pt")
     torch.save({"model": build_model("resnet20", 10)}, d / "pickled.pt")  # a whole module, not a state_dict
     (d / "broken.yaml").write_text("epochs: [1, 2\n")
     np.savez(d / "eval12.npz", x=np.zeros((4, 32, 32, 3), np.uint8), y=np.array([0, 1, 2, 12]),
@@ -63,12 +65,17 @@ BEFORE_RAY = [
     ("broken YAML", ["config={d}/broken.yaml"], "config file '.*broken.yaml' is not valid YAML"),
     ("missing teacher", ["teacher.checkpoint=/nope/teacher.pt"], "checkpoint file not found: /nope/teacher.pt"),
     ("other architecture", ["teacher.checkpoint={d}/resnet20.pt", "teacher.arch=resnet32"],
-     "does not match architecture 'resnet32': 72 missing keys"),
+     "does not match architecture 'resnet32': 60 missing keys"),
+    ("renamed head", ["teacher.checkpoint={d}/linear_head.pt", "teacher.arch=resnet20"],
+     r"renamed: 'teacher.rename=\[linear.->fc.\]'"),
+    ("teacher without BatchNorm", ["teacher.arch=timm:vit_tiny_patch16_224", "data.image_size=224"],
+     r"no BatchNorm2d layer \(it normalizes with LayerNorm\).*set synthesis.a_bn=0"),
+    ("unknown timm model", ["teacher.arch=timm:resnet_huge"], "teacher.arch='timm:resnet_huge': timm has no model"),
     ("class count", ["teacher.checkpoint={d}/resnet20.pt", "data.class_names=[cat,dog,car]"],
      r"fc.weight: checkpoint \[10, 64\] vs model \[3, 64\].*the run has 3 class names"),
     ("empty class list", ["data.class_names=[]"], "data.class_names is an empty list"),
     ("pickled checkpoint", ["teacher.checkpoint={d}/pickled.pt"], "holds pickled Python objects.*weights_only=True"),
-    ("unknown model", ["student.arch=vit_huge"], "student.arch='vit_huge' is not allowed; choose one of: alexnet"),
+    ("unknown model", ["student.arch=vit_huge"], "student.arch='vit_huge': unknown model 'vit_huge'; known: alexnet"),
     ("unknown encoder", ["lte.encoder=glove"], "unknown LTE encoder 'glove'; known: clip, sbert, onehot, file"),
     ("unknown method", ["method=magic"], "method='magic' is not allowed; choose one of: nayer, fm, deepinv"),
     ("unknown dataset", ["data.dataset=mnist2"], "unknown dataset preset 'mnist2'; known: cifar10"),

@@ -115,3 +115,20 @@ def test_pipeline_runs_a_baseline_and_logs_the_papers_metrics(tmp_path, local_ra
     assert log[0]["syn_diversity"] is None and log[1]["syn_diversity"] > log[1]["syn_diversity_min"] > 0
     for r in log:  # averaged over both workers' iterations
         assert 1 <= r["syn_ce_steps"] <= 2 and len(r["syn_ce_curve"]) == 2 and r["syn_is"] >= 1
+
+
+def test_pipeline_with_a_timm_teacher_and_a_torchvision_student(tmp_path, local_ray, capsys):
+    """Actors and ranks rebuild both models from their names; the run folder records where the teacher came from."""
+    teacher = build_model("timm:resnet18", 10)
+    torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+    args = tiny_args(tmp_path, warmup=0, epochs=1, **{"teacher.arch": "timm:resnet18",
+                                                      "teacher.checkpoint": str(tmp_path / "teacher.pt"),
+                                                      "student.arch": "torchvision:mobilenet_v3_small"})
+    summary = run(parse_config(PipelineConfig, args))
+    folder = tmp_path / "runs" / "tiny"
+    assert summary["rounds_run"] == 1 and (folder / "student.pt").is_file() and (folder / "report.md").is_file()
+    student = build_model("torchvision:mobilenet_v3_small", 10)
+    student.load_state_dict(torch.load(folder / "student.pt", weights_only=True))
+    inputs = json.loads((folder / "inputs.json").read_text())
+    assert inputs["teacher"] == "timm:resnet18" and inputs["bn_layers_hooked"] == 20
+    assert "teacher timm:resnet18 with checkpoint" in capsys.readouterr().out
