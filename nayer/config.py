@@ -30,7 +30,7 @@ class DataConfig:
     # else the preset's; inputs.json in the run folder records where each value came from.
     image_size: Optional[int] = None  # square side of the synthetic images
     mean: Optional[List[float]] = None  # input normalization
-    std: Optional[List[float]] = None
+    std: Optional[List[float]] = None  # input normalization std
     eval: str = ""  # labeled test set: a .npz (shared/data format), an image folder, or digits:test; "" = none
     eval_batch_size: int = 500  # images per evaluation forward pass
     eval_limit: int = 0  # evaluate on a fixed random subset of this many labeled images (quick looks); 0 = all
