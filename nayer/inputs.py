@@ -13,8 +13,10 @@ import torch
 from nayer.cli_config import ConfigError
 from nayer.config import RunConfig
 from nayer.data import LabeledImages, load_labeled, preset, read_class_names
+from nayer.losses import bn_layers
 from nayer.lte import encode_labels
 from nayer.models import CheckpointMismatchError, classifier_layer, load_teacher, model_metadata
+from nayer.runtime import first_line
 from nayer.specs import ImageSpec
 
 
@@ -63,10 +65,9 @@ def check_teacher(teacher: torch.nn.Module, images: ImageSpec, cfg: RunConfig) -
         with torch.no_grad():
             teacher(torch.zeros(2, 3, images.size, images.size))
     except (RuntimeError, ValueError, AssertionError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"teacher {arch} does not run on {images.size}x{images.size} images ({first}); set "
+        raise ConfigError(f"teacher {arch} does not run on {images.size}x{images.size} images ({first_line(error)}); set "
                           "data.image_size to the side it takes") from None
-    bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    bn = len(bn_layers(teacher))
     other = sorted({type(m).__name__ for m in teacher.modules() if isinstance(m, OTHER_NORMS)})
     if cfg.synthesis.a_bn > 0 and bn == 0:
         norms = f"it normalizes with {', '.join(other)}" if other else "it has no normalization layer"

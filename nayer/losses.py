@@ -20,6 +20,11 @@ class NonFiniteLossError(RunError, FloatingPointError):
     """A NaN or inf generator or KD loss under on_nonfinite=stop; the message names the round and step."""
 
 
+def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
+    """The layers L_BN hooks: every BatchNorm2d (subclasses such as timm's BatchNormAct2d included)."""
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
 class BNStatisticsLoss:
     """L_BN, paper Eq. 2 (the DeepInversion feature-statistics prior, with NAYER's momentum EMA).
 
@@ -37,7 +42,7 @@ class BNStatisticsLoss:
 
     def __init__(self, model: nn.Module, momentum: float = 0.9):
         self.momentum = momentum
-        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        self.layers = bn_layers(model)
         self.ema: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
         self.batch: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
         self._active = False

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from nayer.cli_config import ConfigError, config_to_yaml
-from nayer.runtime import save_text
+from nayer.runtime import save_json, save_text
 
 
 class RunFolder:
@@ -54,7 +54,7 @@ class RunFolder:
                 shutil.rmtree(stale, ignore_errors=True)
         self.samples.mkdir(parents=True, exist_ok=True)
         save_text(config_to_yaml(self.cfg), self.path / "config.yaml")
-        save_text(json.dumps(inputs, indent=2) + "\n", self.path / "inputs.json")
+        save_json(inputs, self.path / "inputs.json")
 
     def outputs(self) -> list[Path]:
         """Folders a run writes into (removed when a run that never checkpointed is started again)."""

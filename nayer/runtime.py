@@ -105,5 +105,10 @@ def save_text(text: str, path: str | Path) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what a one-line error quotes."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
 def save_json(obj: Any, path: str | Path) -> Path:
     return save_text(json.dumps(obj, indent=2) + "\n", path)

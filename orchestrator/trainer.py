@@ -26,7 +26,7 @@ from nayer.evaluate import accuracy, accuracy_counts, predict
 from nayer.kd import KDObjective, finite_or_skip, make_optimizer
 from nayer.models import build_model, load_model
 from nayer.progress import LineProgress
-from nayer.runtime import RunError
+from nayer.runtime import RunError, first_line
 from nayer.specs import Compute, ImageSpec
 from orchestrator.cluster import root_cause
 from orchestrator.config import PipelineConfig, threads
@@ -210,7 +210,7 @@ class TrainerRun:
         cause = root_cause(self.error) if self.error is not None else None
         if isinstance(cause, (ValueError, OSError, RunError)):
             return cause
-        first = (str(cause).strip().splitlines() or [type(cause).__name__])[0] if cause is not None else "no error"
+        first = first_line(cause) if cause is not None else "no error"
         return RunError(f"the DeepSpeed ranks stopped ({type(cause).__name__}: {first}); "
                         "cluster.trainer_max_failures=N lets Ray Train restart them from their last checkpoint")
 

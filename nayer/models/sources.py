@@ -28,6 +28,9 @@ from typing import Optional
 
 from torch import nn
 
+from nayer.models.loading import load_state_dict_checked
+from nayer.runtime import first_line
+
 PREFIXES = ("torchvision", "timm")
 TIMM_PRETRAINED = "pretrained"  # the `weights` value that asks timm for its own pretrained weights
 
@@ -112,8 +115,6 @@ def pretrained_model(source: ModelSource, weights: str, num_classes: int) -> nn.
     ValueError for a tag the source does not have or a class count the weights do not have; RuntimeError naming
     the offline alternative when the weights cannot be fetched."""
     if source.kind == "torchvision":
-        from nayer.models.loading import load_state_dict_checked
-
         model = build_external(source, num_classes)
         enum_weights = _torchvision_weights(source.name, weights, num_classes)
         try:
@@ -199,8 +200,7 @@ def _check_classes(weight_classes: int | None, num_classes: int, what: str) -> N
 
 
 def _offline(what: str, error: Exception) -> RuntimeError:
-    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-    return RuntimeError(f"could not fetch {what} ({first}); offline, pass a local state_dict instead: "
+    return RuntimeError(f"could not fetch {what} ({first_line(error)}); offline, pass a local state_dict instead: "
                         "teacher.checkpoint=<local state_dict>")
 
 
