@@ -6,7 +6,8 @@
 `--help` / `-h` prints the entry point's usage docstring and every config key with its default and the comment
 written next to it in the schema. A bad input, or a failure the run can name (a full disk, a non-finite loss, a
 dead worker), exits with one line `error: <what is wrong and what is allowed>`; anything else is a bug and keeps
-its traceback. The runner's result is printed as one JSON line (a string as it is).
+its traceback. The runner's result is printed as one JSON line (a string as it is); a run's verdict line (its
+`verdict` key, `nayer.verdict`) comes after it, the last line of the output.
 """
 
 from __future__ import annotations
@@ -70,3 +71,5 @@ def cli(runner: Callable[[Any], Any], argv: Sequence[str] | None = None, *, doc:
         sys.exit(f"error: {one_line(root)}")
     if result is not None:
         print(result if isinstance(result, str) else json.dumps(result))
+    if isinstance(result, dict) and result.get("verdict"):
+        print(result["verdict"])

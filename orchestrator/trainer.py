@@ -11,6 +11,8 @@ new student weights (object store) back to the driver through the board.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import tempfile
 import threading
@@ -28,7 +30,7 @@ from nayer.models import build_model, load_model
 from nayer.progress import LineProgress
 from nayer.runtime import RunError, first_line
 from nayer.specs import Compute, ImageSpec
-from orchestrator.cluster import root_cause
+from orchestrator.cluster import ray_log_level, root_cause
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.resident import GB, ResidentShare, ShareLoader
 
@@ -49,10 +51,13 @@ def train_loop_per_worker(config: dict) -> None:
     cfg: PipelineConfig = config["cfg"]
     # Chosen before deepspeed is imported: DeepSpeed picks its accelerator once, at import.
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    if not cfg.cluster.verbose:
+        quiet_rank_console()
     import deepspeed
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    metrics_log = RankLog(config["rank_logs"], rank)
     torch.set_num_threads(threads(cfg.cluster.trainer_cpus))
     device = ray.train.torch.get_device()
     board, spec, faults, c = config["board"], config["images"], config["faults"], cfg.cluster
@@ -176,8 +181,49 @@ def train_loop_per_worker(config: dict) -> None:
             # Ray Train keeps (and later serializes) the dict it is handed: give it its own copy.
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"round-{r:05d}")
+        metrics_log.write({"round": r, "rank": rank, "kd_loss": float(torch.stack(losses).mean()) if losses else None,
+                           "kd_steps": len(losses), "read_bytes": read_bytes[rank], "kd_time": kd_time,
+                           "kd_read_time": read_time, "streaming": loader.streaming})
         if rank == 0:
             finish(r, metrics, weights, t0)
+
+
+class LibraryInfoFilter(logging.Filter):
+    """Drops INFO (and lower) records written from inside the given packages. On a Ray Train worker `print` is a
+    root-logger INFO record, so this catches the lines Ray and DeepSpeed print or log past their own loggers'
+    levels (Ray Train's per-report line comes from a logger named by its file path, not `ray.train`)."""
+
+    def __init__(self, *packages):
+        super().__init__()
+        self.dirs = tuple(os.path.dirname(package.__file__) + os.sep for package in packages)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.pathname.startswith(self.dirs)
+
+
+def quiet_rank_console() -> None:
+    """cluster.verbose=false on a rank: Ray's, Ray Train's and DeepSpeed's INFO lines stay off the console (Ray's
+    log files keep Ray's); DeepSpeed's start-up lines and torch's note that a CPU node has no CUDA runtime go."""
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    console = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
+    for handler in console:
+        handler.addFilter(LibraryInfoFilter(ray, deepspeed))
+
+
+class RankLog:
+    """One rank's own metrics per KD round, appended to `ranks/rank-QQQ.jsonl` in the run folder (the driver's
+    metrics.jsonl holds the round's totals over all ranks; the console neither)."""
+
+    def __init__(self, folder: str, rank: int):
+        os.makedirs(folder, exist_ok=True)
+        self.path = os.path.join(folder, f"rank-{rank:03d}.jsonl")
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 class TrainerRun:
@@ -216,7 +262,7 @@ class TrainerRun:
 
 
 def make_trainer(cfg: PipelineConfig, storage_path: str, name: str, loop_config: dict):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     c = cfg.cluster
@@ -227,4 +273,6 @@ def make_trainer(cfg: PipelineConfig, storage_path: str, name: str, loop_config:
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              checkpoint_config=CheckpointConfig(num_to_keep=c.keep_checkpoints),
-                             failure_config=FailureConfig(max_failures=c.trainer_max_failures)))
+                             failure_config=FailureConfig(max_failures=c.trainer_max_failures),
+                             # every rank's report and the worker group's start-up: INFO lines, kept in Ray's logs
+                             logging_config=LoggingConfig(log_level=logging.getLevelName(ray_log_level(c.verbose)))))

@@ -276,7 +276,9 @@ def sweep_main(argv: Sequence[str]) -> list[dict]:
                                                      max_concurrent=sweep.max_concurrent_trials or fitting_trials(base)),
                     trial_dirname_creator=lambda trial: trial.trial_id),
                 run_config=tune.RunConfig(name=base.name, storage_path=str(folder.parent),
-                                          failure_config=tune.FailureConfig(max_failures=sweep.max_failures)))
+                                          failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                                          # quiet: no status tables; each trial's round lines still show
+                                          verbose=None if base.cluster.verbose else 0))
         results = tuner.fit()
         rows = results_table(results, sweep, base)
     finally:

@@ -106,8 +106,10 @@ class SynthesisWorker:
         if student_state is not None:
             self.student.load_state_dict(student_state)
         desc = f"round {task.round} synthesis worker {self.worker}"
+        # One worker's progress stands for the round's (they share it evenly); cluster.verbose: every worker's.
+        shown = self.worker == 0 or self.cfg.cluster.verbose
         result = self.synthesizer.synthesize(warmup=task.warmup, loops=task.iterations,
-                                             progress=lambda steps: LineProgress(steps, desc))
+                                             progress=(lambda steps: LineProgress(steps, desc)) if shown else False)
         compute = time.perf_counter() - start
         entries = []
         if len(result.labels):

@@ -11,7 +11,8 @@ PIPELINE_ROUNDS = [
     {"epoch": 0, "phase": "warmup", "buffer": 40, "syn_time": 5.0, "commit_time": 0.5, "checkpoint_time": 0.5,
      "syn_ce": 2.0, "elapsed": 6.0},
     {"epoch": 1, "phase": "kd", "buffer": 80, "syn_time": 4.0, "commit_time": 0.5, "kd_phase_time": 10.0,
-     "checkpoint_time": 1.5, "syn_ce": 1.0, "kd_loss": 0.3, "top1": 40.0, "per_class": [30.0, 50.0], "elapsed": 22.0},
+     "checkpoint_time": 1.5, "syn_ce": 1.0, "syn_agreement": 87.5, "syn_teacher_ce": 0.4, "syn_bn_share": 0.6,
+     "kd_loss": 0.3, "top1": 40.0, "per_class": [30.0, 50.0], "elapsed": 22.0},
 ]
 
 
@@ -34,7 +35,11 @@ def test_report_of_a_finished_and_of_a_stopped_run(tmp_path):
     write_run(done, PIPELINE_ROUNDS, {"teacher_top1": 90.0, "stopped_by": None})
     text = write_report(done).read_text()
     assert "| teacher top-1 | 90.00% |" in text and "| student top-1, last round | 40.00% |" in text
-    assert "| status | finished |" in text and "| 1 | kd | 40.00 | 1.000 | 0.300 | 4.0 | 0.5 | 10.0 | 1.5 |" in text
+    assert "| status | finished |" in text and "| 1 | kd | 40.00 | 87.5 | 0.400 | 0.60 | 0.300 | 4.0 | 0.5 | 10.0 | 1.5 |" in text
+    # The report opens with the verdict: the student against the teacher, the teacher's rating, the time split.
+    assert text.index("## Verdict") < text.index("## The run") < text.index("## Rounds")
+    assert "student top-1 40.00% after round 1 = 44% of the teacher's 90.00%" in text
+    assert "the teacher assigns 88% of round 1's kept images to their target class (its CE on them 0.40)" in text
     # 22 s of which synthesis 9 s: the shares are of the summed parts.
     assert "synthesis 9 s (41%), commit 1 s (5%), KD + eval 10 s (45%), checkpoint 2 s (9%)" in text
     assert all((done / "plots" / f"{p}.png").stat().st_size > 0 for p in ("accuracy", "round_time", "per_class"))
@@ -67,6 +72,8 @@ def test_line_progress_prints_plain_lines_only_for_long_phases():
 
 def test_round_progress_prints_one_line_per_round_off_a_terminal(capsys):
     progress = RoundProgress("run-1", 0, 2)  # pytest's captured stdout is not a terminal
-    progress.round_done({"epoch": 1, "phase": "kd", "top1": 40.0, "kd_loss": 0.25, "buffer": 80, "elapsed": 22.0})
+    progress.round_done({"epoch": 1, "phase": "kd", "top1": 40.0, "syn_agreement": 93.4, "syn_teacher_ce": 0.214,
+                         "kd_loss": 0.25, "buffer": 80, "elapsed": 22.0})
     progress.close()
-    assert capsys.readouterr().out == "run-1 round 2/2 [kd] top1=40.00 kd_loss=0.25 buffer=80 elapsed=22s\n"
+    assert capsys.readouterr().out == ("run-1 round 2/2 [kd] top1=40.00 agree=93% teacher_ce=0.21 kd_loss=0.250 "
+                                       "buffer=80 elapsed=22s\n")

@@ -6,7 +6,7 @@
 
 1. Train a ResNet-32 teacher on scikit-learn's bundled digits (train split), unless runs/digits-teacher has one.
 2. Distill it data-free (NAYER, SBERT label embeddings) into a ResNet-20 with configs/digits.yaml.
-3. Print teacher and student top-1 on the held-out digits and the student/teacher ratio.
+3. Print teacher and student top-1 on the held-out digits, the student/teacher ratio and the run's verdict.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def distill(cfg: Any, runner: Callable[[Any], dict]) -> dict:
     folder = Path(cfg.out_dir) / cfg.name
     return {"teacher_top1": summary["teacher_top1"], "student_top1": summary["final_top1"],
             "student_over_teacher": round(ratio, 4), "wall_time_s": round(time.perf_counter() - start, 1),
-            "run_folder": str(folder), "report": str(folder / "report.md")}
+            "run_folder": str(folder), "report": str(folder / "report.md"), "verdict": summary["verdict"]}
 
 
 def main(argv: Sequence[str] | None = None, schema: type = RunConfig, runner: Callable[[Any], dict] = run,
