@@ -11,6 +11,8 @@ new student weights (object store) back to the driver through the board.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -81,7 +83,10 @@ def train_loop_per_worker(config: dict) -> None:
     if ds_bf16:
         student = student.to(torch.bfloat16)  # DeepSpeed bf16 with BatchNorm needs the cast before initialize
     optimizer, scheduler = make_optimizer(student, cfg.kd, cfg.epochs)  # the cosine steps per round, not per step
-    engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+    # DeepSpeed prints a line per rank as it builds its CPU communication op; on a Ray Train worker that print
+    # is teed to the worker's stdout, past the log filter (quiet_rank_console), unless stdout is elsewhere.
+    with contextlib.nullcontext() if cfg.cluster.verbose else contextlib.redirect_stdout(io.StringIO()):
+        engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     objective = KDObjective(engine, teacher, cfg.kd, spec, compute)
     eval_part = None
     if config["eval_set"] is not None:  # this rank's slice: images rank, rank + M, ...

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from nayer.progress import LineProgress, RoundProgress
+from nayer.progress import LineProgress, RoundProgress, progress_bar
 from nayer.report import main, round_times, write_report
 
 PIPELINE_ROUNDS = [
@@ -77,3 +77,16 @@ def test_round_progress_prints_one_line_per_round_off_a_terminal(capsys):
     progress.close()
     assert capsys.readouterr().out == ("run-1 round 2/2 [kd] top1=40.00 agree=93% teacher_ce=0.21 kd_loss=0.250 "
                                        "buffer=80 elapsed=22s\n")
+
+
+def test_a_progress_bar_off_a_terminal_prints_plain_lines_with_its_postfix():
+    bar = progress_bar(3, "teacher resnet32", "epoch")  # pytest's captured stderr is not a terminal
+    assert isinstance(bar, LineProgress)
+    lines = []
+    bar.write, bar.interval = lines.append, 0
+    for loss in (2.0, 1.0, 0.5):
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update()
+    bar.close()
+    assert lines[0].startswith("teacher resnet32: 1/3 epochs (33%)") and lines[0].endswith(", loss=2.000")
+    assert lines[-1].startswith("teacher resnet32: 3/3 epochs (100%)") and not any("\r" in line for line in lines)
