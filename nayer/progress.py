@@ -3,16 +3,19 @@ worker line arrives prefixed, out of order with other workers), `ray job logs`, 
 
 On a terminal the round loop shows a tqdm bar; anywhere else it prints one line per round. Workers never draw
 bars: `LineProgress` prints a plain line every `interval` seconds, and only for phases that last that long. Other
-long work (teacher training) takes `progress_bar`: a bar on a terminal, those plain lines anywhere else.
+long work (teacher training, a single-process run's synthesis and KD phases) takes `progress_bar`: a bar on a
+terminal, those plain lines anywhere else.
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from typing import Callable
+from typing import Callable, Iterable, Iterator, TypeVar
 
 from tqdm import tqdm
+
+T = TypeVar("T")
 
 # The round line: (metrics.jsonl key, shown as, format). agree / teacher_ce: how the teacher rates the round's kept
 # images (nayer.metrics); top1: the student on the labeled set.
@@ -27,14 +30,15 @@ def round_fields(record: dict) -> dict[str, str]:
 
 class LineProgress:
     """tqdm's `update`/`close` interface, printing `desc: n/total unit (pct%), rate` lines instead of a bar:
-    at most one per `interval` seconds, plus a closing line if any was printed (short phases stay silent)."""
+    at most one per `interval` seconds, plus a closing line if any was printed and it did not show the end yet
+    (short phases stay silent)."""
 
     def __init__(self, total: int, desc: str, unit: str = "step", interval: float = 30.0,
                  write: Callable[[str], None] = print):
         self.total, self.desc, self.unit, self.interval, self.write = total, desc, unit, interval, write
         self.n, self.start = 0, time.perf_counter()
         self.last = self.start
-        self.printed = False
+        self.printed = -1  # the count the last line showed (-1: none yet)
         self.postfix = ""
 
     def _line(self, now: float) -> None:
@@ -42,7 +46,7 @@ class LineProgress:
         pct = 100 * self.n / self.total if self.total else 100.0
         self.write(f"{self.desc}: {self.n}/{self.total} {self.unit}s ({pct:.0f}%), {rate:.2f} {self.unit}s/s, "
                    f"{now - self.start:.0f}s{self.postfix}")
-        self.printed, self.last = True, now
+        self.printed, self.last = self.n, now
 
     def set_postfix(self, **values) -> None:
         """Shown at the end of the next line, as tqdm shows it after the bar."""
@@ -55,15 +59,26 @@ class LineProgress:
             self._line(now)
 
     def close(self) -> None:
-        if self.printed and self.n != 0:
+        if 0 <= self.printed < self.n:  # a closing line, unless the last line already showed the end
             self._line(time.perf_counter())
 
 
-def progress_bar(total: int, desc: str, unit: str = "step") -> tqdm | LineProgress:
-    """A tqdm bar where a person watches a terminal (tqdm draws on stderr), else plain lines (`LineProgress`)."""
+def progress_bar(total: int, desc: str, unit: str = "step", leave: bool = True) -> tqdm | LineProgress:
+    """A tqdm bar where a person watches a terminal (tqdm draws on stderr; `leave=False`: erased when done), else
+    plain lines (`LineProgress`)."""
     if sys.stderr.isatty():
-        return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True)
     return LineProgress(total, desc, unit)
+
+
+def tracked(items: Iterable[T], bar: tqdm | LineProgress) -> Iterator[T]:
+    """`items`, counting each on `bar`, which is closed after the last."""
+    try:
+        for item in items:
+            yield item
+            bar.update()
+    finally:
+        bar.close()
 
 
 class RoundProgress:

@@ -29,7 +29,7 @@ from nayer.inputs import load_inputs
 from nayer.kd import StudentTrainer
 from nayer.methods import build_synthesizer
 from nayer.models import load_model
-from nayer.progress import RoundProgress
+from nayer.progress import RoundProgress, progress_bar, tracked
 from nayer.report import finish_run
 from nayer.run_folder import RunFolder
 from nayer.runtime import RunError, save_torch, seed_everything
@@ -99,8 +99,8 @@ def run(cfg: RunConfig) -> dict:
                                f"({result.stats['syn_nonfinite_steps']} non-finite generator steps this epoch); add "
                                "warm-up epochs (warmup=) or synthesis iterations (synthesis.g_loops=)")
             batches = buffer.batches(cfg.kd.batch_size, cfg.kd.kd_steps, sampler)
-            record.update(trainer.train_epoch(tqdm(batches, total=cfg.kd.kd_steps, desc="KD", unit="step",
-                                                   leave=False, dynamic_ncols=True, disable=None), epoch))
+            record.update(trainer.train_epoch(tracked(batches, progress_bar(cfg.kd.kd_steps, "KD", leave=False)),
+                                              epoch))
             if eval_set is not None:
                 t0 = time.perf_counter()
                 ev = evaluate(kd_model, eval_set, spec, compute, cfg.data.eval_batch_size)

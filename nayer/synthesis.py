@@ -29,6 +29,7 @@ from nayer.config import GeneratorConfig, SynthesisConfig
 from nayer.generator import NayerGenerator, balanced_targets
 from nayer.losses import BNStatisticsLoss, NonFiniteLossError, adversarial_loss, class_loss
 from nayer.metrics import SynthesisMetrics
+from nayer.progress import progress_bar
 from nayer.specs import Compute, ImageSpec
 
 
@@ -62,8 +63,9 @@ class Synthesizer:
                    loops: int | None = None) -> SynthesisResult:
         """One epoch of synthesis. `warmup`: no adversarial term, `warmup_loops` iterations.
         `loops`: this synthesizer's share of the epoch's iterations when several split it (default: all).
-        `progress`: True = a transient tqdm bar over the epoch's generator steps (on a terminal only), or a
-        factory called with the step count that returns an object with tqdm's update/close (e.g. a line logger)."""
+        `progress`: True = `nayer.progress.progress_bar` over the epoch's generator steps (a transient bar on a
+        terminal, plain lines every 30 s elsewhere), or a factory called with the step count that returns an object
+        with tqdm's update/close (e.g. a line logger)."""
         self._start_epoch()
         if loops is None:
             loops = self.cfg.warmup_loops if warmup else self.cfg.g_loops
@@ -80,8 +82,7 @@ class Synthesizer:
         self.nonfinite_steps = 0
         steps = loops * self.cfg.g_steps
         bar = progress(steps) if callable(progress) else \
-            tqdm(total=steps, desc="synthesis", unit="step", leave=False, disable=None if progress else True,
-                 dynamic_ncols=True)
+            progress_bar(steps, "synthesis", leave=False) if progress else tqdm(total=steps, disable=True)
         try:
             kept = 0
             for iteration in range(loops):

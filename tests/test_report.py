@@ -66,7 +66,13 @@ def test_line_progress_prints_plain_lines_only_for_long_phases():
     for _ in range(4):
         chatty.update()
     chatty.close()
-    assert len(lines) == 5 and lines[-1].startswith("round 3 KD rank 0: 4/4 steps (100%)")
+    assert len(lines) == 4 and lines[-1].startswith("round 3 KD rank 0: 4/4 steps (100%)")  # the end shown once
+    slow = LineProgress(4, "round 4 KD rank 0", interval=0, write=lines.append)
+    slow.update(3)
+    slow.interval = 3600
+    slow.update()
+    slow.close()  # the last interval line showed 3/4: the closing line shows the end
+    assert [line.split(":")[1].split()[0] for line in lines[4:]] == ["3/4", "4/4"]
     assert not any("\r" in line for line in lines)
 
 
