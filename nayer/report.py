@@ -207,10 +207,12 @@ def finish_run(folder: str | Path, summary: dict) -> dict:
     """The end of either runner: the verdict joins the summary (`healthy`, `verdict`: its one line), then
     summary.json and the report are written; returns the summary."""
     folder = Path(folder)
-    verdict = judge(read_metrics(folder), summary)
+    records = read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []  # [] : stopped before a round
+    verdict = judge(records, summary)
     summary = {**summary, "healthy": verdict.healthy, "verdict": verdict.line}
     save_json(summary, folder / "summary.json")
-    write_report(folder)
+    if records:
+        write_report(folder)
     return summary
 
 

@@ -85,6 +85,7 @@ def run(cfg: RunConfig) -> dict:
     progress = RoundProgress(cfg.name, start_epoch, total, unit="epoch")
     record: dict = {}
     for epoch in range(start_epoch, total):
+        t0 = time.perf_counter()
         warm = epoch < cfg.warmup
         result = synthesizer.synthesize(warmup=warm, progress=True)
         buffer.append(result.images, result.labels)
@@ -106,7 +107,9 @@ def run(cfg: RunConfig) -> dict:
                 ev = evaluate(kd_model, eval_set, spec, compute, cfg.data.eval_batch_size)
                 record.update(top1=ev["top1"], per_class=ev["per_class"], eval_time=time.perf_counter() - t0)
                 best.update(ev["top1"], epoch)
-        record["elapsed"] = elapsed_before + time.perf_counter() - wall_start
+        # trainer_start: the first KD epoch of this start (with compile=true its time includes the compilation)
+        record.update(round_time=time.perf_counter() - t0, trainer_start=not warm and epoch == max(start_epoch, cfg.warmup),
+                      elapsed=elapsed_before + time.perf_counter() - wall_start)
         metrics.log(record)
         RunState(epoch, student.state_dict(), trainer.state_dict(), synthesizer.state_dict(), buffer.num_chunks,
                  sampler.get_state(), torch.get_rng_state(), best, record["elapsed"]).save(folder.checkpoint)

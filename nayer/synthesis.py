@@ -138,8 +138,9 @@ class Synthesizer:
         return loss, self._parts(loss, loss_bn, loss_ce, loss_adv)
 
     def _bn_share(self, stats: dict) -> float:
-        """The weighted BN term's share of the generator loss's magnitude on the kept steps:
-        |a_bn L_BN| / (|a_bn L_BN| + |a_cls CE| + |a_adv L_adv|). Near 1, the class term no longer counts."""
+        """The weighted BN term's share of the three weighted terms' magnitude on the kept steps (DeepInversion's
+        image priors are not counted): |a_bn L_BN| / (|a_bn L_BN| + |a_cls CE| + |a_adv L_adv|). Near 1, the class
+        term no longer counts."""
         terms = [abs(self.cfg.a_bn * stats["syn_bn"]), abs(self.cfg.a_cls * stats["syn_ce"]),
                  abs(self.cfg.a_adv * stats["syn_adv"])]
         return terms[0] / sum(terms) if sum(terms) > 0 else 0.0

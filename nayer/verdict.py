@@ -12,8 +12,9 @@ unhealthy. Each check names its threshold (THRESHOLDS), so a reader can judge th
   over chance (2x chance without a teacher accuracy), i.e. it does not learn from the buffer;
 - non-finite steps: any generator or KD step skipped for a non-finite loss (on_nonfinite=skip);
 - excluded shards: any buffer shard dropped for failing its checksum (cluster.on_corrupt_shard=exclude);
-- slow round: a round over 3x the median round of its phase (3 rounds of the phase at least; the round that
-  starts the DeepSpeed ranks is not compared).
+- slow round: a round over 3x the median round of its phase (3 rounds of the phase at least; a round marked
+  `trainer_start`, whose time includes the student side's start-up, is not compared: the pipeline's round that
+  starts the DeepSpeed ranks, nayer.run's first KD round of each start).
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class Verdict:
     def line(self) -> str:
         head = "healthy" if self.healthy else f"{len(self.warnings)} warning{'s' if len(self.warnings) > 1 else ''}"
         warned = {w.name for w in self.warnings}
-        # the warnings, then the accuracy and (unless it is among the warnings) the teacher's rating
-        facts = [self.facts[0]] + ([self.facts[1]] if "teacher agreement" not in warned else [])
+        # the warnings, then the accuracy and the teacher's rating, unless a warning already says them
+        facts = [fact for fact, check in zip(self.facts, ("student learns", "teacher agreement")) if check not in warned]
         return f"verdict: {head}: " + "; ".join([w.detail for w in self.warnings] + facts)
 
     def markdown(self) -> list[str]:
@@ -82,7 +83,9 @@ def _accuracy(records: list[dict], summary: dict) -> tuple[str, Check]:
     k = len(last.get("per_class") or []) or None
     versus = f" = {100 * last['top1'] / teacher:.0f}% of the teacher's {teacher:.2f}%" if teacher else ""
     fact = f"student top-1 {last['top1']:.2f}% after round {last['epoch']}{versus}"
-    if k is None or len(scored) < t.learning_rounds:
+    if k is None:
+        return fact, Check("student learns", None, "no per-class counts in the records: the class count is unknown")
+    if len(scored) < t.learning_rounds:
         return fact, Check("student learns", None, f"fewer than {t.learning_rounds} KD rounds scored")
     chance = 100.0 / k
     floor = chance + t.chance_margin * (teacher - chance) if teacher else 2 * chance
@@ -99,12 +102,13 @@ def _teacher_rating(records: list[dict]) -> tuple[str, Check]:
     (one round's batch is small: its agreement alone is noisy)."""
     rated = [r for r in records if r.get("syn_agreement") is not None][-THRESHOLDS.rating_rounds:]
     if not rated:
-        return ("teacher's rating of the synthetic images: not measured (synthesis.metrics=false)",
-                Check("teacher agreement", None, "synthesis.metrics=false"))
+        return ("teacher's rating of the synthetic images: not measured (synthesis.metrics=false, or no image kept)",
+                Check("teacher agreement", None, "synthesis.metrics=false, or no image kept"))
     agreement = statistics.mean(r["syn_agreement"] for r in rated)
     ces = [r["syn_teacher_ce"] for r in rated if r.get("syn_teacher_ce") is not None]
-    which = (f"round {rated[0]['epoch']}'s" if len(rated) == 1
-             else f"rounds {rated[0]['epoch']}-{rated[-1]['epoch']}'s")
+    epochs = [r["epoch"] for r in rated]
+    which = (f"round {epochs[0]}'s" if len(epochs) == 1 else f"rounds {epochs[0]}-{epochs[-1]}'s"
+             if epochs == list(range(epochs[0], epochs[-1] + 1)) else f"rounds {', '.join(map(str, epochs))}'s")
     fact = (f"the teacher assigns {agreement:.0f}% of {which} kept images to their target class"
             + (f" (its CE on them {statistics.mean(ces):.2f})" if ces else ""))
     ok = agreement >= THRESHOLDS.min_agreement
@@ -114,10 +118,11 @@ def _teacher_rating(records: list[dict]) -> tuple[str, Check]:
     return fact, Check("teacher agreement", ok, detail)
 
 
-def _count_check(records: list[dict], name: str, keys: tuple[str, ...], what: str, threshold: str) -> Check:
-    counts = {key: sum(r.get(key) or 0 for r in records) for key in keys}
+def _count_check(records: list[dict], name: str, keys: dict[str, str], what: str, threshold: str) -> Check:
+    """A count that should stay 0: `keys` maps the keys summed over the records to how the message names them."""
+    counts = {label: sum(r.get(key) or 0 for r in records) for key, label in keys.items()}
     total = sum(counts.values())
-    seen = ", ".join(f"{v} {k}" for k, v in counts.items() if v) if total else f"no {what}"
+    seen = ", ".join(f"{v} {label}" for label, v in counts.items() if v) if total else f"no {what}"
     return Check(name, total == 0, f"{seen} ({threshold})")
 
 
@@ -151,14 +156,19 @@ def _slow_rounds(records: list[dict]) -> Check:
 
 def judge(records: list[dict], summary: dict, time_split: str = "") -> Verdict:
     """The verdict of a run's rounds (metrics.jsonl records, in order) and its summary ({} while it runs);
-    `time_split` is the report's one-line account of where the time went (a fact, not a check)."""
+    `time_split` is the report's one-line account of where the time went (a fact, not a check). A round logged
+    twice (killed between its metrics line and its checkpoint, then run again on resume) counts once, as rerun."""
+    latest = {r.get("epoch"): i for i, r in enumerate(records)}
+    records = [r for i, r in enumerate(records) if latest[r.get("epoch")] == i]
     accuracy_fact, learns = _accuracy(records, summary)
     rating_fact, agreement = _teacher_rating(records)
     checks = (agreement, learns,
-              _count_check(records, "non-finite steps", ("syn_nonfinite_steps", "kd_nonfinite_steps"),
+              _count_check(records, "non-finite steps", {"syn_nonfinite_steps": "non-finite generator steps",
+                                                         "kd_nonfinite_steps": "non-finite KD steps"},
                            "non-finite steps", "threshold 0: on_nonfinite=skip left these steps out"),
-              _count_check(records, "excluded shards", ("excluded_shards",), "excluded shards",
-                           "threshold 0: shards that failed their checksum, never trained on"),
+              _count_check([*records, summary], "excluded shards", {"excluded_shards": "excluded shards",
+                                                                    "excluded_on_resume": "excluded shards on resume"},
+                           "excluded shards", "threshold 0: shards that failed their checksum, never trained on"),
               _slow_rounds(records))
     facts = (accuracy_fact, rating_fact, *([time_split] if time_split else []))
     return Verdict(checks, facts)

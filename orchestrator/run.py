@@ -100,6 +100,7 @@ class Driver:
         self.state = DriverState.load(self.folder.checkpoint) if cfg.resume else DriverState()
         self.elapsed_before = self.state.elapsed
         self.checkpointed = self.state.synthesized  # the synthesis round of the last driver checkpoint
+        self.resume_excluded = 0
         self.manifest = self._open_buffer()
         if self.inputs.eval_set is not None and not cfg.resume:
             self.state.teacher_top1 = evaluate(self.inputs.teacher, self.inputs.eval_set, self.inputs.images,
@@ -118,8 +119,10 @@ class Driver:
         manifest = Manifest.load(self.folder.buffer) if self.cfg.resume else Manifest(self.folder.buffer)
         if self.cfg.resume:
             manifest.truncate(self.state.synthesized)
-            for message in manifest.verify(self.cfg.cluster.on_corrupt_shard):
+            excluded = manifest.verify(self.cfg.cluster.on_corrupt_shard)
+            for message in excluded:
                 print(f"resume: excluded {message} (moved to buffer/quarantine/)", flush=True)
+            self.resume_excluded = len(excluded)  # counted in this start's first round (or the summary: none left)
             dropped = manifest.discard_uncommitted()
             if dropped:
                 print(f"resume: dropped {len(dropped)} uncommitted shard file(s) of the killed round", flush=True)
@@ -215,6 +218,7 @@ class Driver:
         synthesis_wall = syn["syn_time"] if synthesized_now else 0.0
         committed_excluded = syn.pop("excluded_shards", 0)
         excluded = committed_excluded if synthesized_now else 0  # a pending round's: counted when it was committed
+        excluded, self.resume_excluded = excluded + self.resume_excluded, 0
         record = {"epoch": r, "phase": "warmup" if warm else "kd", **syn, "schedule": self.schedule,
                   "trainer_start": trainer_start}  # this round's wall time includes the ranks' start-up
         ahead: dict = {}
@@ -318,7 +322,9 @@ class Driver:
                    "rounds_run": self.state.done + 1, "buffer_images": self.manifest.samples,
                    "shards": len(self.manifest.shards), "synth_workers": self.cfg.cluster.synth_workers,
                    "trainer_workers": self.cfg.cluster.trainer_workers, "schedule": getattr(self, "schedule", None),
-                   "stopped_by": self.stop.received, "wall_time_s": self._elapsed()}
+                   "stopped_by": self.stop.received, "wall_time_s": self._elapsed(),
+                   # shards this start's resume excluded when no round was left to count them in
+                   "excluded_on_resume": self.resume_excluded}
         return finish_run(self.folder.path, summary)
 
 

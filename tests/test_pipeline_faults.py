@@ -217,6 +217,8 @@ def test_a_shard_read_once_then_corrupted_is_caught_on_resume(tmp_path, schedule
     summary = run(parse_config(PipelineConfig, more + ["cluster.on_corrupt_shard=exclude"]))
     assert summary["rounds_run"] == 4 and summary["buffer_images"] == 160 - 7
     assert (folder / "buffer" / "quarantine" / bad).is_file()
+    # no round was left to run: the exclusion is in the summary, and the verdict counts it
+    assert summary["excluded_on_resume"] == 1 and "1 excluded shards on resume" in summary["verdict"]
 
 
 def test_full_disk_stops_the_run_with_the_previous_checkpoint_intact(tmp_path, schedule, local_ray):

@@ -85,8 +85,9 @@ def test_round_progress_prints_one_line_per_round_off_a_terminal(capsys):
                                        "buffer=80 elapsed=22s\n")
 
 
-def test_a_progress_bar_off_a_terminal_prints_plain_lines_with_its_postfix():
-    bar = progress_bar(3, "teacher resnet32", "epoch")  # pytest's captured stderr is not a terminal
+def test_a_progress_bar_off_a_terminal_prints_plain_lines_with_its_postfix(monkeypatch):
+    monkeypatch.setattr("sys.stderr.isatty", lambda: False)  # a log file, also under pytest -s
+    bar = progress_bar(3, "teacher resnet32", "epoch")
     assert isinstance(bar, LineProgress)
     lines = []
     bar.write, bar.interval = lines.append, 0
