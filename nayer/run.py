@@ -85,7 +85,7 @@ def run(cfg: RunConfig) -> dict:
     progress = RoundProgress(cfg.name, start_epoch, total, unit="epoch")
     record: dict = {}
     for epoch in range(start_epoch, total):
-        t0 = time.perf_counter()
+        round_start = time.perf_counter()
         warm = epoch < cfg.warmup
         result = synthesizer.synthesize(warmup=warm, progress=True)
         buffer.append(result.images, result.labels)
@@ -108,7 +108,8 @@ def run(cfg: RunConfig) -> dict:
                 record.update(top1=ev["top1"], per_class=ev["per_class"], eval_time=time.perf_counter() - t0)
                 best.update(ev["top1"], epoch)
         # trainer_start: the first KD epoch of this start (with compile=true its time includes the compilation)
-        record.update(round_time=time.perf_counter() - t0, trainer_start=not warm and epoch == max(start_epoch, cfg.warmup),
+        record.update(round_time=time.perf_counter() - round_start,
+                      trainer_start=not warm and epoch == max(start_epoch, cfg.warmup),
                       elapsed=elapsed_before + time.perf_counter() - wall_start)
         metrics.log(record)
         RunState(epoch, student.state_dict(), trainer.state_dict(), synthesizer.state_dict(), buffer.num_chunks,

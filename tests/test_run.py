@@ -74,6 +74,9 @@ def test_tiny_run_end_to_end_and_resume(tmp_path):
     assert [r["epoch"] for r in records] == [0, 1]
     assert records[0]["phase"] == "warmup" and records[1]["phase"] == "kd"
     assert 0 <= records[1]["top1"] <= 100 and len(records[1]["per_class"]) == 10
+    for r in records:  # the whole epoch: synthesis, KD, evaluation; the resumed start's first KD epoch is marked
+        assert r["round_time"] >= r["syn_time"] + r.get("kd_time", 0) + r.get("eval_time", 0)
+    assert [r["trainer_start"] for r in records] == [False, True]
     student = build_model("resnet20", 10)
     student.load_state_dict(torch.load(folder / "student.pt", weights_only=True))
     report = (folder / "report.md").read_text()
