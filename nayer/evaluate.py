@@ -23,9 +23,7 @@ def predict(model: nn.Module, data: LabeledImages, images: ImageSpec, compute: C
     normalize = Normalize(images.mean, images.std).to(compute.device)
     preds = []
     for start in range(0, len(x), batch_size):
-        # np.require copies a read-only slice (e.g. an evaluation set from Ray's object store), which torch warns on
-        chunk = np.require(x[start:start + batch_size], requirements="W")
-        batch = torch.from_numpy(chunk).to(compute.device).permute(0, 3, 1, 2).float().div_(255)
+        batch = torch.from_numpy(x[start:start + batch_size]).to(compute.device).permute(0, 3, 1, 2).float().div_(255)
         with compute.autocast():
             logits = model(normalize(compute.layout(batch)))
         preds.append(logits.argmax(1).cpu())

@@ -147,13 +147,15 @@ def _fmt(value, spec: str = ".2f") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def write_report(folder: str | Path) -> Path:
+def write_report(folder: str | Path, records: list[dict] | None = None, summary: dict | None = None) -> Path:
     """Write `report.md` and `plots/*.png` in the run folder from its metrics.jsonl (and summary.json if the run
-    finished); returns the report's path."""
+    finished), or from the `records` and `summary` a finishing runner already holds; returns the report's path."""
     folder = Path(folder)
-    records = read_metrics(folder)
-    summary_path = folder / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    if records is None:
+        records = read_metrics(folder)
+    if summary is None:
+        summary_path = folder / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     plots = folder / "plots"
     scored = [r for r in records if "top1" in r]
     teacher = summary.get("teacher_top1")
@@ -212,7 +214,7 @@ def finish_run(folder: str | Path, summary: dict) -> dict:
     summary = {**summary, "healthy": verdict.healthy, "verdict": verdict.line}
     save_json(summary, folder / "summary.json")
     if records:
-        write_report(folder)
+        write_report(folder, records, summary)
     return summary
 
 

@@ -8,7 +8,6 @@ holds a run once it has a checkpoint.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +15,7 @@ from typing import Any, Sequence
 from omegaconf import OmegaConf
 
 from nayer.cli_config import ConfigError, config_to_yaml
-from nayer.runtime import save_json, save_text
+from nayer.runtime import append_jsonl, save_json, save_text
 
 
 class RunFolder:
@@ -74,8 +73,7 @@ class MetricsLog:
         self.writer = SummaryWriter(str(tensorboard))
 
     def log(self, record: dict) -> None:
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_jsonl(record, self.jsonl)
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "epoch":
                 self.writer.add_scalar(key, value, record["epoch"])

@@ -112,3 +112,9 @@ def first_line(error: BaseException) -> str:
 
 def save_json(obj: Any, path: str | Path) -> Path:
     return save_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def append_jsonl(record: dict, path: str | Path) -> None:
+    """One record as a line of a JSONL log (appended: a log grows a line per round, it is not rewritten)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -127,7 +127,8 @@ def _count_check(records: list[dict], name: str, keys: dict[str, str], what: str
 
 
 def round_seconds(records: list[dict]) -> list[float]:
-    """Each round's wall time: the pipeline's `round_time`, else the difference of the cumulative `elapsed`."""
+    """Each round's wall time: its `round_time` (both runners log it), else, in a run folder written before they
+    did, the difference of the cumulative `elapsed`."""
     times, before = [], 0.0
     for r in records:
         times.append(r["round_time"] if "round_time" in r else r.get("elapsed", before) - before)
@@ -138,9 +139,9 @@ def round_seconds(records: list[dict]) -> list[float]:
 def _slow_rounds(records: list[dict]) -> Check:
     t = THRESHOLDS
     slow, compared = [], 0
+    timed = list(zip(records, round_seconds(records)))
     for phase in ("warmup", "kd"):
-        pairs = [(r, s) for r, s in zip(records, round_seconds(records))
-                 if r.get("phase") == phase and not r.get("trainer_start")]
+        pairs = [(r, s) for r, s in timed if r.get("phase") == phase and not r.get("trainer_start")]
         if len(pairs) < t.min_rounds_for_median:
             continue
         compared += len(pairs)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import tempfile
@@ -30,7 +29,7 @@ from nayer.evaluate import accuracy, accuracy_counts, predict
 from nayer.kd import KDObjective, finite_or_skip, make_optimizer
 from nayer.models import build_model, load_model
 from nayer.progress import LineProgress
-from nayer.runtime import RunError, first_line
+from nayer.runtime import RunError, append_jsonl, first_line
 from nayer.specs import Compute, ImageSpec
 from orchestrator.cluster import ray_log_level, root_cause
 from orchestrator.config import PipelineConfig, threads
@@ -59,7 +58,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    metrics_log = RankLog(config["rank_logs"], rank)
+    os.makedirs(config["rank_logs"], exist_ok=True)
+    rank_log = os.path.join(config["rank_logs"], f"rank-{rank:03d}.jsonl")  # this rank's own metrics per round
     torch.set_num_threads(threads(cfg.cluster.trainer_cpus))
     device = ray.train.torch.get_device()
     board, spec, faults, c = config["board"], config["images"], config["faults"], cfg.cluster
@@ -91,7 +91,8 @@ def train_loop_per_worker(config: dict) -> None:
     eval_part = None
     if config["eval_set"] is not None:  # this rank's slice: images rank, rank + M, ...
         full = ray.get(config["eval_set"])
-        eval_part = LabeledImages(full.x[rank::world], full.y[rank::world], full.classes)
+        # copies: the object store's arrays are read-only (torch warns on them) and this rank needs only its slice
+        eval_part = LabeledImages(full.x[rank::world].copy(), full.y[rank::world].copy(), full.classes)
         del full
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
 
@@ -154,7 +155,8 @@ def train_loop_per_worker(config: dict) -> None:
         scheduler.step()
         # What this rank read since its last report (the shards committed meanwhile, once each), over all ranks.
         loader.wait(ray.get(board.last_seq.remote()), check=False)
-        mean_loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+        rank_loss = torch.stack(losses).mean() if losses else torch.zeros((), device=device)
+        mean_loss = rank_loss.clone()
         dist.all_reduce(mean_loss)  # the round's KD loss over all ranks
         counts = torch.tensor([len(losses), loader.bytes_read - reported_bytes], dtype=torch.int64, device=device)
         gathered = [torch.zeros_like(counts) for _ in range(world)]
@@ -186,9 +188,9 @@ def train_loop_per_worker(config: dict) -> None:
             # Ray Train keeps (and later serializes) the dict it is handed: give it its own copy.
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"round-{r:05d}")
-        metrics_log.write({"round": r, "rank": rank, "kd_loss": float(torch.stack(losses).mean()) if losses else None,
-                           "kd_steps": len(losses), "read_bytes": read_bytes[rank], "kd_time": kd_time,
-                           "kd_read_time": read_time, "streaming": loader.streaming})
+        append_jsonl({"round": r, "rank": rank, "kd_loss": rank_loss.item() if losses else None,
+                      "kd_steps": len(losses), "read_bytes": read_bytes[rank], "kd_time": kd_time,
+                      "kd_read_time": read_time, "streaming": loader.streaming}, rank_log)
         if rank == 0:
             finish(r, metrics, weights, t0)
 
@@ -209,26 +211,13 @@ class LibraryInfoFilter(logging.Filter):
 def quiet_rank_console() -> None:
     """cluster.verbose=false on a rank: Ray's, Ray Train's and DeepSpeed's INFO lines stay off the console (Ray's
     log files keep Ray's); DeepSpeed's start-up lines and torch's note that a CPU node has no CUDA runtime go."""
-    import deepspeed
-
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import deepspeed
+
     console = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]
     for handler in console:
         handler.addFilter(LibraryInfoFilter(ray, deepspeed))
-
-
-class RankLog:
-    """One rank's own metrics per KD round, appended to `ranks/rank-QQQ.jsonl` in the run folder (the driver's
-    metrics.jsonl holds the round's totals over all ranks; the console neither)."""
-
-    def __init__(self, folder: str, rank: int):
-        os.makedirs(folder, exist_ok=True)
-        self.path = os.path.join(folder, f"rank-{rank:03d}.jsonl")
-
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 class TrainerRun:
