@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
 from nayer.cli_config import ConfigError
+from nayer.losses import BN_LOSS_FORMS
 from nayer.models import check_arch
 from nayer.runtime import check_device_name
 
@@ -88,6 +89,10 @@ class SynthesisConfig:
     a_cls: float = 0.5  # weight of the teacher's CE on the target labels
     a_adv: float = 1.33  # weight of the adversarial term (after warm-up; 0 = off)
     bn_mmt: float = 0.9  # EMA momentum of the BN-statistics loss (0 = batch statistics only)
+    # L_BN's per-layer distance (nayer.losses.BNStatisticsLoss): paper (raw L2 norms, summed: Eq. 2) | normalized
+    # (in the BN's own units, averaged) | kl (per-channel Gaussian KL, averaged). The last two do not depend on the
+    # teacher's activation scale, depth or width.
+    bn_loss: str = "paper"
     crop_padding: int = 4  # augment(x) before the teacher: random crop after zero padding by this many px
     flip: bool = True  # and a random horizontal flip
     jitter: int = 0  # ImageNet: DeepInversion roll jitter in px
@@ -180,6 +185,7 @@ class RunConfig:
         check_choice("generator.body", self.generator.body, GENERATOR_BODIES)
         check_choice("generator.noisy.mode", self.generator.noisy.mode, NOISY_MODES)
         check_choice("generator.noisy.arch", self.generator.noisy.arch, NOISY_ARCHS)
+        check_choice("synthesis.bn_loss", self.synthesis.bn_loss, BN_LOSS_FORMS)
         for key, value in [("epochs", self.epochs), ("warmup", self.warmup), ("synthesis.g_loops", self.synthesis.g_loops),
                            ("synthesis.warmup_loops", self.synthesis.warmup_loops), ("kd.kd_steps", self.kd.kd_steps),
                            ("data.eval_limit", self.data.eval_limit),

@@ -25,6 +25,9 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
 
 
+BN_LOSS_FORMS = ("paper", "normalized", "kl")
+
+
 class BNStatisticsLoss:
     """L_BN, paper Eq. 2 (the DeepInversion feature-statistics prior, with NAYER's momentum EMA).
 
@@ -38,10 +41,29 @@ class BNStatisticsLoss:
     batch statistics into the EMA: ema <- mmt * ema + (1 - mmt) * stats (the first time: ema <- stats). The EMA
     lives for the whole run (it is checkpointed). Hooks only record inside :meth:`capture`, so the teacher's KD
     forward passes pay nothing for them.
+
+    `form` chooses the per-layer distance (`synthesis.bn_loss`):
+    - ``paper``: the sum above, as NAYER and DeepInversion (Yin et al., CVPR 2020, Eq. 4, R_feature; its code
+      weighs the first layer 10x) define it; CMI (Fang et al., IJCAI 2021) and SpaceshipNet (Yu et al., CVPR 2023)
+      reuse it. Its size follows the scale of the teacher's activations, its width and its depth, so one a_bn
+      weighs it differently on every teacher (NAYER itself moves a_bn from 10 on CIFAR to 0.1 on ImageNet).
+    - ``normalized``: the same two distances in the units the BN layer itself divides by, s^2 = running_var +
+      eps: sqrt(mean_c (m' - mu)^2 / s^2) + sqrt(mean_c ((v' + eps) / s^2 - 1)^2), averaged over the layers.
+    - ``kl``: the per-channel Gaussian KL(N(m', v' + eps) || N(mu, s^2)) = ((v' + eps)/s^2 + (m' - mu)^2/s^2 - 1
+      - ln((v' + eps)/s^2)) / 2 in nats, averaged over channels and layers. "The Knowledge Within" (Haroush et al.,
+      CVPR 2020) matches BN statistics with this KL summed; averaged, neither width nor depth weighs it.
+      Near a match it is a quarter of the squared variance term plus half the squared mean term of ``normalized``.
+    Both scale-free forms are unchanged when a teacher's activations (and so its BN statistics) are multiplied by a
+    constant, and one a_bn holds on any teacher. Not built: normalizing each term by its own running magnitude
+    (the weights then follow each term's history, not the teacher) and gradient-norm balancing (GradNorm, Chen et
+    al., ICML 2018: three backward passes per generator step instead of one).
     """
 
-    def __init__(self, model: nn.Module, momentum: float = 0.9):
+    def __init__(self, model: nn.Module, momentum: float = 0.9, form: str = "paper"):
+        if form not in BN_LOSS_FORMS:
+            raise ValueError(f"unknown BN loss form '{form}'; choose from {', '.join(BN_LOSS_FORMS)}")
         self.momentum = momentum
+        self.form = form
         self.layers = bn_layers(model)
         self.ema: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
         self.batch: list[tuple[Tensor, Tensor] | None] = [None] * len(self.layers)
@@ -80,8 +102,21 @@ class BNStatisticsLoss:
             if ema is not None and self.momentum > 0:
                 mean = (1 - self.momentum) * mean + self.momentum * ema[0]
                 var = (1 - self.momentum) * var + self.momentum * ema[1]
-            total = total + torch.norm(layer.running_mean - mean, 2) + torch.norm(layer.running_var - var, 2)
+            total = total + self._distance(layer, mean, var)
+        if self.form != "paper":
+            total = total / len(self.layers)
         return total  # type: ignore[return-value]
+
+    def _distance(self, layer: nn.BatchNorm2d, mean: Tensor, var: Tensor) -> Tensor:
+        if self.form == "paper":
+            return torch.norm(layer.running_mean - mean, 2) + torch.norm(layer.running_var - var, 2)
+        scale = layer.running_var.float() + layer.eps  # what the BN divides by (squared)
+        shift = (mean - layer.running_mean) ** 2 / scale
+        ratio = (var + layer.eps) / scale
+        if self.form == "normalized":
+            # + 1e-12: a finite gradient where a distance is exactly 0
+            return (shift.mean() + 1e-12).sqrt() + (((ratio - 1) ** 2).mean() + 1e-12).sqrt()
+        return 0.5 * (ratio + shift - 1 - ratio.log()).mean()
 
     @torch.no_grad()
     def update_ema(self) -> None:

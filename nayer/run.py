@@ -33,7 +33,7 @@ from nayer.progress import RoundProgress, progress_bar, tracked
 from nayer.report import finish_run
 from nayer.run_folder import RunFolder
 from nayer.runtime import RunError, save_torch, seed_everything
-from nayer.specs import Compute
+from nayer.specs import Compute, bf16_fallback_note
 from nayer.state import Best, RunState
 from nayer.visualize import save_sample_grid
 
@@ -42,6 +42,8 @@ def run(cfg: RunConfig) -> dict:
     """Run Algorithm 1 as configured; returns the summary (final and best student top-1, times)."""
     wall_start = time.perf_counter()
     compute = Compute.select(cfg.device, cfg.bf16, cfg.channels_last, cfg.compile)
+    if note := bf16_fallback_note(cfg.bf16, compute.device):
+        print(note, flush=True)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed)

@@ -52,7 +52,7 @@ class Synthesizer:
         self.cfg = syn_cfg
         self.compute, self.device = compute, compute.device
         self.augment = Augment(images.mean, images.std, syn_cfg.crop_padding, syn_cfg.flip, syn_cfg.jitter).to(self.device)
-        self.bn_loss = BNStatisticsLoss(teacher, syn_cfg.bn_mmt)
+        self.bn_loss = BNStatisticsLoss(teacher, syn_cfg.bn_mmt, syn_cfg.bn_loss)
         if syn_cfg.a_bn > 0 and len(self.bn_loss) == 0:
             raise ValueError("the teacher has no BatchNorm2d layer, so the BN loss is undefined; set synthesis.a_bn=0")
         self.rng = torch.Generator().manual_seed(seed)

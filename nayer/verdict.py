@@ -7,7 +7,7 @@
 It states the student against the teacher and how the teacher rates the synthetic images, and it flags what looks
 unhealthy. Each check names its threshold (THRESHOLDS), so a reader can judge the judge:
 - teacher agreement: the share of the last 3 rounds' kept images the teacher assigns to their target class is
-  under 50% (the images do not show the classes they were made for: see synthesis.a_bn in the README);
+  under 50% (the images do not show the classes they were made for: see synthesis.bn_loss in the README);
 - student near chance: after 2 KD rounds, the student's top-1 is under chance + 10% of the teacher's margin
   over chance (2x chance without a teacher accuracy), i.e. it does not learn from the buffer;
 - non-finite steps: any generator or KD step skipped for a non-finite loss (on_nonfinite=skip);
@@ -113,7 +113,8 @@ def _teacher_rating(records: list[dict]) -> tuple[str, Check]:
             + (f" (its CE on them {statistics.mean(ces):.2f})" if ces else ""))
     ok = agreement >= THRESHOLDS.min_agreement
     detail = (f"teacher agreement {agreement:.0f}% on {which} kept images"
-              + ("" if ok else ": they do not show the classes they were made for")
+              + ("" if ok else ": they do not show the classes they were made for; the scale-free BN term "
+                 "synthesis.bn_loss=kl is the fix to try (README: the BN term on any teacher)")
               + f" (threshold {THRESHOLDS.min_agreement:.0f}%)")
     return fact, Check("teacher agreement", ok, detail)
 
@@ -155,12 +156,18 @@ def _slow_rounds(records: list[dict]) -> Check:
                  + f" ({threshold})")
 
 
+def latest_rounds(records: list[dict]) -> list[dict]:
+    """Each round's last record, in log order: a round logged twice (killed between its metrics line and its
+    checkpoint, then run again on resume) counts once, as rerun."""
+    latest = {r.get("epoch"): i for i, r in enumerate(records)}
+    return [r for i, r in enumerate(records) if latest[r.get("epoch")] == i]
+
+
 def judge(records: list[dict], summary: dict, time_split: str = "") -> Verdict:
     """The verdict of a run's rounds (metrics.jsonl records, in order) and its summary ({} while it runs);
     `time_split` is the report's one-line account of where the time went (a fact, not a check). A round logged
     twice (killed between its metrics line and its checkpoint, then run again on resume) counts once, as rerun."""
-    latest = {r.get("epoch"): i for i, r in enumerate(records)}
-    records = [r for i, r in enumerate(records) if latest[r.get("epoch")] == i]
+    records = latest_rounds(records)
     accuracy_fact, learns = _accuracy(records, summary)
     rating_fact, agreement = _teacher_rating(records)
     checks = (agreement, learns,

@@ -29,6 +29,7 @@ brings back Ray's, Ray Train's and DeepSpeed's full logs).
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ from nayer.progress import RoundProgress
 from nayer.report import finish_run
 from nayer.run_folder import RunFolder
 from nayer.runtime import RunError, save_torch, seed_everything
-from nayer.specs import Compute
+from nayer.specs import Compute, bf16_fallback_note
 from orchestrator.board import RoundBoard
 from orchestrator.cluster import check_capacity, connect, resolve_schedule, root_cause
 from orchestrator.config import PipelineConfig, load_deepspeed_config
@@ -96,6 +97,12 @@ class Driver:
         seed_everything(cfg.seed)  # a teacher without a checkpoint is random: the same one in every run of a seed
         self.inputs = load_inputs(cfg, torch.device("cpu"))
         print(self.inputs.summary(), flush=True)
+        # The embedded Ray's workers run on this machine: on its CPU for device=cpu, or auto without CUDA (a CUDA
+        # device that is missing is the capacity check's to report).
+        on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        if on_cpu and not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+            if note := bf16_fallback_note(cfg.bf16, torch.device("cpu")):
+                print(note, flush=True)
         self.folder.create(self.inputs.provenance)
         self.state = DriverState.load(self.folder.checkpoint) if cfg.resume else DriverState()
         self.elapsed_before = self.state.elapsed
@@ -104,7 +111,7 @@ class Driver:
         self.manifest = self._open_buffer()
         if self.inputs.eval_set is not None and not cfg.resume:
             self.state.teacher_top1 = evaluate(self.inputs.teacher, self.inputs.eval_set, self.inputs.images,
-                                               Compute(bf16=cfg.bf16), cfg.data.eval_batch_size)["top1"]
+                                               Compute.select("cpu", cfg.bf16), cfg.data.eval_batch_size)["top1"]
             print(f"teacher top-1 on {cfg.data.eval}: {self.state.teacher_top1:.2f}%", flush=True)
         self.workers: list = []
         self.board = None

@@ -30,7 +30,7 @@ from nayer.kd import KDObjective, finite_or_skip, make_optimizer
 from nayer.models import build_model, load_model
 from nayer.progress import LineProgress
 from nayer.runtime import RunError, append_jsonl, first_line
-from nayer.specs import Compute, ImageSpec
+from nayer.specs import Compute, ImageSpec, native_bf16
 from orchestrator.cluster import ray_log_level, root_cause
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.resident import GB, ResidentShare, ShareLoader
@@ -67,7 +67,7 @@ def train_loop_per_worker(config: dict) -> None:
     ds_config = config["deepspeed"]
     ds_bf16 = bool(ds_config.get("bf16", {}).get("enabled", False))
     # DeepSpeed bf16 keeps bf16 weights: inputs must be autocast to match
-    compute = Compute(device, cfg.bf16 or ds_bf16, cfg.channels_last)
+    compute = Compute(device, (cfg.bf16 and native_bf16(device)) or ds_bf16, cfg.channels_last)
     loader = ShareLoader(lambda seq: ray.get(board.entries_after.remote(seq)), rank, world, c.on_corrupt_shard,
                          c.rank_buffer_gb * GB)
     share = ResidentShare(loader, device, c.rank_buffer_device_gb * GB)

@@ -78,6 +78,8 @@ BEFORE_RAY = [
     ("unknown model", ["student.arch=vit_huge"], "student.arch='vit_huge': unknown model 'vit_huge'; known: alexnet"),
     ("unknown encoder", ["lte.encoder=glove"], "unknown LTE encoder 'glove'; known: clip, sbert, onehot, file"),
     ("unknown method", ["method=magic"], "method='magic' is not allowed; choose one of: nayer, fm, deepinv"),
+    ("unknown BN loss", ["synthesis.bn_loss=l1"],
+     "synthesis.bn_loss='l1' is not allowed; choose one of: paper, normalized, kl"),
     ("unknown dataset", ["data.dataset=mnist2"], "unknown dataset preset 'mnist2'; known: cifar10"),
     ("missing eval set", ["data.eval=/nope/test.npz"], "data not found: '/nope/test.npz'; accepted:"),
     ("eval labels beyond the teacher", ["data.eval={d}/eval12.npz"], "has label 12 but the teacher has 10 classes"),

@@ -140,6 +140,66 @@ def test_bn_loss_matches_hand_computation_with_ema():
     assert torch.allclose(loss.ema[0][0], ema[0][0], atol=1e-6) and torch.allclose(loss.ema[1][1], ema[1][1], atol=1e-6)
 
 
+def scaled_bn_input(net: nn.Module, c: float) -> None:
+    """Multiply bn1's input (the first conv) and bn1's statistics by c: what bn1 hands on is unchanged."""
+    with torch.no_grad():
+        net[0].weight.mul_(c)
+        if net[0].bias is not None:
+            net[0].bias.mul_(c)
+        net[1].running_mean.mul_(c)
+        net[1].running_var.mul_(c * c)
+        net[1].eps *= c * c
+
+
+@pytest.mark.parametrize("form", ["normalized", "kl"])
+def test_scale_free_bn_losses_ignore_the_teachers_activation_scale(form):
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(8, 3, 5, 5)
+
+    def value(loss):
+        with torch.no_grad(), loss.capture():
+            net(x)
+        return loss.loss().item()
+
+    scale_free, paper = BNStatisticsLoss(net, 0.0, form), BNStatisticsLoss(net, 0.0, "paper")
+    before, paper_before = value(scale_free), value(paper)
+    scaled_bn_input(net, 30.0)
+    assert value(scale_free) == pytest.approx(before, rel=1e-4)
+    assert value(paper) > 5 * paper_before  # the paper's form grows with the scale
+
+
+def test_kl_bn_loss_is_the_gaussian_kl_and_zero_at_the_running_statistics():
+    torch.manual_seed(0)
+    net = tiny_net().eval()
+    x = torch.randn(8, 3, 5, 5)
+    loss = BNStatisticsLoss(net, 0.0, "kl")
+    with torch.no_grad(), loss.capture():
+        net(x)
+    with torch.no_grad():  # running statistics := this batch's: both scale-free forms vanish
+        for bn, (m, v) in zip(loss.layers, loss.batch):
+            bn.running_mean.copy_(m)
+            bn.running_var.copy_(v)
+    assert loss.loss().item() == pytest.approx(0.0, abs=1e-6)
+    normalized = BNStatisticsLoss(net, 0.0, "normalized")
+    normalized.batch = loss.batch  # the same recorded statistics (a new forward would see the changed bn1)
+    assert normalized.loss().item() == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():
+        for bn in loss.layers:
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    expected = 0.0
+    for bn, (m, v) in zip(loss.layers, loss.batch):
+        batch = torch.distributions.Normal(m, (v + bn.eps).sqrt())
+        running = torch.distributions.Normal(bn.running_mean, (bn.running_var + bn.eps).sqrt())
+        expected += torch.distributions.kl_divergence(batch, running).mean().item() / len(loss.layers)
+    assert loss.loss().item() == pytest.approx(expected, rel=1e-4)
+
+
 def test_bn_hooks_record_nothing_outside_capture():
     net = tiny_net().eval()
     loss = BNStatisticsLoss(net)

@@ -110,3 +110,19 @@ def test_imagenet_config_runs_at_224_with_random_resnet50(tmp_path):
     assert summary["buffer_images"] == 2
     chunk = torch.load(tmp_path / "inet" / "buffer" / "chunk-000000.pt", weights_only=True)
     assert chunk["images"].shape == (2, 3, 224, 224) and chunk["labels"].max() < 1000
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_holds_only_where_the_device_computes_it_natively(monkeypatch, capsys, tmp_path, native):
+    """bf16=true on a CPU without AVX512-BF16/AMX (autocast emulated, ~15x slower than fp32) runs in fp32, and the
+    run says so in one line; with native bf16 it autocasts and says nothing."""
+    import nayer.specs
+    from nayer.specs import Compute, bf16_fallback_note
+
+    monkeypatch.setattr(nayer.specs, "native_bf16", lambda device: native)
+    assert Compute.select("cpu", bf16=True).bf16 is native
+    assert Compute.select("cpu", bf16=False).bf16 is False
+    assert (bf16_fallback_note(True, torch.device("cpu")) is None) is native
+    run(parse_config(RunConfig, tiny_args(tmp_path, **{"bf16": "true", "epochs": 1, "warmup": 0})))
+    noted = "has no native bf16" in capsys.readouterr().out
+    assert noted is not native

@@ -1,0 +1,177 @@
+"""Benchmark (issue 18): the paper's BN-statistics term against the scale-free forms, on the three shared teachers.
+
+    python bench/bn_term.py                                  # every teacher x loss, then bench/results/bn-term.*
+    python bench/bn_term.py --teachers cifar100 --losses paper,kl   # a subset; finished runs are reused
+    python bench/bn_term.py --report-only                    # the tables and plot from the run folders there
+    python bench/bn_term.py --probe --losses paper,normalized,kl synthesis.a_bn=10   # short runs to pick candidates
+
+Per teacher and loss, one run with the same seed and budget:
+- digits: the `make run` example (configs/digits.yaml on the pipeline: local Ray, 2 actors, 2 DeepSpeed ranks);
+- cifar10: ../shared/data/cifar10_resnet56.pt -> ResNet-20, configs/cifar10.yaml + the CPU profile, 12 KD rounds;
+- cifar100: ../shared/data/cifar100_resnet20.pt -> ResNet-20, configs/cifar100.yaml + the CPU profile, 12 KD
+  rounds, with the normalization of that teacher's README.
+Per round it tabulates the teacher's CE and target agreement on the kept batches, the BN term's share of the
+generator loss and the student's top-1. Run folders: bench/results/runs/bn-<teacher>-<loss>. Not a test: it
+needs ../shared/data and takes about 25 minutes per loss on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.shared_data import SHARED, require  # noqa: E402
+
+CONFIGS = ROOT / "configs"
+CPU_PROFILE = CONFIGS / "profiles" / "cpu.yaml"
+TEACHERS = {
+    "digits": [f"config={CONFIGS / 'digits.yaml'}", "teacher.checkpoint=runs/digits-teacher/teacher.pt"],
+    "cifar10": [f"config={CONFIGS / 'cifar10.yaml'},{CPU_PROFILE}", "epochs=12",
+                "teacher.arch=resnet56", f"teacher.checkpoint={SHARED / 'cifar10_resnet56.pt'}",
+                "student.arch=resnet20", f"data.eval={SHARED / 'cifar10_test.npz'}"],
+    "cifar100": [f"config={CONFIGS / 'cifar100.yaml'},{CPU_PROFILE}", "epochs=12",
+                 "teacher.arch=resnet20", f"teacher.checkpoint={SHARED / 'cifar100_resnet20.pt'}",
+                 "student.arch=resnet20", f"data.eval={SHARED / 'cifar100_test.npz'}",
+                 "data.mean=[0.5070,0.4865,0.4409]", "data.std=[0.2673,0.2564,0.2761]"],
+}
+RUNS = ROOT / "bench" / "results" / "runs"
+
+
+def run_one(teacher: str, loss: str, name: str, overrides: list[str], pipeline: bool) -> Path:
+    """The run folder `name`, running (teacher, loss) first unless its summary.json is there."""
+    folder = RUNS / name
+    if (folder / "summary.json").is_file():
+        return folder
+    args = [*TEACHERS[teacher], f"name={name}", f"out_dir={RUNS}", f"synthesis.bn_loss={loss}", *overrides]
+    if (folder / "checkpoint.pt").is_file() or (folder / "checkpoints").is_dir():
+        args.append("resume=true")  # a run stopped earlier continues from its last checkpoint
+    elif folder.is_dir():
+        shutil.rmtree(folder)  # stopped before its first checkpoint: nothing to keep
+    os.chdir(ROOT)
+    from nayer.cli_config import parse_config
+    from nayer.config import RunConfig
+    from nayer.run import run as run_single
+    if teacher != "digits":
+        run_single(parse_config(RunConfig, args))
+        return folder
+    from nayer.examples.digits import distill  # trains the digits teacher on first use, as `make run` does
+    from orchestrator.config import PipelineConfig
+    from orchestrator.run import run as run_pipeline
+    schema, runner = (PipelineConfig, run_pipeline) if pipeline else (RunConfig, run_single)
+    distill(parse_config(schema, args), runner)
+    return folder
+
+
+def rounds(folder: Path) -> list[dict]:
+    """One row per round (the last record of a round logged twice), from the run's metrics.jsonl."""
+    from nayer.report import read_metrics
+    from nayer.verdict import latest_rounds
+    rows = [r for r in latest_rounds(read_metrics(folder)) if "phase" in r]
+    if rows and not (folder / "summary.json").is_file():  # a run stopped before its last round
+        rows[-1] = {**rows[-1], "finished": False}
+    return rows
+
+
+def cell(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def write_report(results: dict[str, dict[str, list[dict]]], stem: Path, overrides: list[str]) -> None:
+    command = " ".join(["python bench/bn_term.py", *sys.argv[1:]])
+    text = ["# The BN-statistics term: paper loss against scale-free forms (issue 18)", "",
+            f"`{command}` (run folders under bench/results/runs/bn-*; overrides: {' '.join(overrides) or 'none'}). "
+            "Per round: the teacher's CE "
+            "and target agreement (%) on the kept synthetic batches as the buffer holds them, the weighted BN "
+            "term's share of the generator loss on the kept steps, and the student's top-1 (%). `(stopped)`: the run "
+            "was stopped before its last round, and the rows end where it stopped.", ""]
+    summary = ["| teacher | loss | rounds | last CE | last agree % | mean BN share | last top-1 | mean top-1 (KD rounds) |",
+               "|---|---|---|---|---|---|---|---|"]
+    for teacher, by_loss in results.items():
+        for loss, rows in by_loss.items():
+            kd = [r for r in rows if r.get("top1") is not None]
+            shares = [r["syn_bn_share"] for r in rows if r.get("syn_bn_share") is not None]
+            last = rows[-1]
+            finished = "" if rows[-1].get("finished", True) else " (stopped)"
+            summary.append(f"| {teacher} | {loss} | {len(rows)}{finished} | {cell(last.get('syn_teacher_ce'), '.3f')} | "
+                           f"{cell(last.get('syn_agreement'), '.1f')} | "
+                           f"{cell(sum(shares) / len(shares) if shares else None, '.3f')} | "
+                           f"{cell(kd[-1]['top1'] if kd else None, '.2f')} | "
+                           f"{cell(sum(r['top1'] for r in kd) / len(kd) if kd else None, '.2f')} |")
+    text += summary + [""]
+    for teacher, by_loss in results.items():
+        text += [f"## {teacher}", "", "| round | phase | " + " | ".join(
+            f"{loss} CE | {loss} agree % | {loss} BN share | {loss} top-1" for loss in by_loss) + " |",
+            "|---|---|" + "---|---|---|---|" * len(by_loss)]
+        for i, row in enumerate(next(iter(by_loss.values()))):
+            cells = []
+            for rows in by_loss.values():
+                r = rows[i] if i < len(rows) else {}
+                cells += [cell(r.get("syn_teacher_ce"), ".3f"), cell(r.get("syn_agreement"), ".1f"),
+                          cell(r.get("syn_bn_share"), ".3f"), cell(r.get("top1"), ".2f")]
+            text.append(f"| {row['epoch']} | {row['phase']} | " + " | ".join(cells) + " |")
+        text.append("")
+    stem.with_suffix(".md").write_text("\n".join(text))
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    plot(results, stem.with_suffix(".png"))
+
+
+def plot(results: dict[str, dict[str, list[dict]]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fields = [("syn_teacher_ce", "teacher CE on kept batches"), ("syn_agreement", "target agreement %"),
+              ("top1", "student top-1 %")]
+    fig, axes = plt.subplots(len(results), len(fields), figsize=(4 * len(fields), 3 * len(results)), squeeze=False)
+    for row, (teacher, by_loss) in enumerate(results.items()):
+        for col, (key, title) in enumerate(fields):
+            ax = axes[row][col]
+            for loss, rows in by_loss.items():
+                pts = [(r["epoch"], r[key]) for r in rows if r.get(key) is not None]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=loss)
+            ax.set_title(f"{teacher}: {title}", fontsize=9)
+            ax.set_xlabel("round")
+            if key == "syn_teacher_ce":
+                ax.set_yscale("log")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teachers", default="digits,cifar10,cifar100")
+    ap.add_argument("--losses", default="paper,normalized,kl")
+    ap.add_argument("--report-only", action="store_true", help="tabulate the run folders already there")
+    ap.add_argument("--probe", action="store_true",
+                    help="2 warm-up rounds and 1 KD round per run, in one process: for choosing the candidates")
+    ap.add_argument("--in-process", action="store_true",
+                    help="digits with nayer.run (python -m nayer.examples.digits) instead of the pipeline")
+    ap.add_argument("--tag", default="", help="appended to the run names and the results' file name")
+    ap.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
+    args = ap.parse_args()
+    overrides = [*(["epochs=1", "warmup=2"] if args.probe else []), *args.overrides]
+    suffix = ("-probe" if args.probe else "") + (f"-{args.tag}" if args.tag else "")
+    require(SHARED / "cifar10_resnet56.pt", SHARED / "cifar100_resnet20.pt")
+    results: dict[str, dict[str, list[dict]]] = {}
+    for teacher in args.teachers.split(","):
+        if teacher not in TEACHERS:
+            sys.exit(f"error: unknown teacher '{teacher}'; choose from {', '.join(TEACHERS)}")
+        for loss in args.losses.split(","):
+            name = f"bn-{teacher}-{loss}{suffix}"
+            folder = RUNS / name if args.report_only else run_one(teacher, loss, name, overrides,
+                                                                         not (args.probe or args.in_process))
+            if (folder / "metrics.jsonl").is_file():
+                results.setdefault(teacher, {})[loss] = rounds(folder)
+    write_report(results, ROOT / "bench" / "results" / f"bn-term{suffix}", [*args.overrides])
+
+
+if __name__ == "__main__":
+    main()
