@@ -1,12 +1,15 @@
 """Batched, per-sample, differentiable image augmentation on tensors (any device).
 
 The reference code runs kornia-style transforms on the generator's output inside the autograd graph:
-RandomCrop(size, padding=4, zero pad) + horizontal flip, then normalization with the teacher's mean/std.
-Doing it as tensor ops (one gather, one where) keeps synthesis on the accelerator and avoids PIL round trips.
+RandomCrop(size, padding=4, zero pad) + horizontal flip, then normalization with the teacher's mean/std; on
+ImageNet it first rolls the batch (DeepInversion's jitter) and then crops. Its KD pool is read back through the
+dataset transform, which on ImageNet is RandomResizedCrop(224) + flip. Doing these as tensor ops (one gather, one
+grid_sample, one where) keeps synthesis and KD on the accelerator and avoids PIL round trips.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -61,6 +64,47 @@ def random_flip(x: Tensor) -> Tensor:
     return torch.where(flip, x.flip(3), x)
 
 
+def random_resized_crop(x: Tensor, scale: tuple[float, float] = (0.08, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> Tensor:
+    """Per-sample torchvision RandomResizedCrop back to the input size (bilinear), as one grid_sample.
+
+    The box is drawn as torchvision draws it: area share ~ U(scale), log aspect ratio ~ U(log ratio), the first of
+    `attempts` draws that fits; an image with none that fits gets the whole image, its ratio clamped to `ratio`,
+    centered."""
+    b, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(b, attempts, device=dev).uniform_(*scale) * (h * w)
+    log_ratio = torch.empty(b, attempts, device=dev).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    aspect = torch.exp(log_ratio)
+    cw, ch = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+    fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = torch.where(fits.any(1), fits.float().argmax(1), torch.full((b,), -1, device=dev))
+    # The fallback: the largest box of the clamped whole-image ratio.
+    in_ratio = w / h
+    fw, fh = (float(w), float(h)) if ratio[0] <= in_ratio <= ratio[1] else \
+        ((float(w), round(w / ratio[0])) if in_ratio < ratio[0] else (round(h * ratio[1]), float(h)))
+    pick = first.clamp(min=0).view(b, 1)
+    cw = torch.where(first >= 0, cw.gather(1, pick).view(b), torch.full((b,), fw, device=dev))
+    ch = torch.where(first >= 0, ch.gather(1, pick).view(b), torch.full((b,), fh, device=dev))
+    # Top-left corner uniform over the positions that fit (torchvision: randint(0, H - h + 1)).
+    top = torch.floor(torch.rand(b, device=dev) * (h - ch + 1))
+    left = torch.floor(torch.rand(b, device=dev) * (w - cw + 1))
+    top = torch.where(first >= 0, top, torch.floor((h - ch) / 2))
+    left = torch.where(first >= 0, left, torch.floor((w - cw) / 2))
+    # Bilinear resize of the box as torchvision does it on the cropped image (half-pixel centers, edges clamped to the
+    # box: nothing outside it is read), as a grid in grid_sample's [-1, 1] pixel-edge coordinates.
+    steps_x = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) / w
+    steps_y = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) / h
+    src_x = torch.minimum(torch.maximum(left[:, None] + steps_x[None] * cw[:, None] - 0.5, left[:, None]),
+                          (left + cw - 1)[:, None])
+    src_y = torch.minimum(torch.maximum(top[:, None] + steps_y[None] * ch[:, None] - 0.5, top[:, None]),
+                          (top + ch - 1)[:, None])
+    gx = ((2 * src_x + 1) / w - 1)[:, None, :].expand(b, h, w)
+    gy = ((2 * src_y + 1) / h - 1)[:, :, None].expand(b, h, w)
+    grid = torch.stack([gx, gy], dim=-1).to(x.dtype)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def jitter_flip(x: Tensor, jitter: int) -> Tensor:
     """DeepInversion's ImageNet jitter: one random roll of up to `jitter` px and one flip for the whole batch."""
     if jitter > 0:
@@ -71,27 +115,31 @@ def jitter_flip(x: Tensor, jitter: int) -> Tensor:
     return x
 
 
+CROPS = ("pad", "resized")  # random crop after zero padding | RandomResizedCrop
+
+
 class Augment(nn.Module):
-    """crop (+flip) (+jitter) then normalize; input float [0,1] NCHW, output normalized.
+    """(jitter) then crop (+flip), then normalize; input float [0,1] NCHW, output normalized.
 
     `crop_padding`=4, `flip`=True is the CIFAR recipe; TinyImageNet/ImageNet synthesis uses crop only, ImageNet
-    adds `jitter` (roll + batch flip as in DeepInversion).
+    first rolls the batch by up to `jitter` px and flips it (DeepInversion's jitter; the reference's order: roll,
+    then crop). `crop="resized"` is RandomResizedCrop + flip, the reference's ImageNet KD transform.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], crop_padding: int = 4, flip: bool = True,
-                 jitter: int = 0):
+                 jitter: int = 0, crop: str = "pad"):
         super().__init__()
         if crop_padding < 0 or jitter < 0:
             raise ValueError(f"crop_padding and jitter must be >= 0, got {crop_padding} and {jitter}")
-        self.crop_padding = crop_padding
-        self.flip = flip
-        self.jitter = jitter
+        if crop not in CROPS:
+            raise ValueError(f"unknown crop {crop!r}; choose one of: {', '.join(CROPS)}")
+        self.crop_padding, self.flip, self.jitter, self.crop = crop_padding, flip, jitter, crop
         self.normalize = Normalize(mean, std)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = random_crop(x, self.crop_padding)
-        if self.flip:
-            x = random_flip(x)
         if self.jitter:
             x = jitter_flip(x, self.jitter)
+        x = random_resized_crop(x) if self.crop == "resized" else random_crop(x, self.crop_padding)
+        if self.flip:
+            x = random_flip(x)
         return self.normalize(x)

@@ -57,7 +57,7 @@ class FastMetaSynthesizer(Synthesizer):
         super().__init__(teacher, student, images, syn_cfg, compute, seed, on_nonfinite)
         self.fm = fm_cfg
         self.generator = compute.place(make_body(gen_cfg.body, fm_cfg.nz, gen_cfg.ngf, images.size,
-                                                 gen_cfg.paper_variant))
+                                                 gen_cfg.paper_variant, images.mean, images.std))
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=fm_cfg.lr_g * syn_cfg.g_steps,
                                                betas=(0.5, 0.999))
 
@@ -131,8 +131,8 @@ class DeepInversionSynthesizer(Synthesizer):
         for step in range(cfg.g_steps):
             with self.compute.autocast(), self.bn_loss.capture():
                 xa = self.compute.layout(jitter_flip(x, di.jitter))
-                t_logits = self.teacher(xa)
-                s_logits = self.student(xa) if use_adv else None
+                t_logits = self.teacher_forward(xa)
+                s_logits = self.student_forward(xa) if use_adv else None
             loss_bn = self.bn_loss.loss() if cfg.a_bn != 0 else zero
             loss_ce = class_loss(t_logits, targets)
             loss_adv = -js_divergence(s_logits, t_logits, di.js_temperature) if s_logits is not None else zero

@@ -16,10 +16,13 @@ from nayer.runtime import check_device_name
 
 NOISY_MODES = ("k_to_1", "one_to_one")
 NOISY_ARCHS = ("A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8")
-GENERATOR_BODIES = ("auto", "cifar", "imagenet")
+GENERATOR_BODIES = ("auto", "cifar", "imagenet_reference", "imagenet_paper")
 METHODS = ("nayer", "fm", "deepinv")  # NAYER; the baselines FM (Fang et al. 2022), DeepInversion (Yin et al. 2020)
 GENERATOR_INPUTS = ("lte_nl", "lte", "onehot", "z", "cat_lte_z", "sum_oh_z")
 NONFINITE_POLICIES = ("stop", "skip")
+TARGET_MODES = ("balanced", "slices")
+KD_CROPS = ("pad", "resized")
+PROMPT_NAMES = ("auto", "class_names", "wordnet")
 
 
 @dataclass
@@ -33,6 +36,14 @@ class DataConfig:
     mean: Optional[List[float]] = None  # input normalization
     std: Optional[List[float]] = None  # input normalization std
     eval: str = ""  # labeled test set: a .npz (shared/data format), an image folder, or digits:test; "" = none
+    # An image folder's images: short side resized to image_size / eval_crop_pct, then a centered image_size crop
+    # (0.875 = the standard Resize 256 / CenterCrop 224). None = the preset's (ImageNet 0.875, the others 1).
+    eval_crop_pct: Optional[float] = None
+    eval_workers: int = 4  # loader processes decoding an image folder (JPEG decode is the cost at 50k images)
+    # A folder for an image folder's decoded, resized images: one memory-mapped x.npy per (folder, size, crop),
+    # written on first use (manifest last) and read by later runs, each pipeline rank copying only its slice.
+    # "" = nayer.run decodes into memory; the pipeline decodes into the run folder's eval-cache/.
+    eval_cache: str = ""
     eval_batch_size: int = 500  # images per evaluation forward pass
     eval_limit: int = 0  # evaluate on a fixed random subset of this many labeled images (quick looks); 0 = all
 
@@ -53,6 +64,10 @@ class LTEConfig:
     pretrained: Optional[str] = "openai"  # open_clip tag or local checkpoint path; null = random (tests only)
     path: str = ""  # precomputed [K, D] tensor (file encoder)
     template: str = "reference"  # reference ("a image of {name}"), index ("a class of {index}") or a literal
+    # What {name} is: class_names = the run's class names | wordnet = the ImageNet-1k class's full WordNet line
+    # ("tench, Tinca tinca", the reference's imagenet_label.txt; torchvision's short names give crane and maillot
+    # twice) | auto = wordnet for data.dataset=imagenet with 1000 classes, else class_names
+    names: str = "auto"
     cache_dir: str = ".cache/lte"  # embeddings cached by (encoder, model, template, names); "" = no cache
 
 
@@ -68,10 +83,16 @@ class GeneratorConfig:
     # K-to-1) | lte = LTE only | onehot = one-hot label | z = random noise | cat_lte_z = cat(LTE, Z) |
     # sum_oh_z = one-hot + Z. Z ~ N(0, I) is drawn anew every iteration, as the noisy layers are re-initialized.
     input: str = "lte_nl"
-    body: str = "auto"  # cifar (32/64 px) | imagenet (224 px) | auto from the image size
+    # cifar (32/64 px) | imagenet_reference (224 px, the reference's NLDeepGenerator, which produced the published
+    # ImageNet numbers) | imagenet_paper (224 px, the supplementary Table 5 layout as docs/nayer-spec.md reads it)
+    # | auto = imagenet_reference above 64 px, else cifar
+    body: str = "auto"
     nz: int = 1000  # noisy-layer output width = generator input
     ngf: int = 64  # body width: 2 * ngf channels at the start, ngf at the end
-    paper_variant: bool = False  # paper Table 4: SpectralNorm convs + BN2d after the Sigmoid
+    # paper Table 4: SpectralNorm convs + BN2d after the Sigmoid. The BN2d's output is taken as the teacher's
+    # normalized input: G maps it back to pixels (x std + mean, clamped with a straight-through gradient), so the
+    # buffer holds the images the teacher scored
+    paper_variant: bool = False
     lr: float = 4e-3  # Adam on G (a fresh optimizer every synthesis iteration)
     beta1: float = 0.5  # Adam betas
     beta2: float = 0.999
@@ -93,9 +114,16 @@ class SynthesisConfig:
     # (in the BN's own units, averaged) | kl (per-channel Gaussian KL, averaged). The last two do not depend on the
     # teacher's activation scale, depth or width.
     bn_loss: str = "paper"
-    crop_padding: int = 4  # augment(x) before the teacher: random crop after zero padding by this many px
-    flip: bool = True  # and a random horizontal flip
-    jitter: int = 0  # ImageNet: DeepInversion roll jitter in px
+    # augment(x) before the teacher, in the reference's order: roll by up to `jitter` px + flip of the whole batch
+    # (DeepInversion's jitter; ImageNet only), then a random crop after zero padding by crop_padding px (4 on every
+    # dataset in the reference), then a per-image horizontal flip (CIFAR only)
+    jitter: int = 0
+    crop_padding: int = 4  # zero padding of the random crop, px
+    flip: bool = True  # a per-image horizontal flip
+    # The targets of an iteration's batch: balanced = [0..K-1] repeated, the remainder random (the reference's
+    # CIFAR/Tiny K-to-1 batch) | slices = the K classes shuffled once per epoch, iteration i takes slice i of the
+    # shuffle (the reference's ImageNet: 20 iterations x 50 cover the 1000 classes once per epoch)
+    targets: str = "balanced"
     # The paper's synthesis metrics, logged per round (one extra teacher forward per kept batch): steps until the
     # teacher's CE falls below ce_threshold, diversity of teacher features against earlier images, IS.
     metrics: bool = True
@@ -132,7 +160,11 @@ class KDConfig:
     weight_decay: float = 1e-4
     eta_min: float = 2e-4  # the cosine over the E student epochs ends here
     temperature: float = 20.0  # T of L_KD (paper Eq. 7)
-    crop_padding: int = 4  # KD augmentation: random crop after zero padding by this many px
+    # KD augmentation of the buffer's images: pad = random crop after zero padding by crop_padding px (the
+    # reference's CIFAR/Tiny transform) | resized = RandomResizedCrop (scale 0.08-1) back to the image size (the
+    # reference's ImageNet transform, which its KD pool is read back through)
+    crop: str = "pad"
+    crop_padding: int = 4  # zero padding of crop=pad, px
     flip: bool = True  # and a random horizontal flip
 
 
@@ -140,8 +172,10 @@ class KDConfig:
 class RunConfig:
     """One NAYER run: Algorithm 1 for `warmup` + `epochs` epochs (or until `time_budget_s`)."""
 
-    # Keys a resumed run may set differently: how long and how it reacts to faults, never what it computes.
-    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("resume", "time_budget_s", "on_nonfinite")
+    # Keys a resumed run may set differently: how long, how it reacts to faults and how it reads its evaluation set,
+    # never what it computes.
+    RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = ("resume", "time_budget_s", "on_nonfinite", "data.eval_workers",
+                                                     "data.eval_cache")
 
     name: str = "nayer"  # the run folder is <out_dir>/<name>
     out_dir: str = "runs"
@@ -186,9 +220,18 @@ class RunConfig:
         check_choice("generator.noisy.mode", self.generator.noisy.mode, NOISY_MODES)
         check_choice("generator.noisy.arch", self.generator.noisy.arch, NOISY_ARCHS)
         check_choice("synthesis.bn_loss", self.synthesis.bn_loss, BN_LOSS_FORMS)
+        check_choice("synthesis.targets", self.synthesis.targets, TARGET_MODES)
+        if self.synthesis.targets == "slices" and self.method != "nayer":
+            raise ConfigError(f"synthesis.targets=slices is NAYER's label schedule; method={self.method} draws "
+                              "uniform random targets: set synthesis.targets=balanced")
+        check_choice("kd.crop", self.kd.crop, KD_CROPS)
+        check_choice("lte.names", self.lte.names, PROMPT_NAMES)
+        if self.data.eval_crop_pct is not None and not 0 < self.data.eval_crop_pct <= 1:
+            raise ConfigError(f"data.eval_crop_pct must be in (0, 1] (0.875 = Resize 256 / CenterCrop 224), got "
+                              f"{self.data.eval_crop_pct}")
         for key, value in [("epochs", self.epochs), ("warmup", self.warmup), ("synthesis.g_loops", self.synthesis.g_loops),
                            ("synthesis.warmup_loops", self.synthesis.warmup_loops), ("kd.kd_steps", self.kd.kd_steps),
-                           ("data.eval_limit", self.data.eval_limit),
+                           ("data.eval_limit", self.data.eval_limit), ("data.eval_workers", self.data.eval_workers),
                            ("generator.g_life", self.generator.g_life - 1)]:
             if value < 0:
                 raise ConfigError(f"{key} must be >= {0 if key != 'generator.g_life' else 1}, got {value}")

@@ -70,7 +70,9 @@ _EAGER_PRESETS: dict[str, DatasetPreset] = {
     # The teacher repos' CIFAR-10 std (0.2023, ...) is not the true std, but it is what their weights expect.
     "cifar10": DatasetPreset(10, 32, (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010), CIFAR10_CLASSES),
     "cifar100": DatasetPreset(100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), CIFAR100_CLASSES),
-    "tiny": DatasetPreset(200, 64, (0.4802, 0.4481, 0.3975), (0.2302, 0.2265, 0.2262), None),
+    # The reference normalizes TinyImageNet with 0.5 / 0.5 (registry.NORMALIZE_DICT['tiny_imagenet']): what
+    # teachers trained with its code expect, rather than the dataset's own statistics.
+    "tiny": DatasetPreset(200, 64, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), None),
     "digits": DatasetPreset(10, 32, DIGITS_MEAN, DIGITS_STD, DIGITS_CLASSES),
 }
 
@@ -82,6 +84,39 @@ def _imagenet_preset() -> DatasetPreset:
 
     names = tuple(ResNet50_Weights.IMAGENET1K_V2.meta["categories"])
     return DatasetPreset(1000, 224, IMAGENET_MEAN, IMAGENET_STD, names)
+
+
+@functools.cache
+def imagenet_wnids() -> tuple[str, ...]:
+    """The ImageNet-1k synset ids in label order (n01440764, ...): the folder names of the val set's ImageFolder."""
+    from timm.data import ImageNetInfo
+
+    return tuple(ImageNetInfo().label_names())
+
+
+@functools.cache
+def imagenet_wordnet_names() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k classes' WordNet lines in label order ("tench, Tinca tinca"), the reference's
+    label_embedding/imagenet_label.txt, read from the synset files timm ships. The two lines that are equal (crane
+    the bird, crane the machine) get their synset's gloss appended, so that no two classes share a prompt."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    lines = info.label_descriptions()
+    glossed = info.label_descriptions(detailed=True)
+    counts = {line: lines.count(line) for line in lines}
+    return tuple(full if counts[line] > 1 else line for line, full in zip(lines, glossed))
+
+
+def folder_read(dataset: str, class_names: tuple[str, ...], crop_pct: float | None = None, workers: int = 0,
+                cache: str = "") -> "FolderRead":
+    """How an evaluation image folder is read for `dataset`: the crop share (`crop_pct`, else ImageNet's 0.875 =
+    Resize 256 / CenterCrop 224, else 1), the ids its class folders may be named by (the ImageNet wnids for 1000
+    classes, else the class names), the loader processes and the cache folder."""
+    if crop_pct is None:
+        crop_pct = 0.875 if dataset == "imagenet" else 1.0
+    ids = imagenet_wnids() if dataset == "imagenet" and len(class_names) == 1000 else class_names
+    return FolderRead(crop_pct, workers, tuple(ids), cache)
 
 
 class _PresetTable(Mapping[str, DatasetPreset]):
@@ -179,51 +214,121 @@ def _first_line(exc: BaseException) -> str:
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 
 
-def _resize_center_crop(img, size: int):
-    """Shorter side -> `size` (bilinear, antialiased by PIL), then a centered size x size crop."""
-    from PIL import Image
+def resize_center_crop(img, size: int, crop_pct: float = 1.0):
+    """torchvision's eval transform on a PIL image: Resize(short side -> round(size / crop_pct), bilinear,
+    antialiased) then CenterCrop(size). crop_pct 0.875 at 224 px is the standard Resize 256 / CenterCrop 224."""
+    import torchvision.transforms.functional as TF
 
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((new_w, new_h), Image.BILINEAR)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
-    return img.crop((left, top, left + size, top + size))
+    resize = int(round(size / crop_pct))
+    if img.size != (size, size) or resize != size:
+        img = TF.center_crop(TF.resize(img, resize), size)
+    return img
 
 
-def load_image_folder(path: str, image_size: int | None) -> LabeledImages:
-    """Load `path/<class>/<image>` (torchvision ImageFolder layout; classes = sorted folder names).
+def folder_classes(root: Path) -> list[str]:
+    """The class sub-folders of an ImageFolder, sorted (torchvision's order)."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
-    Images are converted to RGB and brought to image_size x image_size (shorter side resized, center crop).
-    With image_size None they are kept as they are and must all share one size.
+
+def folder_label_map(folders: list[str], class_ids: list[str] | None) -> tuple[dict[str, int], list[str]]:
+    """Folder name -> label, and the label names. Folders named by `class_ids` (the run's class names, or the
+    ImageNet-1k wnids) take those ids' indices, so a val folder with some classes only keeps the right labels;
+    other folders are numbered in sorted order, as torchvision's ImageFolder does."""
+    if class_ids and set(folders) <= set(class_ids):
+        index = {name: i for i, name in enumerate(class_ids)}
+        return {f: index[f] for f in folders}, list(class_ids)
+    return {f: i for i, f in enumerate(folders)}, folders
+
+
+class _FolderImages:
+    """(path, label) -> uint8 HWC at the eval size, for a DataLoader's worker processes."""
+
+    def __init__(self, files: list[tuple[Path, int]], image_size: int | None, crop_pct: float):
+        self.files, self.image_size, self.crop_pct = files, image_size, crop_pct
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        file, label = self.files[i]
+        with Image.open(file) as img:
+            img = img.convert("RGB")
+            if self.image_size is not None:
+                img = resize_center_crop(img, self.image_size, self.crop_pct)
+            return np.asarray(img, dtype=np.uint8), label, str(file)
+
+
+@dataclass(frozen=True)
+class FolderRead:
+    """How an image folder is read: the eval crop share, decode processes, the class ids folders may be named by
+    (the run's class names or the ImageNet wnids) and the cache folder (`nayer.eval_cache`; "" = decode into
+    memory)."""
+
+    crop_pct: float = 1.0
+    workers: int = 0
+    class_ids: tuple[str, ...] | None = None
+    cache: str = ""
+
+
+def _uncollated(batch):
+    return batch
+
+
+def load_image_folder(path: str, image_size: int | None, crop_pct: float = 1.0, workers: int = 0,
+                      class_ids: list[str] | None = None, out: np.ndarray | None = None) -> LabeledImages:
+    """Load `path/<class>/<image>` (torchvision ImageFolder layout) as uint8 NHWC.
+
+    Images are converted to RGB and brought to image_size x image_size (`resize_center_crop`). With image_size
+    None they are kept as they are and must all share one size. `workers` > 0 decodes in that many DataLoader
+    processes. Labels: see `folder_label_map`. The images are written into `out` when given (a memory-mapped file
+    of the right shape: `folder_files` counts them), else into one array allocated once: never a list of arrays
+    and a stacked copy of it.
     """
-    from PIL import Image
-
     root = Path(path)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: '{path}'")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not classes:
-        raise ValueError(f"image folder '{path}' has no class sub-folders; expected {path}/<class>/<image>")
-    images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(f for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)
-        for file in files:
-            with Image.open(file) as img:
-                img = img.convert("RGB")
-                if image_size is not None:
-                    img = _resize_center_crop(img, image_size)
-                arr = np.asarray(img, dtype=np.uint8)
-            if images and arr.shape != images[0].shape:
+    files, classes = folder_files(root, class_ids)
+    if image_size is None:
+        from PIL import Image
+
+        with Image.open(files[0][0]) as first:
+            shape = (len(files), first.size[1], first.size[0], 3)
+    else:
+        shape = (len(files), image_size, image_size, 3)
+    x = np.empty(shape, dtype=np.uint8) if out is None else out
+    if x.shape != shape:
+        raise ValueError(f"the output array is {x.shape}, the folder needs {shape}")
+    y = np.asarray([label for _, label in files], dtype=np.int64)
+    import torch.utils.data
+
+    # its own generator: an iterated DataLoader draws a base seed, which must not come from the run's global RNG
+    # (the student's and generator's initial weights would then depend on whether the folder was decoded)
+    loader = torch.utils.data.DataLoader(_FolderImages(files, image_size, crop_pct), batch_size=8,
+                                         num_workers=workers, collate_fn=_uncollated, generator=torch.Generator())
+    i = 0
+    for batch in loader:
+        for arr, _, file in batch:
+            if arr.shape != shape[1:]:
                 raise ValueError(f"'{file}' is {arr.shape[1]}x{arr.shape[0]} but earlier images are "
-                                 f"{images[0].shape[1]}x{images[0].shape[0]}; pass an image size to resize them")
-            images.append(arr)
-            labels.append(label)
-    if not images:
-        raise ValueError(f"image folder '{path}' has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
-    return LabeledImages(np.stack(images), np.asarray(labels, dtype=np.int64), classes)
+                                 f"{shape[2]}x{shape[1]}; pass an image size to resize them")
+            x[i] = arr
+            i += 1
+    return LabeledImages(x, y, classes)
+
+
+def folder_files(root: Path, class_ids: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+    """Every image of an ImageFolder with its label (sorted by class folder, then path), and the label names."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: '{root}'")
+    folders = folder_classes(root)
+    if not folders:
+        raise ValueError(f"image folder '{root}' has no class sub-folders; expected {root}/<class>/<image>")
+    labels, classes = folder_label_map(folders, class_ids)
+    files = [(f, labels[name]) for name in folders
+             for f in sorted(f for f in (root / name).rglob("*") if f.suffix.lower() in IMAGE_EXTENSIONS)]
+    if not files:
+        raise ValueError(f"image folder '{root}' has no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    return files, classes
 
 
 DIGITS_SPLITS = ("train", "test")
@@ -266,15 +371,21 @@ def load_digits(split: str, seed: int = 0, test_fraction: float = 0.3) -> Labele
 SPEC_FORMS = "'digits:train', 'digits:test', a .npz file (keys x, y, classes) or an image folder (root/<class>/<image>)"
 
 
-def load_labeled(spec: str, image_size: int | None = None) -> LabeledImages:
+def load_labeled(spec: str, image_size: int | None = None, read: FolderRead = FolderRead()) -> LabeledImages:
     """Load a labeled set from `spec` (see SPEC_FORMS); with image_size, every image must be that size.
 
-    Image folders are resized to image_size; .npz and digits images are not, and a mismatch is an error.
+    Image folders are resized to image_size as `read` says (and decoded into its cache, memory-mapped); .npz and
+    digits images are not, and a mismatch is an error.
     """
     if spec.startswith("digits:"):
         images = load_digits(spec.split(":", 1)[1])
     elif os.path.isdir(spec):
-        images = load_image_folder(spec, image_size)
+        class_ids = list(read.class_ids) if read.class_ids else None
+        if read.cache and image_size is not None:
+            from nayer.eval_cache import cached_image_folder
+            images = cached_image_folder(spec, image_size, read)
+        else:
+            images = load_image_folder(spec, image_size, read.crop_pct, read.workers, class_ids)
     elif os.path.isfile(spec):
         if not spec.endswith(".npz"):
             raise ValueError(f"'{spec}' is a file but not a .npz; accepted: {SPEC_FORMS}")

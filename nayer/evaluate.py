@@ -23,7 +23,9 @@ def predict(model: nn.Module, data: LabeledImages, images: ImageSpec, compute: C
     normalize = Normalize(images.mean, images.std).to(compute.device)
     preds = []
     for start in range(0, len(x), batch_size):
-        batch = torch.from_numpy(x[start:start + batch_size]).to(compute.device).permute(0, 3, 1, 2).float().div_(255)
+        # np.array: a writable copy of the batch (the set may be a read-only memory map, data.eval_cache)
+        batch = torch.from_numpy(np.array(x[start:start + batch_size])).to(compute.device).permute(0, 3, 1, 2)
+        batch = batch.float().div_(255)
         with compute.autocast():
             logits = model(normalize(compute.layout(batch)))
         preds.append(logits.argmax(1).cpu())

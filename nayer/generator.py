@@ -16,6 +16,7 @@ A5 BN, Linear, Sigmoid | A6 BN, Linear, Tanh | A7 BN, Linear, ReLU | A8 BN, Line
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +40,14 @@ def balanced_targets(batch_size: int, num_classes: int, generator: torch.Generat
     reps = torch.arange(num_classes).repeat(batch_size // num_classes)
     extra = torch.randint(0, num_classes, (batch_size % num_classes,), generator=generator)
     return torch.cat([reps, extra])
+
+
+def class_slice_targets(batch_size: int, num_classes: int, seed: int, epoch: int, iteration: int) -> Tensor:
+    """Iteration `iteration`'s slice of epoch `epoch`'s shuffle of the K classes (the reference's ImageNet
+    `generate_ys_in`): positions [i*B, (i+1)*B) of the permutation, wrapping around past K. The shuffle depends on
+    (seed, epoch) only, so workers that split an epoch's iterations agree on it."""
+    perm = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[(torch.arange(batch_size) + iteration * batch_size) % num_classes]
 
 
 class NoisyLayers(nn.Module):
@@ -86,67 +95,105 @@ def _conv(cin: int, cout: int, spectral: bool, bias: bool = False) -> nn.Module:
     return nn.utils.parametrizations.spectral_norm(conv) if spectral else conv
 
 
-class CifarBody(nn.Module):
-    """Fast-DFKD/NAYER generator body for 32/64 px: Linear -> 128 x (s/4)^2, two up-conv stages, conv, sigmoid."""
+class PixelsFromNormalized(nn.Module):
+    """x * std + mean, clamped to [0, 1] with a straight-through gradient: the paper variant's BN2d output is the
+    teacher's normalized input, and this gives the pixels whose normalization it is (what the buffer stores)."""
 
-    def __init__(self, nz: int, ngf: int, image_size: int, paper_variant: bool):
+    def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        if image_size % 4:
-            raise ValueError(f"the cifar generator body needs an image size divisible by 4, got {image_size}")
-        self.init_size = image_size // 4
-        self.l1 = nn.Linear(nz, ngf * 2 * self.init_size ** 2)
-        self.conv_blocks = nn.Sequential(
-            nn.BatchNorm2d(ngf * 2),
-            nn.Upsample(scale_factor=2),
-            _conv(ngf * 2, ngf * 2, paper_variant),
-            nn.BatchNorm2d(ngf * 2),
-            nn.LeakyReLU(0.2, inplace=True),
-            nn.Upsample(scale_factor=2),
-            _conv(ngf * 2, ngf, paper_variant),
-            nn.BatchNorm2d(ngf),
-            nn.LeakyReLU(0.2, inplace=True),
-            _conv(ngf, 3, paper_variant, bias=True),
-            nn.Sigmoid(),
-            *([nn.BatchNorm2d(3, affine=False)] if paper_variant else []),
-        )
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pixels = x * self.std.to(x.dtype) + self.mean.to(x.dtype)
+        return pixels + (pixels.clamp(0, 1) - pixels).detach()
+
+
+def _image_head(cin: int, paper_variant: bool, mean: Sequence[float] | None, std: Sequence[float] | None
+                ) -> list[nn.Module]:
+    """Conv3x3 -> 3, Sigmoid; the paper variant adds BN2d(3) and maps its output back to pixels."""
+    layers: list[nn.Module] = [_conv(cin, 3, paper_variant, bias=True), nn.Sigmoid()]
+    if paper_variant:
+        if mean is None or std is None:
+            raise ValueError("generator.paper_variant needs the teacher's mean and std")
+        layers += [nn.BatchNorm2d(3, affine=False), PixelsFromNormalized(mean, std)]
+    return layers
+
+
+def _stage(cin: int, cout: int, spectral: bool, upsample: bool = True) -> list[nn.Module]:
+    """(Up x2,) Conv3x3 (no bias), BN2d, LeakyReLU(0.2)."""
+    return ([nn.Upsample(scale_factor=2)] if upsample else []) + \
+        [_conv(cin, cout, spectral), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2, inplace=True)]
+
+
+class Body(nn.Module):
+    """Linear(nz -> c0 x s x s), reshape, `conv_blocks` (set by the subclass after this, so that the Linear draws
+    its initial weights first, as in the reference)."""
+
+    conv_blocks: nn.Sequential
+
+    def __init__(self, nz: int, channels: int, image_size: int, factor: int, name: str):
+        super().__init__()
+        if image_size % factor:
+            raise ValueError(f"the {name} generator body needs an image size divisible by {factor}, got {image_size}")
+        self.init_size = image_size // factor
+        self.l1 = nn.Linear(nz, channels * self.init_size ** 2)
 
     def forward(self, z: Tensor) -> Tensor:
         out = self.l1(z).view(z.shape[0], -1, self.init_size, self.init_size)
         return self.conv_blocks(out)
 
 
-class ImageNetBody(nn.Module):
-    """224 px body: Linear -> 128 x 14x14, four (Up x2, conv3x3, BN, LeakyReLU) stages 128/128/64/64, conv, sigmoid."""
+class CifarBody(Body):
+    """Fast-DFKD/NAYER generator body for 32/64 px (the reference's NLGenerator): Linear -> 128 x (s/4)^2, BN2d,
+    two (Up, conv, BN, LeakyReLU) stages 128/64, conv, sigmoid."""
 
-    def __init__(self, nz: int, ngf: int, image_size: int, paper_variant: bool):
-        super().__init__()
-        if image_size % 16:
-            raise ValueError(f"the imagenet generator body needs an image size divisible by 16, got {image_size}")
-        self.init_size = image_size // 16
+    def __init__(self, nz: int, ngf: int, image_size: int, paper_variant: bool,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__(nz, ngf * 2, image_size, 4, "cifar")
+        self.conv_blocks = nn.Sequential(nn.BatchNorm2d(ngf * 2), *_stage(ngf * 2, ngf * 2, paper_variant),
+                                         *_stage(ngf * 2, ngf, paper_variant), *_image_head(ngf, paper_variant, mean, std))
+
+
+class ImageNetPaperBody(Body):
+    """224 px, the supplementary Table 5 layout as docs/nayer-spec.md reads it: Linear -> 128 x 14x14, BN2d, four
+    (Up x2, conv3x3, BN, LeakyReLU) stages 128/128/64/64, conv, sigmoid."""
+
+    def __init__(self, nz: int, ngf: int, image_size: int, paper_variant: bool,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__(nz, ngf * 2, image_size, 16, "imagenet_paper")
         widths = [ngf * 2, ngf * 2, ngf * 2, ngf, ngf]
-        self.l1 = nn.Linear(nz, widths[0] * self.init_size ** 2)
-        layers: list[nn.Module] = [nn.BatchNorm2d(widths[0])]
+        blocks: list[nn.Module] = [nn.BatchNorm2d(widths[0])]
         for cin, cout in zip(widths, widths[1:]):
-            layers += [nn.Upsample(scale_factor=2), _conv(cin, cout, paper_variant), nn.BatchNorm2d(cout),
-                       nn.LeakyReLU(0.2, inplace=True)]
-        layers += [_conv(widths[-1], 3, paper_variant, bias=True), nn.Sigmoid()]
-        if paper_variant:
-            layers.append(nn.BatchNorm2d(3, affine=False))
-        self.conv_blocks = nn.Sequential(*layers)
-
-    def forward(self, z: Tensor) -> Tensor:
-        out = self.l1(z).view(z.shape[0], -1, self.init_size, self.init_size)
-        return self.conv_blocks(out)
+            blocks += _stage(cin, cout, paper_variant)
+        self.conv_blocks = nn.Sequential(*blocks, *_image_head(widths[-1], paper_variant, mean, std))
 
 
-def make_body(body: str, nz: int, ngf: int, image_size: int, paper_variant: bool) -> nn.Module:
-    """The conv body for `image_size` (`auto`: the ImageNet body above 64 px), fed an `nz`-wide vector."""
+class ImageNetReferenceBody(Body):
+    """224 px, the reference's NLDeepGenerator (what its ImageNet runs used): Linear -> 128 x 14x14 with no BN2d,
+    a (conv3x3, BN, LeakyReLU) stage at 14 px, then four (Up x2, ...) stages 128/64/64/64, conv, sigmoid."""
+
+    def __init__(self, nz: int, ngf: int, image_size: int, paper_variant: bool,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+        super().__init__(nz, ngf * 2, image_size, 16, "imagenet_reference")
+        blocks = _stage(ngf * 2, ngf * 2, paper_variant, upsample=False)
+        for cin, cout in ((ngf * 2, ngf * 2), (ngf * 2, ngf), (ngf, ngf), (ngf, ngf)):
+            blocks += _stage(cin, cout, paper_variant)
+        self.conv_blocks = nn.Sequential(*blocks, *_image_head(ngf, paper_variant, mean, std))
+
+
+BODIES = {"cifar": CifarBody, "imagenet_reference": ImageNetReferenceBody, "imagenet_paper": ImageNetPaperBody}
+
+
+def make_body(body: str, nz: int, ngf: int, image_size: int, paper_variant: bool,
+              mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
+    """The conv body for `image_size` (`auto`: the reference's ImageNet body above 64 px), fed an `nz`-wide
+    vector; `mean`/`std` (the teacher's normalization) are needed by the paper variant only."""
     if body == "auto":
-        body = "imagenet" if image_size > 64 else "cifar"
-    bodies = {"cifar": CifarBody, "imagenet": ImageNetBody}
-    if body not in bodies:
-        raise ValueError(f"unknown generator body {body!r}; choose auto, cifar or imagenet")
-    return bodies[body](nz, ngf, image_size, paper_variant)
+        body = "imagenet_reference" if image_size > 64 else "cifar"
+    if body not in BODIES:
+        raise ValueError(f"unknown generator body {body!r}; choose auto, {', '.join(BODIES)}")
+    return BODIES[body](nz, ngf, image_size, paper_variant, mean, std)
 
 
 class NayerGenerator(nn.Module):
@@ -159,7 +206,7 @@ class NayerGenerator(nn.Module):
 
     def __init__(self, embeddings: Tensor, batch_size: int, image_size: int, nz: int = 1000, ngf: int = 64,
                  body: str = "auto", noisy_mode: str = "k_to_1", noisy_arch: str = "A3", paper_variant: bool = False,
-                 input: str = "lte_nl"):
+                 input: str = "lte_nl", mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
         super().__init__()
         if embeddings.ndim != 2:
             raise ValueError(f"label embeddings must be [classes, dim], got shape {tuple(embeddings.shape)}")
@@ -186,7 +233,7 @@ class NayerGenerator(nn.Module):
                 raise ValueError(f"unknown generator input {input!r}; choose lte_nl, {', '.join(widths)}")
             body_in = widths[input]
             self.emb_bn = nn.BatchNorm1d(body_in)
-        self.body = make_body(body, body_in, ngf, image_size, paper_variant)
+        self.body = make_body(body, body_in, ngf, image_size, paper_variant, mean, std)
 
     @torch.no_grad()
     def reinit_noisy(self) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from nayer.cli_config import ConfigError
 from nayer.config import RunConfig
-from nayer.data import LabeledImages, load_labeled, preset, read_class_names
+from nayer.data import LabeledImages, folder_read, imagenet_wordnet_names, load_labeled, preset, read_class_names
 from nayer.losses import bn_layers
 from nayer.lte import encode_labels
 from nayer.models import CheckpointMismatchError, classifier_layer, load_teacher, model_metadata
@@ -55,6 +55,18 @@ def resolve_images(cfg: RunConfig) -> tuple[ImageSpec, dict[str, str]]:
     if values["image_size"] < 8:
         raise ConfigError(f"data.image_size={values['image_size']} is too small; give the side (px) the teacher takes")
     return ImageSpec(tuple(names), values["image_size"], tuple(values["mean"]), tuple(values["std"])), sources
+
+
+def prompt_names(cfg: RunConfig, images: ImageSpec) -> list[str]:
+    """What each class's prompt names (`lte.names`): the run's class names, or the ImageNet-1k WordNet lines."""
+    wordnet = cfg.lte.names == "wordnet" or (
+        cfg.lte.names == "auto" and cfg.data.dataset == "imagenet" and images.num_classes == 1000)
+    if not wordnet:
+        return list(images.class_names)
+    if images.num_classes != 1000:
+        raise ConfigError(f"lte.names=wordnet names the 1000 ImageNet-1k classes, but the run has {images.num_classes}; "
+                          "set lte.names=class_names")
+    return list(imagenet_wordnet_names())
 
 
 def check_teacher(teacher: torch.nn.Module, images: ImageSpec, cfg: RunConfig) -> dict:
@@ -107,8 +119,9 @@ class RunInputs:
                 f"{self.images.size} px from {p['image_size']}; mean/std from {p['mean']}; {hooked}")
 
 
-def load_inputs(cfg: RunConfig, lte_device: torch.device) -> RunInputs:
-    """Load and cross-check the run's inputs; a mismatch (class counts, checkpoint shapes) is a ConfigError."""
+def load_inputs(cfg: RunConfig, lte_device: torch.device, eval_cache: str = "") -> RunInputs:
+    """Load and cross-check the run's inputs; a mismatch (class counts, checkpoint shapes) is a ConfigError.
+    `eval_cache`: where an image folder's decoded images go when `data.eval_cache` names no folder ("" = memory)."""
     try:
         images, sources = resolve_images(cfg)
     except ValueError as exc:  # a weights tag the model does not have
@@ -124,9 +137,14 @@ def load_inputs(cfg: RunConfig, lte_device: torch.device) -> RunInputs:
     weights = (f"checkpoint {t.checkpoint}" if t.checkpoint else f"weights {t.weights}" if t.weights
                else "random weights")
     provenance = {"teacher": t.arch, "weights": weights, **sources, **check_teacher(teacher, images, cfg)}
-    embeddings = encode_labels(list(images.class_names), cfg.lte.encoder, cfg.lte.template, cfg.lte.model,
+    names = prompt_names(cfg, images)
+    provenance["prompt_names"] = ("ImageNet-1k WordNet lines (lte.names)" if names != list(images.class_names)
+                                  else "the class names")
+    embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cfg.lte.model,
                                cfg.lte.pretrained, cfg.lte.path or None, cfg.lte.cache_dir or None, lte_device)
-    eval_set = load_labeled(cfg.data.eval, images.size).subset(cfg.data.eval_limit) if cfg.data.eval else None
+    read = folder_read(cfg.data.dataset, images.class_names, cfg.data.eval_crop_pct, cfg.data.eval_workers,
+                       cfg.data.eval_cache or eval_cache)
+    eval_set = load_labeled(cfg.data.eval, images.size, read).subset(cfg.data.eval_limit) if cfg.data.eval else None
     if eval_set is not None:
         images.check_labels(eval_set.y, f"evaluation set {cfg.data.eval}")
     return RunInputs(images, teacher, embeddings, eval_set, provenance)

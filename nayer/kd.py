@@ -1,7 +1,8 @@
 """The student's side of Algorithm 1 (lines 12-15): S steps of KD on batches from the memory buffer.
 
-Each step: uint8 batch -> float -> crop + flip + normalize -> teacher (no grad) and student -> L_KD (Eq. 7,
-T = 20) -> SGD (momentum 0.9, wd 1e-4). The learning rate follows a cosine over the E student epochs to eta_min.
+Each step: uint8 batch -> float -> crop (padded, or RandomResizedCrop: `kd.crop`) + flip + normalize ->
+teacher (no grad) and student -> L_KD (Eq. 7, T = 20) -> SGD (momentum 0.9, wd 1e-4). The learning rate follows
+a cosine over the E student epochs to eta_min.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class KDObjective:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: KDConfig, images: ImageSpec, compute: Compute):
         self.student, self.teacher, self.cfg, self.compute = student, teacher, cfg, compute
-        self.augment = Augment(images.mean, images.std, cfg.crop_padding, cfg.flip).to(compute.device)
+        self.augment = Augment(images.mean, images.std, cfg.crop_padding, cfg.flip, crop=cfg.crop).to(compute.device)
 
     def __call__(self, images: Tensor) -> Tensor:
         x = self.compute.layout(self.augment(uint8_to_float(images.to(self.compute.device, non_blocking=True))))

@@ -18,4 +18,5 @@ def build_synthesizer(cfg: RunConfig, teacher: nn.Module, student: nn.Module, em
         return FastMetaSynthesizer(teacher, student, images, cfg.generator, cfg.synthesis, cfg.fm, compute, **policy)
     if cfg.method == "deepinv":
         return DeepInversionSynthesizer(teacher, student, images, cfg.synthesis, cfg.deepinv, compute, **policy)
-    return NayerSynthesizer(teacher, student, embeddings, images, cfg.generator, cfg.synthesis, compute, **policy)
+    return NayerSynthesizer(teacher, student, embeddings, images, cfg.generator, cfg.synthesis, compute, **policy,
+                            run_seed=cfg.seed)

@@ -60,7 +60,7 @@ def run(cfg: RunConfig) -> dict:
     buffer = InMemoryBuffer()
     sampler = torch.Generator().manual_seed(cfg.seed + 1)
     kd_model = student
-    if compute.compile:  # KD and evaluation only: synthesis needs the teacher's BN hooks, which stay eager
+    if compute.compile:  # KD and evaluation (the synthesizer compiles its own forward passes)
         kd_model = trainer.objective.student = torch.compile(student)
         trainer.objective.teacher = torch.compile(teacher)
     start_epoch, best, elapsed_before = 0, Best(), 0.0

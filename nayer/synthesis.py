@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from nayer.augment import Augment, float_to_uint8
 from nayer.config import GeneratorConfig, SynthesisConfig
-from nayer.generator import NayerGenerator, balanced_targets
+from nayer.generator import NayerGenerator, balanced_targets, class_slice_targets
 from nayer.losses import BNStatisticsLoss, NonFiniteLossError, adversarial_loss, class_loss
 from nayer.metrics import SynthesisMetrics
 from nayer.progress import progress_bar
@@ -47,6 +47,10 @@ class Synthesizer:
     def __init__(self, teacher: nn.Module, student: nn.Module, images: ImageSpec, syn_cfg: SynthesisConfig,
                  compute: Compute, seed: int = 0, on_nonfinite: str = "stop"):
         self.teacher, self.student = teacher, student
+        # compile=true: the teacher's BN-statistics hooks are traced into the compiled graph (one graph with the
+        # hooks recording, one without), so synthesis compiles as KD does
+        self.teacher_forward = torch.compile(teacher) if compute.compile else teacher
+        self.student_forward = torch.compile(student) if compute.compile else student
         self.on_nonfinite = on_nonfinite  # stop: raise NonFiniteLossError | skip: no step on that loss, counted
         self.images, self.num_classes = images, images.num_classes
         self.cfg = syn_cfg
@@ -60,9 +64,10 @@ class Synthesizer:
         self.metrics = SynthesisMetrics(teacher, images, syn_cfg, compute, seed) if syn_cfg.metrics else None
 
     def synthesize(self, warmup: bool, progress: bool | Callable[[int], Any] = False,
-                   loops: int | None = None) -> SynthesisResult:
+                   loops: int | None = None, first_iteration: int = 0) -> SynthesisResult:
         """One epoch of synthesis. `warmup`: no adversarial term, `warmup_loops` iterations.
-        `loops`: this synthesizer's share of the epoch's iterations when several split it (default: all).
+        `loops`: this synthesizer's share of the epoch's iterations when several split it (default: all), starting
+        at the epoch's iteration `first_iteration`.
         `progress`: True = `nayer.progress.progress_bar` over the epoch's generator steps (a transient bar on a
         terminal, plain lines every 30 s elsewhere), or a factory called with the step count that returns an object
         with tqdm's update/close (e.g. a line logger)."""
@@ -86,7 +91,7 @@ class Synthesizer:
         try:
             kept = 0
             for iteration in range(loops):
-                x, y, parts, curve = self._iteration(use_adv, bar, iteration)
+                x, y, parts, curve = self._iteration(use_adv, bar, first_iteration + iteration)
                 curves.append(curve)
                 if x is None:  # on_nonfinite=skip and no step of the iteration had a finite loss
                     continue
@@ -119,7 +124,8 @@ class Synthesizer:
 
     def _iteration(self, use_adv: bool, bar: Any, iteration: int
                    ) -> tuple[Tensor | None, Tensor, dict, list[tuple[float, float]]]:
-        """One batch: (kept images in [0,1] or None, targets, loss parts of the kept step, per step (L, CE))."""
+        """The epoch's iteration `iteration`, one batch: (kept images in [0,1] or None, targets, loss parts of the
+        kept step, per step (L, CE))."""
         raise NotImplementedError
 
     def _objective(self, x: Tensor, targets: Tensor, use_adv: bool) -> tuple[Tensor, dict]:
@@ -128,8 +134,8 @@ class Synthesizer:
         cfg = self.cfg
         with self.compute.autocast(), self.bn_loss.capture():
             xa = self.compute.layout(self.augment(x))
-            t_logits = self.teacher(xa)
-            s_logits = self.student(xa) if use_adv else None
+            t_logits = self.teacher_forward(xa)
+            s_logits = self.student_forward(xa) if use_adv else None
         zero = torch.zeros((), device=self.device)
         loss_bn = self.bn_loss.loss() if cfg.a_bn != 0 else zero
         loss_ce = class_loss(t_logits, targets)
@@ -183,22 +189,30 @@ class NayerSynthesizer(Synthesizer):
 
     def __init__(self, teacher: nn.Module, student: nn.Module, embeddings: Tensor, images: ImageSpec,
                  gen_cfg: GeneratorConfig, syn_cfg: SynthesisConfig, compute: Compute, seed: int = 0,
-                 on_nonfinite: str = "stop"):
+                 on_nonfinite: str = "stop", run_seed: int = 0):
         if embeddings.shape[0] != images.num_classes:
             raise ValueError(f"{embeddings.shape[0]} label embeddings for {images.num_classes} classes")
         super().__init__(teacher, student, images, syn_cfg, compute, seed, on_nonfinite)
         self.embeddings = embeddings
         self.gen_cfg = gen_cfg
+        self.run_seed = run_seed  # the class shuffle of synthesis.targets=slices: shared by every worker of a run
         self.generator = self._new_generator()
+        self.generator_forward = self._compiled(self.generator)
 
     def _new_generator(self) -> NayerGenerator:
         g = self.gen_cfg
         return self.compute.place(NayerGenerator(self.embeddings, self.cfg.batch_size, self.images.size, g.nz, g.ngf,
-                                                 g.body, g.noisy.mode, g.noisy.arch, g.paper_variant, g.input))
+                                                 g.body, g.noisy.mode, g.noisy.arch, g.paper_variant, g.input,
+                                                 self.images.mean, self.images.std))
 
     def _start_epoch(self) -> None:
         if self.epoch > 0 and self.epoch % self.gen_cfg.g_life == 0:
             self.generator = self._new_generator()
+            self.generator_forward = self._compiled(self.generator)
+
+    def _compiled(self, generator: NayerGenerator) -> nn.Module:
+        """G's forward, compiled under compile=true (a fresh G reuses the compiled code: same shapes)."""
+        return torch.compile(generator) if self.compute.compile else generator
 
     def _iteration(self, use_adv: bool, bar: Any, iteration: int
                    ) -> tuple[Tensor | None, Tensor, dict, list[tuple[float, float]]]:
@@ -206,12 +220,14 @@ class NayerSynthesizer(Synthesizer):
         gen.train()
         gen.reinit_noisy()
         optimizer = torch.optim.Adam(gen.parameters(), lr=self.gen_cfg.lr, betas=(self.gen_cfg.beta1, self.gen_cfg.beta2))
-        targets = balanced_targets(self.cfg.batch_size, self.num_classes, self.rng).to(self.device)
+        b, k = self.cfg.batch_size, self.num_classes
+        targets = (class_slice_targets(b, k, self.run_seed, self.epoch, iteration) if self.cfg.targets == "slices"
+                   else balanced_targets(b, k, self.rng)).to(self.device)
         best_loss, best_x, best_parts = float("inf"), None, {}
         curve = []
         for step in range(self.cfg.g_steps):
             with self.compute.autocast():
-                x = gen(targets).float()  # the kept batch and the augmentation stay in fp32
+                x = self.generator_forward(targets).float()  # the kept batch and the augmentation stay in fp32
             loss, parts = self._objective(x, targets, use_adv)
             curve.append((parts["loss"], parts["ce"]))
             optimizer.zero_grad(set_to_none=True)

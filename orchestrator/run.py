@@ -39,13 +39,12 @@ import ray
 import torch
 
 from nayer.cli import cli
-from nayer.evaluate import evaluate
 from nayer.inputs import load_inputs
 from nayer.progress import RoundProgress
 from nayer.report import finish_run
 from nayer.run_folder import RunFolder
 from nayer.runtime import RunError, save_torch, seed_everything
-from nayer.specs import Compute, bf16_fallback_note
+from nayer.specs import bf16_fallback_note
 from orchestrator.board import RoundBoard
 from orchestrator.cluster import check_capacity, connect, resolve_schedule, root_cause
 from orchestrator.config import PipelineConfig, load_deepspeed_config
@@ -54,7 +53,7 @@ from orchestrator.rounds import gather_synthesis, synthesis_record
 from orchestrator.shards import Manifest, rank_samples
 from orchestrator.signals import StopOnSignal
 from orchestrator.state import DriverState
-from orchestrator.trainer import STUDENT_WEIGHTS, TrainerRun, make_trainer
+from orchestrator.trainer import STUDENT_WEIGHTS, TrainerRun, eval_source, make_trainer
 from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles, split_iterations
 
 
@@ -95,7 +94,9 @@ class Driver:
         self.ds_config = load_deepspeed_config(cfg)
         self.faults = FaultPlan.from_env(self.folder.path / "faults")
         seed_everything(cfg.seed)  # a teacher without a checkpoint is random: the same one in every run of a seed
-        self.inputs = load_inputs(cfg, torch.device("cpu"))
+        # An image folder is decoded once into a memory-mapped file (the run folder's unless data.eval_cache names
+        # one), which the ranks map: neither the driver nor the object store holds a copy of the decoded set.
+        self.inputs = load_inputs(cfg, torch.device("cpu"), eval_cache=str(self.folder.path / "eval-cache"))
         print(self.inputs.summary(), flush=True)
         # The embedded Ray's workers run on this machine: on its CPU for device=cpu, or auto without CUDA (a CUDA
         # device that is missing is the capacity check's to report).
@@ -109,10 +110,6 @@ class Driver:
         self.checkpointed = self.state.synthesized  # the synthesis round of the last driver checkpoint
         self.resume_excluded = 0
         self.manifest = self._open_buffer()
-        if self.inputs.eval_set is not None and not cfg.resume:
-            self.state.teacher_top1 = evaluate(self.inputs.teacher, self.inputs.eval_set, self.inputs.images,
-                                               Compute.select("cpu", cfg.bf16), cfg.data.eval_batch_size)["top1"]
-            print(f"teacher top-1 on {cfg.data.eval}: {self.state.teacher_top1:.2f}%", flush=True)
         self.workers: list = []
         self.board = None
         self.trainer: TrainerRun | None = None
@@ -163,7 +160,9 @@ class Driver:
                 "cfg": cfg, "board": self.board, "images": self.inputs.images, "deepspeed": self.ds_config,
                 "teacher": teacher_ref, "faults": self.faults, "rank_logs": str(self.folder.ranks.resolve()),
                 "resume_from": str(storage / self.state.student_checkpoint) if self.state.student_checkpoint else None,
-                "eval_set": ray.put(self.inputs.eval_set) if self.inputs.eval_set is not None else None}
+                "eval_set": eval_source(self.inputs.eval_set),
+                # the ranks rate the teacher on the labeled set too, once, on their devices (not on resume)
+                "teacher_eval": self.inputs.eval_set is not None and self.state.teacher_top1 is None}
             if self.state.student_checkpoint:  # the adversarial term's student: the last KD round's
                 weights = storage / self.state.student_checkpoint / STUDENT_WEIGHTS
                 self.student_ref = ray.put(torch.load(weights, map_location="cpu", weights_only=True))
@@ -173,6 +172,9 @@ class Driver:
                 self.trainer.join()
             if self.student_ref is not None:
                 save_torch(ray.get(self.student_ref), self.folder.path / "student.pt")
+            if not cfg.data.eval_cache and self.state.done + 1 >= cfg.warmup + cfg.epochs:
+                # the run folder's decoded val set (7.5 GB on ImageNet): a resume needs it, a finished run does not
+                shutil.rmtree(self.folder.path / "eval-cache", ignore_errors=True)
         finally:  # also after a failure: on a cluster that outlives this run, release what it holds
             if self.board is not None:
                 ray.get(self.board.stop.remote())
@@ -236,6 +238,9 @@ class Driver:
             record["kd_phase_time"] = kd_wall
             excluded += result.pop("excluded_shards") + ahead.get("excluded_shards", 0)
             synthesis_wall += ahead.get("syn_time", 0.0)
+            if (teacher_top1 := result.pop("teacher_top1", None)) is not None:
+                self.state.teacher_top1 = teacher_top1
+                print(f"teacher top-1 on {self.cfg.data.eval}: {teacher_top1:.2f}% (on the ranks)", flush=True)
             record.update(result)
             self.state.best.update(record.get("top1"), r)
             self.state.last_top1 = record.get("top1")
@@ -266,8 +271,8 @@ class Driver:
         active = sum(1 for share in shares if share > 0)
         min_shards = math.ceil(c.trainer_workers / max(active, 1))  # every rank gets a shard of every round
         student = None if warm else self.student_ref
-        tasks = [SynthesisTask(s, warm, share, min_shards, i == 0, self.state.synthesized, self.checkpointed)
-                 for i, share in enumerate(shares)]
+        tasks = [SynthesisTask(s, warm, share, min_shards, i == 0, self.state.synthesized, self.checkpointed,
+                               first_iteration=sum(shares[:i])) for i, share in enumerate(shares)]
         return [w.synthesize.remote(task, student) for w, task in zip(self.workers, tasks)]
 
     def _commit(self, s: int, outputs: list[dict], wall: float) -> dict:

@@ -4,7 +4,7 @@ Each rank holds its stable share of the buffer (`orchestrator.resident`): a load
 committed shard of the share once, as the driver commits it. Each KD round the driver publishes a plan on the
 `RoundBoard` (`orchestrator.board`); every rank takes S DeepSpeed steps of L_KD on micro-batches sampled from its
 resident share (the global batch is kd.batch_size), steps the per-epoch cosine, evaluates its slice of the
-labeled set (counts all-reduced), and saves a DeepSpeed checkpoint that `ray.train.report` persists as
+labeled set (counts all-reduced; the teacher too, once, before the first round), and saves a DeepSpeed checkpoint that `ray.train.report` persists as
 `round-XXXXX` (with the student's weights as `student.pt`, for a resumed driver). Rank 0 hands the metrics and the
 new student weights (object store) back to the driver through the board.
 """
@@ -18,13 +18,16 @@ import os
 import tempfile
 import threading
 import time
+from pathlib import Path
 
+import numpy as np
 import ray
 import ray.train
 import torch
 import torch.distributed as dist
 
 from nayer.data import LabeledImages
+from nayer.eval_cache import read_manifest
 from nayer.evaluate import accuracy, accuracy_counts, predict
 from nayer.kd import KDObjective, finite_or_skip, make_optimizer
 from nayer.models import build_model, load_model
@@ -45,6 +48,36 @@ def sharded_evaluate(model: torch.nn.Module, part: LabeledImages, spec: ImageSpe
     total = torch.from_numpy(counts).to(compute.device)
     dist.all_reduce(total)
     return accuracy(total.cpu().numpy())
+
+
+def eval_source(data: LabeledImages | None) -> dict | None:
+    """What the ranks read their evaluation slices from: the file of a memory-mapped set (`data.eval_cache`: each
+    rank maps it and copies only its own images), else the set itself, once, through the object store."""
+    if data is None:
+        return None
+    if isinstance(data.x, np.memmap):
+        manifest = read_manifest(Path(data.x.filename).parent)
+        return {"file": data.x.filename, "y": data.y, "classes": data.classes,
+                "files": manifest["files"] if manifest else None}
+    return {"ref": ray.put(data)}
+
+
+def rank_part(source: dict | None, rank: int, world: int) -> LabeledImages | None:
+    """This rank's slice of the evaluation set (images rank, rank + M, ...), in its own memory: a copy, since the
+    object store's and the map's arrays are read-only (torch warns on them)."""
+    if source is None:
+        return None
+    if "file" in source:
+        # the entry a rank maps (at start, and again after a restart) must be the one the driver checked
+        manifest = read_manifest(Path(source["file"]).parent)
+        x, y, classes = np.load(source["file"], mmap_mode="r"), source["y"], source["classes"]
+        if manifest is None or manifest["files"] != source["files"] or len(x) != len(y):
+            raise RunError(f"the evaluation cache {Path(source['file']).parent} changed after the driver read it "
+                           "(another run rewrote it, or the image folder changed): start the run again")
+    else:
+        full = ray.get(source["ref"])
+        x, y, classes = full.x, full.y, full.classes
+    return LabeledImages(np.ascontiguousarray(x[rank::world]), y[rank::world].copy(), classes)
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -88,12 +121,7 @@ def train_loop_per_worker(config: dict) -> None:
     with contextlib.nullcontext() if cfg.cluster.verbose else contextlib.redirect_stdout(io.StringIO()):
         engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
     objective = KDObjective(engine, teacher, cfg.kd, spec, compute)
-    eval_part = None
-    if config["eval_set"] is not None:  # this rank's slice: images rank, rank + M, ...
-        full = ray.get(config["eval_set"])
-        # copies: the object store's arrays are read-only (torch warns on them) and this rank needs only its slice
-        eval_part = LabeledImages(full.x[rank::world].copy(), full.y[rank::world].copy(), full.classes)
-        del full
+    eval_part = rank_part(config["eval_set"], rank, world)
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
 
     def finish(r: int, metrics: dict, weights: dict, started: float) -> None:
@@ -117,6 +145,11 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and ray.get(board.awaited.remote(done)):  # failed after saving, before handing it over
             finish(done, client["metrics"], weights, time.perf_counter())
 
+    # The teacher's accuracy, once per run, in the first round's metrics; ranks that Ray Train restarted from a
+    # checkpoint have reported a round already (the driver has the number).
+    teacher_top1 = None
+    if eval_part is not None and config["teacher_eval"] and checkpoint is None:
+        teacher_top1 = sharded_evaluate(teacher, eval_part, spec, compute, cfg.data.eval_batch_size)["top1"]
     reported_bytes, reported_excluded = 0, 0  # what the loader did before the first round counts in it
     while (plan := ray.get(board.next_plan.remote(done))) is not None:
         r = done = plan["round"]
@@ -177,6 +210,8 @@ def train_loop_per_worker(config: dict) -> None:
             t0 = time.perf_counter()
             ev = sharded_evaluate(engine.module, eval_part, spec, compute, cfg.data.eval_batch_size)
             metrics.update(top1=ev["top1"], per_class=ev["per_class"], eval_time=time.perf_counter() - t0)
+        if teacher_top1 is not None:
+            metrics["teacher_top1"], teacher_top1 = teacher_top1, None
         t0 = time.perf_counter()
         weights = {key: value.detach().cpu().clone() for key, value in engine.module.state_dict().items()} \
             if rank == 0 else None

@@ -2,8 +2,10 @@
 layers and BN-statistics EMA, its own seed; or a baseline) and writing its kept batches as WebDataset shards.
 
 The driver splits a round's I iterations over the N workers (`split_iterations`); each worker's batches are
-class-balanced (`balanced_targets`), so the round is too. Before the adversarial term is used the worker's
-student copy is refreshed from the student weights the driver hands over (through the object store).
+class-balanced (`balanced_targets`), so the round is too; or (synthesis.targets=slices) worker w's iterations are
+the round's iterations from its `first_iteration` on, slices of one class shuffle that every worker draws alike.
+Before the adversarial term is used the worker's student copy is refreshed from the student weights the driver
+hands over (through the object store).
 
 Each worker checkpoints its own synthesizer after every round it synthesizes, atomically, in its own file
 (`checkpoints/synthesis/worker-WWW/round-RRRRR.pt`), and keeps its files from the round of the driver's last
@@ -60,6 +62,7 @@ class SynthesisTask:
     grid: bool  # also write the round's sample grid
     after: int  # the last committed synthesis round (-1: none): the state this task continues from
     keep_from: int  # the synthesis round of the driver's last checkpoint: a resume may continue from it
+    first_iteration: int = 0  # the round's iteration this share starts at (synthesis.targets=slices)
 
 
 class SynthesisWorker:
@@ -109,6 +112,7 @@ class SynthesisWorker:
         # One worker's progress stands for the round's (they share it evenly); cluster.verbose: every worker's.
         shown = self.worker == 0 or self.cfg.cluster.verbose
         result = self.synthesizer.synthesize(warmup=task.warmup, loops=task.iterations,
+                                             first_iteration=task.first_iteration,
                                              progress=(lambda steps: LineProgress(steps, desc)) if shown else False)
         compute = time.perf_counter() - start
         entries = []

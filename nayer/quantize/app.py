@@ -25,7 +25,7 @@ from nayer.augment import Augment, Normalize, uint8_to_float
 from nayer.buffer import CHUNK_GLOB, InMemoryBuffer
 from nayer.cli import cli
 from nayer.cli_config import ConfigError, as_dict
-from nayer.data import load_labeled, preset
+from nayer.data import folder_read, load_labeled, preset
 from nayer.evaluate import evaluate
 from nayer.models import CheckpointMismatchError, load_teacher
 from nayer.quantize.config import QuantizeConfig
@@ -85,7 +85,7 @@ def run(cfg: QuantizeConfig, read: BufferReader = read_chunks) -> dict:
         buffer = InMemoryBuffer()
         buffer.append(images, labels)
     n = len(buffer)
-    test = load_labeled(cfg.eval, spec.size).subset(cfg.eval_limit)
+    test = load_labeled(cfg.eval, spec.size, folder_read(cfg.dataset, spec.class_names)).subset(cfg.eval_limit)
     spec.check_labels(test.y, f"evaluation set '{cfg.eval}'", f"dataset '{cfg.dataset}'")
     try:
         model = load_teacher(cfg.arch, k, cfg.checkpoint or None).to(compute.device)
