@@ -12,6 +12,7 @@ interrupted write, done again.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -46,7 +47,11 @@ def cached_image_folder(path: str, image_size: int, read: FolderRead) -> Labeled
         def decode(tmp: str) -> None:
             x = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
             with open(tmp, "r+b") as f:  # reserve the blocks: a full disk is an OSError here, not a SIGBUS later
-                os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+                try:
+                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
+                except OSError as error:
+                    if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: write anyway
+                        raise
             images = load_image_folder(path, image_size, read.crop_pct, read.workers,
                                        list(read.class_ids) if read.class_ids else None, out=x)
             x.flush()
