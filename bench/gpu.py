@@ -232,12 +232,14 @@ def pipeline_row(bench: Bench, out: Path) -> dict:
         import shutil
         shutil.rmtree(runs / "pipeline")
     start = time.perf_counter()
+    watch = DeviceMemoryWatch() if bench.compute.device.type == "cuda" else None
     try:  # bounded: a hung Ray start or NCCL init must not eat the device's time
         proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=420,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
     except subprocess.TimeoutExpired as timeout:
         proc = subprocess.CompletedProcess(args, 124, str(timeout.stdout or ""), "timed out after 420 s")
     wall = time.perf_counter() - start
+    peak = watch.stop() if watch is not None else None
     print(proc.stdout[-3000:], proc.stderr[-3000:] if proc.returncode else "", flush=True)
     summary_file = runs / "pipeline" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -246,7 +248,32 @@ def pipeline_row(bench: Bench, out: Path) -> dict:
     return {"returncode": proc.returncode, "wall_s": wall, "rounds": len([r for r in records if "epoch" in r]),
             "final_top1": summary.get("final_top1"), "teacher_top1": summary.get("teacher_top1"),
             "buffer_images": summary.get("buffer_images"), "folder": str(runs / "pipeline"),
-            "command": " ".join(args[1:])}
+            "peak_device_gb": peak, "command": " ".join(args[1:])}
+
+
+class DeviceMemoryWatch:
+    """The device's peak memory in use (all processes: the actor's and the rank's) while the pipeline runs, from
+    cudaMemGetInfo every 0.2 s; this process's own share, held before, is subtracted."""
+
+    def __init__(self):
+        import threading
+
+        free, self.total = torch.cuda.mem_get_info()
+        self.before = self.total - free
+        self.peak = self.before
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        while not self.done.wait(0.2):
+            free, _ = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, self.total - free)
+
+    def stop(self) -> float:
+        self.done.set()
+        self.thread.join()
+        return (self.peak - self.before) / 2 ** 30
 
 
 def write_results(bench: Bench, pipeline: dict, out: Path, device_name: str, wall: float) -> None:
@@ -271,7 +298,9 @@ def write_results(bench: Bench, pipeline: dict, out: Path, device_name: str, wal
               f"`python {pipeline['command']}`", "",
               f"exit {pipeline['returncode']}, {pipeline['wall_s']:.0f} s wall, {pipeline['rounds']} rounds logged, "
               f"{pipeline['buffer_images']} buffer images, teacher top-1 {pipeline['teacher_top1']}, student top-1 "
-              f"{pipeline['final_top1']} (random weights: the numbers prove the path, not accuracy).", ""]
+              f"{pipeline['final_top1']} (random weights: the numbers prove the path, not accuracy)"
+              + (f"; peak device memory of its processes {pipeline['peak_device_gb']:.1f} GiB"
+                 if pipeline.get("peak_device_gb") is not None else "") + ".", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps({"device": device_name, "sizes": asdict(bench.sizes),
                                                     "rows": [{**asdict(r), "flops": r.flops} for r in bench.rows],
