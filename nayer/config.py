@@ -65,8 +65,8 @@ class LTEConfig:
     path: str = ""  # precomputed [K, D] tensor (file encoder)
     template: str = "reference"  # reference ("a image of {name}"), index ("a class of {index}") or a literal
     # What {name} is: class_names = the run's class names | wordnet = the ImageNet-1k class's full WordNet line
-    # ("tench, Tinca tinca", the reference's imagenet_label.txt; torchvision's short names give crane and maillot
-    # twice) | auto = wordnet for data.dataset=imagenet with 1000 classes, else class_names
+    # ("tench, Tinca tinca", the reference's imagenet_label.txt, not torchvision's short category names) | auto =
+    # wordnet for data.dataset=imagenet with 1000 classes, else class_names
     names: str = "auto"
     cache_dir: str = ".cache/lte"  # embeddings cached by (encoder, model, template, names); "" = no cache
 
