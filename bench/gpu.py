@@ -39,6 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.random_models import BoundedTeacher, calibrate_bn, flops  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.config import RunConfig  # noqa: E402
 from nayer.kd import StudentTrainer  # noqa: E402
@@ -130,23 +131,14 @@ class Bench:
         return row
 
 
-def count_flops(step) -> float | None:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        step()
-    return float(counter.get_total_flops()) or None
+def count_flops(call) -> float | None:
+    return float(flops(call)[0]) or None
 
 
 def teacher_model(sizes: Sizes, compute: Compute) -> torch.nn.Module:
-    """The random-weight teacher with its BN statistics set by one pass of noise (a random deep ResNet's default
-    statistics overflow in eval mode), frozen, on the device."""
-    teacher = build_model(sizes.teacher, sizes.classes)
-    for bn in teacher.modules():
-        if isinstance(bn, torch.nn.BatchNorm2d):
-            bn.momentum = None  # cumulative average: one pass gives the exact statistics
-    with torch.no_grad():
-        teacher(torch.rand(8, 3, sizes.image, sizes.image))
+    """The random-weight teacher with its BN statistics set from noise and its logits bounded (as capacity.py's),
+    frozen, on the device."""
+    teacher = BoundedTeacher(calibrate_bn(build_model(sizes.teacher, sizes.classes), sizes.image))
     return compute.place(teacher.eval().requires_grad_(False))
 
 

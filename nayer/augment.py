@@ -42,6 +42,10 @@ class Normalize(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
+    def invert(self, x: Tensor) -> Tensor:
+        """x * std + mean: the pixels whose normalization `x` is."""
+        return x * self.std.to(x.dtype) + self.mean.to(x.dtype)
+
 
 def random_crop(x: Tensor, padding: int) -> Tensor:
     """Per-sample RandomCrop(H, W) after zero padding by `padding` pixels (one gather, differentiable)."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,7 +230,7 @@ def folder_classes(root: Path) -> list[str]:
     return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def folder_label_map(folders: list[str], class_ids: list[str] | None) -> tuple[dict[str, int], list[str]]:
+def folder_label_map(folders: list[str], class_ids: Sequence[str] | None) -> tuple[dict[str, int], list[str]]:
     """Folder name -> label, and the label names. Folders named by `class_ids` (the run's class names, or the
     ImageNet-1k wnids) take those ids' indices, so a val folder with some classes only keeps the right labels;
     other folders are numbered in sorted order, as torchvision's ImageFolder does."""
@@ -277,17 +277,22 @@ def _uncollated(batch):
 
 
 def load_image_folder(path: str, image_size: int | None, crop_pct: float = 1.0, workers: int = 0,
-                      class_ids: list[str] | None = None, out: np.ndarray | None = None) -> LabeledImages:
-    """Load `path/<class>/<image>` (torchvision ImageFolder layout) as uint8 NHWC.
+                      class_ids: Sequence[str] | None = None) -> LabeledImages:
+    """Load `path/<class>/<image>` (torchvision ImageFolder layout) as uint8 NHWC: `folder_files`, then
+    `decode_images`."""
+    files, classes = folder_files(Path(path), class_ids)
+    return decode_images(files, classes, image_size, crop_pct, workers)
+
+
+def decode_images(files: list[tuple[Path, int]], classes: list[str], image_size: int | None, crop_pct: float = 1.0,
+                  workers: int = 0, out: np.ndarray | None = None) -> LabeledImages:
+    """The listed images (`folder_files`) as uint8 NHWC with their labels.
 
     Images are converted to RGB and brought to image_size x image_size (`resize_center_crop`). With image_size
     None they are kept as they are and must all share one size. `workers` > 0 decodes in that many DataLoader
-    processes. Labels: see `folder_label_map`. The images are written into `out` when given (a memory-mapped file
-    of the right shape: `folder_files` counts them), else into one array allocated once: never a list of arrays
-    and a stacked copy of it.
+    processes. The images are written into `out` when given (a memory-mapped file of the right shape), else into
+    one array allocated once: never a list of arrays and a stacked copy of it.
     """
-    root = Path(path)
-    files, classes = folder_files(root, class_ids)
     if image_size is None:
         from PIL import Image
 
@@ -316,7 +321,7 @@ def load_image_folder(path: str, image_size: int | None, crop_pct: float = 1.0, 
     return LabeledImages(x, y, classes)
 
 
-def folder_files(root: Path, class_ids: list[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
+def folder_files(root: Path, class_ids: Sequence[str] | None = None) -> tuple[list[tuple[Path, int]], list[str]]:
     """Every image of an ImageFolder with its label (sorted by class folder, then path), and the label names."""
     if not root.is_dir():
         raise FileNotFoundError(f"image folder not found: '{root}'")
@@ -380,12 +385,11 @@ def load_labeled(spec: str, image_size: int | None = None, read: FolderRead = Fo
     if spec.startswith("digits:"):
         images = load_digits(spec.split(":", 1)[1])
     elif os.path.isdir(spec):
-        class_ids = list(read.class_ids) if read.class_ids else None
         if read.cache and image_size is not None:
             from nayer.eval_cache import cached_image_folder
             images = cached_image_folder(spec, image_size, read)
         else:
-            images = load_image_folder(spec, image_size, read.crop_pct, read.workers, class_ids)
+            images = load_image_folder(spec, image_size, read.crop_pct, read.workers, read.class_ids)
     elif os.path.isfile(spec):
         if not spec.endswith(".npz"):
             raise ValueError(f"'{spec}' is a file but not a .npz; accepted: {SPEC_FORMS}")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nayer.data import FolderRead, LabeledImages, folder_files, load_image_folder
+from nayer.data import FolderRead, LabeledImages, decode_images, folder_files
 from nayer.runtime import atomic_write, save_json
 
 
@@ -35,7 +35,7 @@ def cached_image_folder(path: str, image_size: int, read: FolderRead) -> Labeled
     is not complete: no manifest, a manifest of other files (names, sizes, modification times), or files missing."""
     entry = cache_entry(path, image_size, read)
     root = Path(path)
-    files, classes = folder_files(root, list(read.class_ids) if read.class_ids else None)
+    files, classes = folder_files(root, read.class_ids)
     manifest = {"source": os.path.realpath(path), "image_size": image_size, "crop_pct": read.crop_pct,
                 "count": len(files), "classes": classes, "files": files_digest(root, files)}
     if read_manifest(entry) != manifest or not all((entry / name).is_file() for name in ("x.npy", "y.npy")):
@@ -52,8 +52,7 @@ def cached_image_folder(path: str, image_size: int, read: FolderRead) -> Labeled
                 except OSError as error:
                     if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: write anyway
                         raise
-            images = load_image_folder(path, image_size, read.crop_pct, read.workers,
-                                       list(read.class_ids) if read.class_ids else None, out=x)
+            images = decode_images(files, classes, image_size, read.crop_pct, read.workers, out=x)
             x.flush()
             del x
             atomic_write(entry / "y.npy", lambda tmp_y: _save_npy(tmp_y, images.y))

@@ -23,9 +23,10 @@ def predict(model: nn.Module, data: LabeledImages, images: ImageSpec, compute: C
     normalize = Normalize(images.mean, images.std).to(compute.device)
     preds = []
     for start in range(0, len(x), batch_size):
-        # np.array: a writable copy of the batch (the set may be a read-only memory map, data.eval_cache)
-        batch = torch.from_numpy(np.array(x[start:start + batch_size])).to(compute.device).permute(0, 3, 1, 2)
-        batch = batch.float().div_(255)
+        part = x[start:start + batch_size]
+        if not part.flags.writeable:  # a read-only memory map (data.eval_cache): torch takes a writable copy
+            part = np.array(part)
+        batch = torch.from_numpy(part).to(compute.device).permute(0, 3, 1, 2).float().div_(255)
         with compute.autocast():
             logits = model(normalize(compute.layout(batch)))
         preds.append(logits.argmax(1).cpu())

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nayer.augment import Normalize
+
 NOISY_SHAPES: dict[str, tuple[bool, int, str]] = {
     # arch: (embedding BN1d, number of stacked Linears, activation after the last Linear)
     "A1": (False, 1, "none"),
@@ -101,11 +103,10 @@ class PixelsFromNormalized(nn.Module):
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.normalize = Normalize(mean, std)
 
     def forward(self, x: Tensor) -> Tensor:
-        pixels = x * self.std.to(x.dtype) + self.mean.to(x.dtype)
+        pixels = self.normalize.invert(x)
         return pixels + (pixels.clamp(0, 1) - pixels).detach()
 
 

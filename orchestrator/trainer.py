@@ -4,9 +4,10 @@ Each rank holds its stable share of the buffer (`orchestrator.resident`): a load
 committed shard of the share once, as the driver commits it. Each KD round the driver publishes a plan on the
 `RoundBoard` (`orchestrator.board`); every rank takes S DeepSpeed steps of L_KD on micro-batches sampled from its
 resident share (the global batch is kd.batch_size), steps the per-epoch cosine, evaluates its slice of the
-labeled set (counts all-reduced; the teacher too, once, before the first round), and saves a DeepSpeed checkpoint that `ray.train.report` persists as
-`round-XXXXX` (with the student's weights as `student.pt`, for a resumed driver). Rank 0 hands the metrics and the
-new student weights (object store) back to the driver through the board.
+labeled set (counts all-reduced; the teacher too, once, before the first round), and saves a DeepSpeed checkpoint
+that `ray.train.report` persists as `round-XXXXX` (with the student's weights as `student.pt`, for a resumed
+driver). Rank 0 hands the metrics and the new student weights (object store) back to the driver through the
+board.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def rank_part(source: dict | None, rank: int, world: int) -> LabeledImages | Non
     else:
         full = ray.get(source["ref"])
         x, y, classes = full.x, full.y, full.classes
-    return LabeledImages(np.ascontiguousarray(x[rank::world]), y[rank::world].copy(), classes)
+    return LabeledImages(np.array(x[rank::world]), y[rank::world].copy(), classes)
 
 
 def train_loop_per_worker(config: dict) -> None:
