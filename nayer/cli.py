@@ -5,9 +5,10 @@
 
 `--help` / `-h` prints the entry point's usage docstring and every config key with its default and the comment
 written next to it in the schema. A bad input, or a failure the run can name (a full disk, a non-finite loss, a
-dead worker), exits with one line `error: <what is wrong and what is allowed>`; anything else is a bug and keeps
-its traceback. The runner's result is printed as one JSON line (a string as it is); a run's verdict line (its
-`verdict` key, `nayer.verdict`) comes after it, the last line of the output.
+dead worker), exits with one line `error: <what is wrong and what is allowed>` on stderr, status 2 for a bad input
+(the SLURM scripts do not requeue it) and 1 for a failure; anything else is a bug and keeps its traceback. The
+runner's result is printed as one JSON line (a string as it is); a run's verdict line (its `verdict` key,
+`nayer.verdict`) comes after it, the last line of the output.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from nayer.runtime import RunError
 
 USER_ERRORS = (ConfigError, OSError, ValueError, RunError)  # reported in one line; anything else is a bug
 HELP_FLAGS = ("-h", "--help")
+EXIT_BAD_INPUT = 2  # a bad input (the command line, a config file, a path): running it again fails the same way
+
+
+class ErrorExit(SystemExit):
+    """Exit with `status`, the one-line `message` on stderr (str() of the exception, for callers in-process)."""
+
+    def __init__(self, message: str, status: int):
+        print(message, file=sys.stderr, flush=True)
+        super().__init__(status)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def one_line(exc: BaseException) -> str:
@@ -68,7 +82,7 @@ def cli(runner: Callable[[Any], Any], argv: Sequence[str] | None = None, *, doc:
         root = explain(exc)
         if not isinstance(root, USER_ERRORS):
             raise
-        sys.exit(f"error: {one_line(root)}")
+        raise ErrorExit(f"error: {one_line(root)}", EXIT_BAD_INPUT if isinstance(root, ConfigError) else 1) from None
     if result is not None:
         print(result if isinstance(result, str) else json.dumps(result))
     if isinstance(result, dict) and result.get("verdict"):

@@ -17,6 +17,7 @@ import io
 import os
 import re
 import tokenize
+import typing
 from typing import Any, Sequence, TypeVar
 
 from omegaconf import OmegaConf
@@ -76,6 +77,22 @@ def _load_yaml(path: str) -> dict:
     return data
 
 
+def _override(schema: Any, key: str, value: str) -> Any:
+    """One `key=value` item as a config. A key the schema types `str` takes the value verbatim: YAML would read
+    `name=007` as 7 and a Tune trial id such as `name=13121_00000` as the integer 1312100000. `key=` clears a string
+    (OmegaConf would read it as null); `key=null` sets an optional to None."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        schema = getattr(schema, part, None)
+    hints = typing.get_type_hints(type(schema)) if dataclasses.is_dataclass(schema) else {}
+    if hints.get(leaf) in (str, typing.Optional[str]) and value != "null":
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        return OmegaConf.create(nested)
+    return OmegaConf.from_dotlist([f"{key}={value}" if value else f"{key}=''"])
+
+
 def parse_config(schema_cls: type[T], argv: Sequence[str]) -> T:
     """Build a validated config object of `schema_cls` from `config=<files>` and `key=value` items."""
     schema = schema_cls()
@@ -97,8 +114,7 @@ def parse_config(schema_cls: type[T], argv: Sequence[str]) -> T:
             merged = OmegaConf.merge(merged, data)
         for item in overrides:
             key, value = item.split("=", 1)
-            # `key=` clears a string (OmegaConf would read it as null); `key=null` sets an optional to None.
-            override = OmegaConf.from_dotlist([item]) if value else OmegaConf.from_dotlist([f"{key}=''"])
+            override = _override(schema, key, value)
             _check_keys(schema, OmegaConf.to_container(override), f"override '{item}'")
             merged = OmegaConf.merge(merged, override)
     except ConfigError:

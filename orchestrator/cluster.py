@@ -21,8 +21,9 @@ def local_cpus(cfg: PipelineConfig) -> int:
     return max(os.cpu_count() or 1, math.ceil(cfg.cluster.total("CPU")))
 
 
-def connect(cfg: PipelineConfig) -> bool:
-    """Attach to or start Ray; returns True when this call did (so the caller shuts it down again)."""
+def connect(cfg: PipelineConfig, cpus: float = 0) -> bool:
+    """Attach to or start Ray; returns True when this call did (so the caller shuts it down again). A local Ray
+    gets at least `cpus` logical CPUs (a sweep's largest trial with its driver)."""
     if ray.is_initialized():  # a caller (a test session, a notebook) already connected
         return False
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS", "")
@@ -30,7 +31,7 @@ def connect(cfg: PipelineConfig) -> bool:
         check_reachable(address, "cluster.address" if cfg.cluster.address else "RAY_ADDRESS")
         ray.init(address=address, log_to_driver=True, logging_level=ray_log_level(cfg.cluster.verbose))
         return True
-    start_local_ray(local_cpus(cfg), cfg.cluster.object_store_mb << 20, cfg.cluster.verbose)
+    start_local_ray(max(local_cpus(cfg), math.ceil(cpus)), cfg.cluster.object_store_mb << 20, cfg.cluster.verbose)
     return True
 
 

@@ -5,11 +5,14 @@ shard's bytes change on storage after it was written (bit rot, a bad disk), whic
 
     NAYER_FAULTS="kill_synthesis_writing:round=2,worker=0" python -m orchestrator.run ... cluster.synth_max_restarts=1
     NAYER_FAULTS="kill_rank:round=3,rank=1,step=5" python -m orchestrator.run ... cluster.trainer_max_failures=1
+    NAYER_FAULTS="kill_driver:round=2" python -m orchestrator.run ...   # then the same command with resume=true
 
 Faults, separated by ';':
     kill_synthesis_writing:round=R,worker=W   the actor, half-way through writing its first shard of round R
     kill_rank:round=R,rank=Q,step=S           DeepSpeed rank Q, before KD step S (0-based) of round R
     corrupt_shard:round=R,worker=W            one byte flipped in worker W's first shard of round R, after its write
+    kill_driver:round=R                       the driver (a Tune trial's: the trial), once round R is checkpointed
+                                              and reported
 Keys left out match any value. Each fault fires once per run folder: a marker file in `<run>/faults/` (created
 before the kill) keeps the restarted process from dying again. Unset, nothing is injected.
 """
@@ -25,7 +28,7 @@ from nayer.cli_config import ConfigError
 
 ENV = "NAYER_FAULTS"
 KINDS = {"kill_synthesis_writing": ("round", "worker"), "kill_rank": ("round", "rank", "step"),
-         "corrupt_shard": ("round", "worker")}
+         "corrupt_shard": ("round", "worker"), "kill_driver": ("round",)}
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,7 @@ class Driver:
                 self.progress.round_done(record)
                 if self.on_round is not None:
                     self.on_round(record)
+                self.faults.kill_if("kill_driver", round=r)
                 if self.stop.received:
                     self.progress.write(f"{self.stop.received}: stopped after round {r} (checkpointed); continue "
                                         "with resume=true")

@@ -37,6 +37,7 @@ from nayer.runtime import RunError, append_jsonl, first_line
 from nayer.specs import Compute, ImageSpec, native_bf16
 from orchestrator.cluster import ray_log_level, root_cause
 from orchestrator.config import PipelineConfig, threads
+from orchestrator.precision import bf16_with_fp32_batchnorm_stats
 from orchestrator.resident import GB, ResidentShare, ShareLoader
 
 STUDENT_WEIGHTS = "student.pt"  # in each checkpoint directory: the module's state_dict, for the synthesis actors
@@ -114,8 +115,10 @@ def train_loop_per_worker(config: dict) -> None:
                          cfg.student.rename, role="student").to(device)
     if cfg.channels_last:  # the student's weights stay contiguous (DeepSpeed broadcasts them as flat bytes);
         teacher = teacher.to(memory_format=torch.channels_last)  # its convs still run channels_last on CL inputs
-    if ds_bf16:
-        student = student.to(torch.bfloat16)  # DeepSpeed bf16 with BatchNorm needs the cast before initialize
+    if ds_bf16:  # before initialize: DeepSpeed would cast the BatchNorm weights and leave fp32 statistics beside them
+        student, note = bf16_with_fp32_batchnorm_stats(student)
+        if rank == 0 and cfg.cluster.verbose:
+            print(note, flush=True)
     optimizer, scheduler = make_optimizer(student, cfg.kd, cfg.epochs)  # the cosine steps per round, not per step
     # DeepSpeed prints a line per rank as it builds its CPU communication op; on a Ray Train worker that print
     # is teed to the worker's stdout, past the log filter (quiet_rank_console), unless stdout is elsewhere.
@@ -165,11 +168,14 @@ def train_loop_per_worker(config: dict) -> None:
             read_time += time.perf_counter() - waited
             faults.kill_if("kill_rank", round=r, rank=rank, step=step)
             loss = objective(images)
-            finite = finite_or_skip(loss, cfg.on_nonfinite, f"round {r}, KD step {step} on rank {rank}")
-            if cfg.on_nonfinite == "skip":  # every rank leaves the step out if any rank's loss is not finite
-                flag = torch.tensor([0.0 if finite else 1.0], device=device)
+            # One host sync a step: stop reads the loss's finiteness; skip reads it once reduced over the ranks
+            # (every rank leaves the step out if any rank's loss is not finite).
+            if cfg.on_nonfinite == "skip":
+                flag = (~torch.isfinite(loss.detach())).float().reshape(1)
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
                 finite = flag.item() == 0.0
+            else:
+                finite = finite_or_skip(loss, cfg.on_nonfinite, f"round {r}, KD step {step} on rank {rank}")
             if finite:
                 engine.backward(loss)
                 engine.step()

@@ -22,7 +22,7 @@ import csv
 import dataclasses
 import difflib
 import json
-import math
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +42,7 @@ from nayer.cli_config import ConfigError, parse_config, schema_keys  # noqa: E40
 from nayer.runtime import atomic_write, save_text  # noqa: E402
 from orchestrator.cluster import connect, root_cause  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
+from orchestrator.faults import ENV as FAULTS_ENV  # noqa: E402
 from orchestrator.run import PipelineFolder, run  # noqa: E402
 
 # Search-space forms of a sweep file: `<config key>: {<form>: <arguments>}`.
@@ -70,7 +71,8 @@ class SweepConfig:
 
     metric: str = "top1"  # top1 (needs data.eval) | kd_loss
     num_samples: int = 1  # samples of `space`; a grid is repeated this many times
-    max_concurrent_trials: int = 0  # 0 = as many as the cluster's CPUs and GPUs fit (each trial's cluster.* needs)
+    max_concurrent_trials: int = 0  # at most this many trials at once; 0 = as many as fit (each trial's own cluster.*)
+    driver_cpus: float = 1.0  # Ray CPUs each trial's driver (its round loop, commits, checkpoints) reserves
     max_failures: int = 0  # trial level: Tune restarts a failed trial this often; it resumes from its checkpoint
     seed: int = 0  # of the random search over `space`
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -124,6 +126,8 @@ def parse_sweep(argv: Sequence[str]) -> tuple[SweepConfig, PipelineConfig, list[
     for key, value in [("num_samples", sweep.num_samples), ("scheduler.grace_period", sweep.scheduler.grace_period)]:
         if value < 1:
             raise ConfigError(f"sweep {key} must be >= 1, got {value}")
+    if sweep.driver_cpus < 0:
+        raise ConfigError(f"sweep driver_cpus must be >= 0, got {sweep.driver_cpus}")
     if sweep.scheduler.reduction_factor <= 1:
         raise ConfigError(f"sweep scheduler.reduction_factor must be > 1, got {sweep.scheduler.reduction_factor}")
     base = parse_config(PipelineConfig, run_args)
@@ -132,29 +136,80 @@ def parse_sweep(argv: Sequence[str]) -> tuple[SweepConfig, PipelineConfig, list[
     return sweep, base, [a for a in run_args if a.split("=", 1)[0] not in TUNE_ONLY_KEYS]
 
 
-def fitting_trials(cfg: PipelineConfig) -> int:
-    """Concurrent trials the connected cluster holds without one waiting for another's resources (a trial holds
-    its synthesis actors and its DeepSpeed ranks; the driver itself: none)."""
-    cpus, gpus = cfg.cluster.total("CPU"), cfg.cluster.total("GPU")
-    total = ray.cluster_resources()
-    fits = [total.get("CPU", 0) / cpus] if cpus else []
-    fits += [total.get("GPU", 0) / gpus] if gpus else []
-    return max(1, math.floor(min(fits))) if fits else 1
+def trial_config(base_args: Sequence[str], config: dict, *extra: str) -> PipelineConfig:
+    """A trial's run config: the base items, then its space values (then `extra`)."""
+    return parse_config(PipelineConfig, [*base_args, *(f"{k}={_as_arg(v)}" for k, v in config.items()), *extra])
 
 
-def trial_resources(cfg: PipelineConfig) -> tune.PlacementGroupFactory:
-    """Per trial: an empty head bundle (the driver thread needs no reserved CPU) plus one bundle per synthesis
-    actor, which the trial's placement group captures. Ray Train reserves the ranks' own placement group."""
-    c = cfg.cluster
+def trial_needs(cfg: PipelineConfig, driver_cpus: float) -> dict[str, float]:
+    """What a trial holds while it runs: its driver's CPUs, its synthesis actors and its DeepSpeed ranks."""
+    return {"CPU": driver_cpus + cfg.cluster.total("CPU"), "GPU": cfg.cluster.total("GPU")}
+
+
+def trial_resources(base_args: Sequence[str], driver_cpus: float, config: dict) -> tune.PlacementGroupFactory:
+    """Per trial, from its own config: a head bundle for the driver plus one bundle per synthesis actor, which the
+    trial's placement group captures. Ray Train reserves the ranks' own placement group (FittingTrials counts them)."""
+    c = trial_config(base_args, config).cluster
     actor = {"CPU": c.synth_cpus, **({"GPU": c.synth_gpus} if c.synth_gpus else {})}
-    return tune.PlacementGroupFactory([{}] + [dict(actor) for _ in range(c.synth_workers)])
+    head = {"CPU": driver_cpus} if driver_cpus else {}
+    return tune.PlacementGroupFactory([head] + [dict(actor) for _ in range(c.synth_workers)])
 
 
-def trial_run(config: dict, sweep_dir: str, base_args: list[str]) -> None:
+class FittingTrials(BasicVariantGenerator):
+    """Tune's grid/random variant generator that starts a trial only when the cluster holds it next to the trials
+    already running, each counted by its own config (trial_needs). A trial's placement group covers its driver and
+    actors but not the ranks Ray Train places itself, so without this gate Tune would start trials whose ranks then
+    wait for another trial to end. A trial larger than the whole cluster starts once nothing else runs (its run's
+    capacity check then names what is missing). `limit` > 0 caps the count as well."""
+
+    def __init__(self, base_args: Sequence[str], driver_cpus: float, limit: int, seed: int):
+        super().__init__(random_state=seed)  # max_concurrent 0: the gate below decides
+        self.base_args, self.driver_cpus, self.limit = list(base_args), driver_cpus, limit
+        self.capacity = {k: ray.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")}
+        self.running: dict[str, dict[str, float]] = {}  # trial id -> its needs
+        self.waiting, self.waiting_needs = None, {}  # the next trial, generated but not yet started, and its needs
+
+    def next_trial(self):  # Tune asks at every step of its loop: a waiting trial's config is parsed once
+        if self.waiting is None:
+            self.waiting = super().next_trial()
+            if self.waiting is None:
+                return None
+            self.waiting_needs = trial_needs(trial_config(self.base_args, self.waiting.config), self.driver_cpus)
+        needs = self.waiting_needs
+        if self.running and (len(self.running) >= self.limit > 0 or not fits(needs, self.running.values(),
+                                                                             self.capacity)):
+            return None
+        trial, self.waiting = self.waiting, None
+        self.running[trial.trial_id] = needs
+        return trial
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+        super().on_trial_complete(trial_id, result, error)
+        self.running.pop(trial_id, None)
+
+    def set_state(self, state):  # a resumed sweep may run on another cluster (a requeued job's nodes)
+        super().set_state(state)
+        self.capacity = {k: ray.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")}
+
+
+def fits(needs: dict[str, float], running, capacity: dict[str, float]) -> bool:
+    return all(needs[k] + sum(r[k] for r in running) <= capacity[k] + 1e-9 for k in needs)
+
+
+def largest_trial(base_args: Sequence[str], space: dict) -> PipelineConfig:
+    """The base with each `cluster.*` key of the space at its largest value (what a local Ray must hold)."""
+    largest = {key: max(values if form in ("grid", "choice") else values[-1:])
+               for key, spec in space.items() if key.startswith("cluster.") for form, values in spec.items()}
+    return trial_config(base_args, largest)
+
+
+def trial_run(config: dict, sweep_dir: str, base_args: list[str], faults: str) -> None:
     """One trial: the base run config plus this trial's space values -> orchestrator.run, reporting per KD round.
-    Its run folder is its Tune trial folder, <sweep>/<trial id>/."""
-    folder_args = [f"out_dir={sweep_dir}", f"name={tune.get_context().get_trial_id()}"]
-    cfg = parse_config(PipelineConfig, [*base_args, *(f"{k}={_as_arg(v)}" for k, v in config.items()), *folder_args])
+    Its run folder is its Tune trial folder, <sweep>/<trial id>/. `faults`: the sweep driver's NAYER_FAULTS, for
+    drills (each trial fires them once, in its own run folder)."""
+    if faults:
+        os.environ[FAULTS_ENV] = faults
+    cfg = trial_config(base_args, config, f"out_dir={sweep_dir}", f"name={tune.get_context().get_trial_id()}")
     # A trial Tune restarts after a failure (max_failures) continues its own run from the last round it finished.
     cfg.resume = (Path(sweep_dir) / cfg.name / PipelineFolder.CHECKPOINT).is_file()
     synthesis_time, last_round, final = 0.0, cfg.warmup + cfg.epochs - 1, {}
@@ -164,8 +219,11 @@ def trial_run(config: dict, sweep_dir: str, base_args: list[str]) -> None:
         synthesis_time += record["syn_time"]
         if record["phase"] != "kd":  # warm-up rounds train no student: nothing to rank trials by yet
             return
+        # kd_round, ASHA's time attribute: Tune's own training_iteration starts at 1 again when Tune restarts a
+        # trial, while its run resumes at the round after its checkpoint
         metrics = {"top1": record.get("top1", float("nan")), "kd_loss": record["kd_loss"], "round": record["epoch"],
-                   "synthesis_time": synthesis_time, "elapsed": record["elapsed"]}
+                   "kd_round": record["epoch"] - cfg.warmup + 1, "synthesis_time": synthesis_time,
+                   "elapsed": record["elapsed"]}
         if record["epoch"] == last_round:
             final.update(metrics)  # reported once the run has written its student, summary and report
         else:
@@ -186,7 +244,9 @@ def results_table(results, sweep: SweepConfig, base: PipelineConfig) -> list[dic
     for result in results:
         run_folder = Path(result.path)  # named by trial id (trial_dirname_creator)
         history = result.metrics_dataframe
-        reported = [] if history is None else history.to_dict("records")
+        # one report per KD round: a round a restarted trial reported again (it died before its checkpoint) counts once
+        reported = list({r.get("kd_round", r["training_iteration"]): r  # (sweeps from before kd_round: iterations)
+                         for r in ([] if history is None else history.to_dict("records"))}.values())
         summary_path = run_folder / "summary.json"
         if result.error is not None:
             status = "error"
@@ -251,10 +311,13 @@ def sweep_main(argv: Sequence[str]) -> list[dict]:
     # Trials run in this working directory (not Tune's trial folders), so the config's relative paths resolve as
     # on the command line; with `ray job submit --working-dir` that is the job's copy of the project.
     os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
-    started_ray = connect(base)
+    largest = largest_trial(base_args, sweep.space)
+    started_ray = connect(base, cpus=trial_needs(largest, sweep.driver_cpus)["CPU"])
     try:
-        trainable = tune.with_resources(tune.with_parameters(trial_run, sweep_dir=str(folder), base_args=base_args),
-                                        trial_resources(base))
+        trainable = tune.with_resources(
+            tune.with_parameters(trial_run, sweep_dir=str(folder), base_args=base_args,
+                                 faults=os.environ.get(FAULTS_ENV, "")),
+            functools.partial(trial_resources, base_args, sweep.driver_cpus))
         if base.resume:
             tuner = tune.Tuner.restore(str(folder), trainable, resume_unfinished=True, resume_errored=True)
         else:
@@ -264,7 +327,7 @@ def sweep_main(argv: Sequence[str]) -> list[dict]:
             scheduler = ASHAScheduler(
                 # A trial's last report comes after its run has finished (trial_run), so a rung or max_t at the last
                 # KD round cannot cut a run short of its summary, student and report.
-                time_attr="training_iteration", max_t=base.epochs, grace_period=sweep.scheduler.grace_period,
+                time_attr="kd_round", max_t=base.epochs, grace_period=sweep.scheduler.grace_period,
                 reduction_factor=sweep.scheduler.reduction_factor) if sweep.scheduler.type == "asha" else None
             space = {key: SPACE_FORMS[form](values) for key, spec in sweep.space.items() for form, values in spec.items()}
             tuner = tune.Tuner(
@@ -272,8 +335,7 @@ def sweep_main(argv: Sequence[str]) -> list[dict]:
                 tune_config=tune.TuneConfig(
                     metric=sweep.metric, mode=METRICS[sweep.metric], scheduler=scheduler, num_samples=sweep.num_samples,
                     # The limit goes to the search algorithm: Tune ignores max_concurrent_trials next to one.
-                    search_alg=BasicVariantGenerator(random_state=sweep.seed,
-                                                     max_concurrent=sweep.max_concurrent_trials or fitting_trials(base)),
+                    search_alg=FittingTrials(base_args, sweep.driver_cpus, sweep.max_concurrent_trials, sweep.seed),
                     trial_dirname_creator=lambda trial: trial.trial_id),
                 run_config=tune.RunConfig(name=base.name, storage_path=str(folder.parent),
                                           failure_config=tune.FailureConfig(max_failures=sweep.max_failures),

@@ -41,7 +41,7 @@ def files(tmp_path_factory):
 def error_line(main, argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
-    message = str(exit_info.value.code)
+    message = str(exit_info.value)
     assert message.startswith("error: ") and "\n" not in message, message
     assert "Traceback" not in capsys.readouterr().err
     return message
@@ -121,8 +121,8 @@ def test_pipeline_command_line_errors_are_one_line(tmp_path, files, capsys, dead
 
 
 def test_fault_spec_and_single_process_errors_are_one_line(tmp_path, files, capsys, monkeypatch):
-    monkeypatch.setenv("NAYER_FAULTS", "kill_driver:round=1")
-    assert "NAYER_FAULTS: unknown fault 'kill_driver'" in error_line(pipeline_run.main, tiny_args(tmp_path), capsys)
+    monkeypatch.setenv("NAYER_FAULTS", "kill_head:round=1")
+    assert "NAYER_FAULTS: unknown fault 'kill_head'" in error_line(pipeline_run.main, tiny_args(tmp_path), capsys)
     monkeypatch.delenv("NAYER_FAULTS")
     single = [a for a in tiny_args(tmp_path) if not a.startswith("cluster.")]
     assert "unknown config key 'cluster'" in error_line(nayer_run.main, single + ["cluster.synth_workers=2"], capsys)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nayer import report, run, train_teacher
-from nayer.cli_config import describe_keys
+from nayer.cli_config import describe_keys, parse_config
 from nayer.examples import digits
 from nayer.quantize import QuantizeConfig, app as quantize
 from nayer.train_teacher import TeacherTrainConfig
@@ -67,6 +67,24 @@ def test_train_teacher_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
             f"out={tmp_path / 'teacher.pt'}"]
     with pytest.raises(SystemExit) as exit_info:
         train_teacher.main(argv)
-    message = str(exit_info.value.code)
+    message = str(exit_info.value)
     assert message.startswith(f"error: disk full writing {tmp_path / 'teacher.pt'}") and "\n" not in message
+    assert exit_info.value.code == 1  # a failure, not a bad input (2): a requeued SLURM job may try it again
     assert not list(tmp_path.iterdir())  # the temporary file is gone
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("13121_00000", "13121_00000"),  # a Tune trial id, which YAML reads as the integer 1312100000
+    ("007", "007"), ("1e5", "1e5"), ("true", "true"), ("", ""),
+])
+def test_a_string_key_takes_its_value_verbatim(given, expected):
+    cfg = parse_config(PipelineConfig, [f"name={given}", f"data.eval={given}", "synthesis.g_steps=7"])
+    assert (cfg.name, cfg.data.eval, cfg.synthesis.g_steps) == (expected, expected, 7)
+    assert parse_config(PipelineConfig, ["lte.pretrained=null"]).lte.pretrained is None
+
+
+def test_a_bad_input_exits_2_with_its_line_on_stderr(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pipeline_run.main(["synthesis.g_step=3"])
+    assert exit_info.value.code == 2 and "did you mean 'synthesis.g_steps'" in str(exit_info.value)
+    assert capsys.readouterr().err.strip() == str(exit_info.value)

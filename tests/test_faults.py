@@ -40,7 +40,8 @@ def test_fault_plan_kills_once_per_run_folder(tmp_path):
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("kill_driver:round=1", "unknown fault 'kill_driver'.*choose one of: kill_synthesis_writing, kill_rank"),
+    ("kill_head:round=1", "unknown fault 'kill_head'.*choose one of: kill_synthesis_writing, kill_rank, corrupt_shard, "
+     "kill_driver"),
     ("kill_rank:round=x", "bad 'round=x'.*kill_rank takes round=<int>, rank=<int>, step=<int>"),
     ("kill_synthesis_writing:rank=1", "bad 'rank=1'"),
 ])

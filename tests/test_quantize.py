@@ -388,7 +388,7 @@ def test_cli_bad_input_is_one_line_error(small_run, extra, message, tmp_path):
     extra = [e.replace("BAD_LABELS", str(tmp_path / "bad")).replace("EMPTY", str(tmp_path / "empty")) for e in extra]
     with pytest.raises(SystemExit) as exc:
         main(small_run + extra)
-    text = str(exc.value.code)
+    text = str(exc.value)
     assert text.startswith(message) and "\n" not in text, text
 
 

@@ -13,12 +13,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
-SCRIPTS = ("ray_cluster.sbatch", "ray_cluster_requeue.sbatch")
+SCRIPTS = ("ray_cluster.sbatch", "ray_cluster_requeue.sbatch", "ray_cluster_gpu.sbatch")
+REQUEUEING = ("ray_cluster_requeue.sbatch", "ray_cluster_gpu.sbatch")
 PORT = 58400  # the GCS port of job 4242: 20000 + (4242 % 225) * 200
 ADDRESS = f"10.0.0.1:{PORT}"
 
 # One stub for every command, dispatched on the name it is called by. Each call appends one JSON line to
-# $STUB_LOG. srun logs the node (-w) and runs the command after its options (the ray or hostname stub).
+# $STUB_LOG, with the Ray token settings of its environment. srun logs the node (-w) and runs the command after its
+# options (the ray or hostname stub). `ray list nodes` lists the nodes whose `ray start` is up, by --node-name; a
+# node in STUB_JOIN_DELAY ("node3=1.5") comes up that much later, one in STUB_NEVER_JOINS never does.
 # `ray start ... --block` and, with STUB_PYTHON=block, python run until SIGTERM, as the real ones do (python
 # then takes 0.3 s to exit, as the driver does to checkpoint).
 # python waits until every node's `ray start` is up so that the log is complete when the script stops the cluster.
@@ -29,8 +32,17 @@ PROG, ARGV = os.path.basename(sys.argv[0]), sys.argv[1:]
 
 
 def log(**entry):
+    auth = {k: os.environ[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH") if k in os.environ}
     with open(os.environ["STUB_LOG"], "a") as f:
-        f.write(json.dumps({"prog": PROG, "argv": ARGV, **entry}) + "\n")
+        f.write(json.dumps({"prog": PROG, "argv": ARGV, "auth": auth, **entry}) + "\n")
+
+
+def joined_nodes():
+    """`--node-name`s of the `ray start`s that are up (what `ray list nodes` shows)."""
+    with open(os.environ["STUB_LOG"]) as f:
+        calls = [json.loads(line) for line in f]
+    return [opt.split("=", 1)[1] for c in calls if c["prog"] == "ray" and c.get("event") == "start"
+            for opt in c["argv"] if opt.startswith("--node-name=")]
 
 
 def run_until_sigterm(stop_seconds=0.0, **entry):
@@ -64,15 +76,21 @@ elif PROG == "scontrol":
         print("\n".join(os.environ["STUB_NODES"].split()))
 elif PROG == "ray":
     if ARGV[0] == "start":
-        run_until_sigterm(node=os.environ.get("STUB_NODE"))
+        node = os.environ.get("STUB_NODE")
+        delays = dict(item.split("=") for item in os.environ.get("STUB_JOIN_DELAY", "").split())
+        if node in os.environ.get("STUB_NEVER_JOINS", "").split():  # hangs, never reaching the head
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+            while True:
+                signal.pause()
+        time.sleep(float(delays.get(node, 0)))
+        run_until_sigterm(node=node)
     log()
+    if ARGV[:2] == ["list", "nodes"]:
+        print(json.dumps([{"node_name": name, "state": "ALIVE"} for name in joined_nodes()]))
     sys.exit(int(os.environ.get("STUB_RAY_STATUS", "0")))
 elif PROG == "python":
     nodes, deadline = len(os.environ["STUB_NODES"].split()), time.monotonic() + 10
-    while time.monotonic() < deadline:
-        with open(os.environ["STUB_LOG"]) as f:
-            if sum('"prog": "ray"' in line and '"event": "start"' in line for line in f) >= nodes:
-                break
+    while time.monotonic() < deadline and len(joined_nodes()) < nodes:
         time.sleep(0.01)
     if os.environ.get("STUB_PYTHON") == "block":
         run_until_sigterm(stop_seconds=0.3)  # the driver takes a while to checkpoint
@@ -199,7 +217,9 @@ def test_run_starts_head_then_workers_runs_the_program_and_stops_the_cluster(tmp
                                            f"out_dir={out_dir}", f"cluster.address={ADDRESS}"]]
     # The head answered before the program started, and every Ray step got SIGTERM once the program was done.
     order = [c["prog"] for c in result.calls if c["prog"] in ("python", "ray") and "event" not in c]
-    assert order == ["ray", "python"]
+    assert order[-1] == "python" and set(order[:-1]) == {"ray"}
+    assert {"--node-name=node1", "--node-name=node2", "--node-name=node3"} <= {
+        a for c in result.calls if c["prog"] == "ray" for a in c["argv"]}
     assert sum(c.get("event") == "terminated" for c in result.calls) == 3 and not result.leftover
 
 
@@ -343,3 +363,88 @@ def test_a_port_of_the_block_already_in_use_fails_before_ray_starts(tmp_path, sc
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert f"port {base + 1} (dashboard) is already in use on" in result.stderr and "RAY_PORT_BASE=<n>" in result.stderr
     assert ray_starts(result.calls) == [] and python_argvs(result.calls) == []
+
+
+def test_the_job_waits_for_a_late_node_before_the_program_starts(tmp_path):
+    env = stub_env(tmp_path, STUB_JOIN_DELAY="node3=1.5")
+    result = run("ray_cluster.sbatch", ["run", "name=late"], env)
+    assert result.returncode == 0, result.stderr
+    node3_up = next(i for i, c in enumerate(result.calls) if c.get("event") == "start" and c.get("node") == "node3")
+    program = next(i for i, c in enumerate(result.calls) if c["prog"] == "python")
+    lists = [i for i, c in enumerate(result.calls) if c["prog"] == "ray" and c["argv"][:2] == ["list", "nodes"]]
+    assert node3_up < program and any(i < node3_up for i in lists) and lists[-1] > node3_up
+    assert "all 3 node(s) joined the Ray cluster" in result.stderr
+
+
+def test_a_node_that_never_joins_fails_the_job_naming_it(tmp_path):
+    env = stub_env(tmp_path, STUB_NEVER_JOINS="node3", RAY_NODES_TIMEOUT="1")
+    result = run("ray_cluster.sbatch", ["run", "name=lost"], env)
+    assert result.returncode == 1
+    assert "1 of 3 node(s) did not join the Ray cluster within 1 s: node3" in result.stderr
+    assert "--exclude=node3" in result.stderr
+    assert python_argvs(result.calls) == [] and not result.leftover
+
+
+def test_every_ray_call_and_the_program_get_the_jobs_own_token_never_in_argv(tmp_path):
+    tokens = []
+    for job in ("4242", "4243"):
+        env = stub_env(tmp_path / job, SLURM_JOB_ID=job)
+        result = run("ray_cluster.sbatch", ["run", "name=t"], env)
+        assert result.returncode == 0, result.stderr
+        calls = [c for c in result.calls if c["prog"] in ("ray", "python")]
+        assert {c["prog"] for c in calls} == {"ray", "python"} and len(calls) >= 6
+        assert {json.dumps(c["auth"]) for c in calls} == {json.dumps(calls[0]["auth"])}  # one token, everywhere
+        token = calls[0]["auth"]["RAY_AUTH_TOKEN"]
+        assert calls[0]["auth"]["RAY_AUTH_MODE"] == "token" and len(token) == 64 and int(token, 16) >= 0
+        assert not any(token in " ".join(c["argv"]) for c in result.calls) and token not in result.stderr
+        tokens.append(token)
+    assert tokens[0] != tokens[1]
+
+
+@pytest.mark.parametrize("given, mode, message", [
+    ({"RAY_AUTH_TOKEN": "mine"}, "token", "with the token given in RAY_AUTH_TOKEN"),
+    ({"RAY_AUTH_TOKEN_PATH": "/secret/token"}, "token", "with the token given in RAY_AUTH_TOKEN_PATH"),
+    ({"RAY_AUTH_MODE": "disabled"}, "disabled", "RAY_AUTH_MODE=disabled: the job's Ray cluster accepts anyone"),
+], ids=["token", "token-path", "disabled"])
+def test_a_token_or_mode_the_user_gives_is_kept(tmp_path, given, mode, message):
+    result = run("ray_cluster.sbatch", ["run", "name=t"], stub_env(tmp_path, **given))
+    assert result.returncode == 0, result.stderr
+    assert message in result.stderr
+    auth = [c["auth"] for c in result.calls if c["prog"] == "ray"]
+    assert auth and all(a == {"RAY_AUTH_MODE": mode, **given} for a in auth)
+
+
+@pytest.mark.parametrize("script", REQUEUEING)
+def test_a_crash_requeues_up_to_the_limit_and_a_bad_input_never(tmp_path, script):
+    out_dir = tmp_path / "runs"
+    args = ["run", "name=c10", f"out_dir={out_dir}"]
+    counter = out_dir / "c10" / "slurm" / "4242.crashes"
+
+    def requeues(result: Result) -> int:
+        return sum(c["prog"] == "scontrol" and c["argv"][0] == "requeue" for c in result.calls)
+
+    for crash in (1, 2):  # RAY_CRASH_REQUEUES=2: the first two crashes requeue
+        result = run(script, args, stub_env(tmp_path / f"c{crash}", STUB_PYTHON_EXIT="137",
+                                            RAY_CRASH_REQUEUES="2"))
+        assert result.returncode == 0 and requeues(result) == 1, result.stderr
+        assert f"crashed with status 137; requeueing job 4242 (crash {crash} of at most 2)" in result.stderr
+        assert counter.read_text() == f"{crash}\n" and not result.leftover
+    result = run(script, args, stub_env(tmp_path / "c3", STUB_PYTHON_EXIT="137", RAY_CRASH_REQUEUES="2"))
+    assert result.returncode == 137 and requeues(result) == 0
+    assert "not requeueing: job 4242 was requeued after 2 crash(es) already" in result.stderr
+    result = run(script, ["run", "name=bad", f"out_dir={out_dir}"], stub_env(tmp_path / "bad", STUB_PYTHON_EXIT="2"))
+    assert result.returncode == 2 and requeues(result) == 0 and "finished with status 2" in result.stderr
+
+
+def test_gpu_script_gives_ray_every_gpu_and_cpu_of_whole_nodes(tmp_path):
+    script = (SLURM / "ray_cluster_gpu.sbatch").read_text()
+    header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
+    assert {"#SBATCH --exclusive", "#SBATCH --mem=0", "#SBATCH --gpus-per-node=8", "#SBATCH --requeue"} <= set(header)
+    env = stub_env(tmp_path, SLURM_GPUS_ON_NODE="8", SLURM_CPUS_ON_NODE="96")
+    del env["SLURM_CPUS_PER_TASK"]  # --exclusive without --cpus-per-task: the node's CPUs
+    result = run("ray_cluster_gpu.sbatch", ["run", "name=g", f"out_dir={tmp_path / 'runs'}"], env)
+    assert result.returncode == 0, result.stderr
+    starts = ray_starts(result.calls)
+    assert len(starts) == 3 and all((s["options"]["--num-gpus"], s["options"]["--num-cpus"]) == ("8", "96")
+                                    for s in starts)
+    assert all("--cpus-per-task=96" in s["srun"] for s in starts)

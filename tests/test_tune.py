@@ -1,14 +1,16 @@
-"""Ray Tune sweeps: the sweep file is strict, and a real 2-trial sweep of tiny pipeline runs (local Ray, Ray
-Train, DeepSpeed) writes the results table, the plot and each trial's run folder."""
+"""Ray Tune sweeps: the sweep file is strict; a real 3-trial sweep over cluster.synth_workers of tiny pipeline runs
+(local Ray, Ray Train, DeepSpeed) starts each trial when its own needs fit and writes the results table, the plot
+and each trial's run folder; a trial Tune restarts resumes its run and reports the KD round it resumed at."""
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
 
 from nayer.cli_config import ConfigError
 from orchestrator.tune import parse_sweep, sweep_main
-from helpers import pipeline_args as tiny_args
+from helpers import pipeline_args as tiny_args, records
 
 
 def write_sweep(tmp_path, text):
@@ -44,12 +46,22 @@ def test_sweep_needs_a_file_and_an_eval_set_for_top1(tmp_path):
     assert s.scheduler.grace_period == 3 and base.synthesis.g_steps == 2
 
 
-def test_two_trial_sweep_writes_results_plot_and_run_folders(tmp_path):
-    sweep = write_sweep(tmp_path, "space: {synthesis.g_steps: {grid: [1, 2]}}\nscheduler: {grace_period: 1}\n")
-    args = [sweep, *tiny_args(tmp_path, **{"name": "sw", "cluster.synth_workers": 1, "cluster.trainer_workers": 1})]
+def span(run: Path) -> tuple[float, float]:
+    """When a trial's run ran: its config.yaml (written at the start) to its last metrics line."""
+    return (run / "config.yaml").stat().st_mtime, (run / "metrics.jsonl").stat().st_mtime
+
+
+def test_sweep_over_synth_workers_starts_each_trial_when_its_own_needs_fit(tmp_path, local_ray):
+    # The session's Ray has 4 CPUs. A trial holds its driver (1 CPU), its actors and its rank (0.5 CPU each):
+    # 2 CPUs with one actor, 2.5 with two. So the two 1-actor trials run together, and the 2-actor trial waits
+    # until both have ended (2 + 2.5 > 4), although Tune alone would start it beside one of them (its placement
+    # group holds the driver and the actors, not the rank).
+    sweep = write_sweep(tmp_path, "space: {cluster.synth_workers: {grid: [1, 1, 2]}}\nscheduler: {grace_period: 1}\n")
+    args = [sweep, *tiny_args(tmp_path, **{"name": "sw", "cluster.trainer_workers": 1, "cluster.synth_cpus": 0.5,
+                                           "cluster.trainer_cpus": 0.5})]
     rows = sweep_main(args)
     folder = tmp_path / "runs" / "sw"
-    assert sorted(r["synthesis.g_steps"] for r in rows) == [1, 2]
+    assert [r["cluster.synth_workers"] for r in rows] == [1, 1, 2]
     with open(folder / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["trial"] for t in table] == [r["trial"] for r in rows]
@@ -62,8 +74,29 @@ def test_two_trial_sweep_writes_results_plot_and_run_folders(tmp_path):
         assert (run / "metrics.jsonl").is_file() and (run / "checkpoints" / "driver.pt").is_file()
         if r["status"] == "completed":
             assert (run / "summary.json").is_file() and (run / "report.md").is_file()
+    (a_start, a_end), (b_start, b_end), (c_start, _) = (span(folder / r["trial"]) for r in rows)
+    assert max(a_start, b_start) < min(a_end, b_end), "the two 1-actor trials fit together but did not overlap"
+    assert c_start > max(a_end, b_end), "the 2-actor trial started beside a trial it does not fit next to"
     with pytest.raises(ConfigError, match="already holds a sweep"):
         sweep_main(args)
+
+
+def test_a_restarted_trial_reports_the_kd_round_its_run_resumed_at(tmp_path, local_ray, monkeypatch):
+    # The trial's driver is killed once KD round 1 is checkpointed and reported; Tune restarts the trial, which
+    # resumes its run at KD round 2. Tune's training_iteration starts at 1 again; kd_round, ASHA's time
+    # attribute, says 2, so ASHA compares the trial with the others at the round it really is in.
+    monkeypatch.setenv("NAYER_FAULTS", "kill_driver:round=1")  # round 0: warm-up, round 1: the first KD round
+    sweep = write_sweep(tmp_path, "space: {synthesis.g_steps: {grid: [2]}}\nmax_failures: 1\n"
+                                  "scheduler: {grace_period: 2}\n")
+    rows = sweep_main([sweep, *tiny_args(tmp_path, **{"name": "rs", "cluster.synth_workers": 1,
+                                                     "cluster.trainer_workers": 1})])
+    [row] = rows
+    run = tmp_path / "runs" / "rs" / row["trial"]
+    assert row["status"] == "completed" and row["kd_rounds"] == 2, row
+    assert (run / "faults" / "0-kill_driver.fired").is_file()
+    reports = [json.loads(line) for line in (run / "result.json").read_text().splitlines()]
+    assert [(r["training_iteration"], r["kd_round"]) for r in reports][-1] == (1, 2)
+    assert [r["epoch"] for r in records(run)] == [0, 1, 2]  # resumed after round 1, not started again
 
 
 @pytest.mark.parametrize("sweep", ["digits_g_adv", "cifar10_g"])
