@@ -114,7 +114,7 @@ ray_cluster_wait_nodes() {
     [[ $timeout =~ ^[0-9]+$ ]] || slurm_die 2 "RAY_NODES_TIMEOUT=$timeout: need a number of seconds"
     deadline=$((SECONDS + 10#$timeout))
     while :; do
-        listed=$(ray list nodes --filter state=ALIVE --format json --limit 100000 2>/dev/null) || listed=""
+        listed=$(ray list nodes --filter state=ALIVE --format json --limit 10000 2>/dev/null) || listed=""
         missing=()
         for node in "${nodes[@]}"; do
             [[ $listed == *"\"node_name\": \"$node\""* ]] || missing+=("$node")
@@ -241,7 +241,7 @@ run_requeueing() {
     else
         marker=$out_dir/$name/tuner.pkl
     fi
-    crash_file=$out_dir/$name/slurm/$SLURM_JOB_ID.crashes
+    crash_file=$out_dir/$name/slurm/${SLURM_JOB_ID-}.crashes
 
     if [[ -n ${SLURM_RESTART_COUNT-} ]]; then
         slurm_log "restart $SLURM_RESTART_COUNT of job ${SLURM_JOB_ID-}"
@@ -298,7 +298,8 @@ run_requeueing() {
         exit "$status"
     fi
     mkdir -p -- "${crash_file%/*}"
-    printf '%s\n' $((crashes + 1)) >"$crash_file.tmp" && mv -- "$crash_file.tmp" "$crash_file"
+    { printf '%s\n' $((crashes + 1)) >"$crash_file.tmp" && mv -- "$crash_file.tmp" "$crash_file"; } ||
+        slurm_die 1 "cannot record the crash count in $crash_file: not requeueing"
     slurm_log "program crashed with status $status; requeueing job $SLURM_JOB_ID (crash $((crashes + 1)) of" \
         "at most $limit)"
     requeue_job
