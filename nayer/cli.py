@@ -27,10 +27,9 @@ EXIT_BAD_INPUT = 2  # a bad input (the command line, a config file, a path): run
 
 
 class ErrorExit(SystemExit):
-    """Exit with `status`, the one-line `message` on stderr (str() of the exception, for callers in-process)."""
+    """Exit with `status`; str() is the one-line `message` (cli prints it on stderr), for callers in-process."""
 
     def __init__(self, message: str, status: int):
-        print(message, file=sys.stderr, flush=True)
         super().__init__(status)
         self.message = message
 
@@ -82,7 +81,9 @@ def cli(runner: Callable[[Any], Any], argv: Sequence[str] | None = None, *, doc:
         root = explain(exc)
         if not isinstance(root, USER_ERRORS):
             raise
-        raise ErrorExit(f"error: {one_line(root)}", EXIT_BAD_INPUT if isinstance(root, ConfigError) else 1) from None
+        message = f"error: {one_line(root)}"
+        print(message, file=sys.stderr, flush=True)
+        raise ErrorExit(message, EXIT_BAD_INPUT if isinstance(root, ConfigError) else 1) from None
     if result is not None:
         print(result if isinstance(result, str) else json.dumps(result))
     if isinstance(result, dict) and result.get("verdict"):

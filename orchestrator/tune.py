@@ -165,7 +165,7 @@ class FittingTrials(BasicVariantGenerator):
     def __init__(self, base_args: Sequence[str], driver_cpus: float, limit: int, seed: int):
         super().__init__(random_state=seed)  # max_concurrent 0: the gate below decides
         self.base_args, self.driver_cpus, self.limit = list(base_args), driver_cpus, limit
-        self.capacity = {k: ray.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")}
+        self.capacity = cluster_capacity()
         self.running: dict[str, dict[str, float]] = {}  # trial id -> its needs
         self.waiting, self.waiting_needs = None, {}  # the next trial, generated but not yet started, and its needs
 
@@ -189,7 +189,11 @@ class FittingTrials(BasicVariantGenerator):
 
     def set_state(self, state):  # a resumed sweep may run on another cluster (a requeued job's nodes)
         super().set_state(state)
-        self.capacity = {k: ray.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")}
+        self.capacity = cluster_capacity()
+
+
+def cluster_capacity() -> dict[str, float]:
+    return {k: ray.cluster_resources().get(k, 0.0) for k in ("CPU", "GPU")}
 
 
 def fits(needs: dict[str, float], running, capacity: dict[str, float]) -> bool:

@@ -19,6 +19,7 @@ readonly RAY_TEMP_DIR_MAX=40
 
 ray_step_pids=()  # the background `srun ... ray start --block` steps, stopped by ray_cluster_stop
 nodes=()  # the job's host names, the head's first (set by ray_cluster_start)
+program=()  # the program's command line (set by program_argv)
 
 slurm_log() {
     printf '[slurm] %s\n' "$*" >&2
@@ -206,10 +207,15 @@ ray_cluster_stop() {
     ray_step_pids=()
 }
 
+# Sets `program` (global array): the program's command line on the job's Ray cluster.
+program_argv() {
+    program=("${PYTHON:-python}" -m "$PROGRAM_MODULE" "$@" "cluster.address=$RAY_ADDRESS")
+}
+
 # Runs the program once on the job's Ray cluster; the job's status is the program's.
 run_once() {
-    local program status=0
-    program=("${PYTHON:-python}" -m "$PROGRAM_MODULE" "$@" "cluster.address=$RAY_ADDRESS")
+    local status=0
+    program_argv "$@"
     slurm_log "running: $(quoted "${program[@]}")"
     "${program[@]}" || status=$?
     slurm_log "program exited with status $status"
@@ -248,7 +254,7 @@ run_requeueing() {
     fi
     ray_cluster_start
 
-    local program=("${PYTHON:-python}" -m "$PROGRAM_MODULE" "$@" "cluster.address=$RAY_ADDRESS")
+    program_argv "$@"
     if ((resume_given)); then
         slurm_log "resume= given on the command line: not adding resume=true"
     elif [[ -f $marker ]]; then

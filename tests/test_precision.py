@@ -44,3 +44,14 @@ def test_small_updates_of_the_statistics_survive_in_bf16_training():
     assert bn.running_var.min().item() > 1.004 and torch.all(bf16[0].running_var == 1.0)
     y.float().sum().backward()  # gradients reach the bf16 affine parameters
     assert bn.weight.grad is not None and bn.weight.grad.dtype == torch.bfloat16
+
+
+def test_the_converted_student_pickles_and_copies():
+    # the layers become module-level classes (no per-instance forward): the model pickles, as Ray and DeepSpeed may
+    import pickle
+
+    model, _ = bf16_with_fp32_batchnorm_stats(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(clone[1]) is type(model[1]) and clone[1].running_var.dtype == torch.float32
+        x = torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)
+        assert torch.equal(clone.eval()(x), model.eval()(x))
