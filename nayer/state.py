@@ -48,7 +48,10 @@ class SavedState:
         """On CPU: each part is copied to its device by the load_state_dict it goes to (RNG states stay on CPU)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(state, dict) or set(state) != names:
+        # keys a newer version added with a default may be missing (a run started by the older version resumes)
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+                    or f.default_factory is not dataclasses.MISSING}
+        if not isinstance(state, dict) or not names - optional <= set(state) <= names:
             raise ValueError(f"{path} is not a {cls.__name__} checkpoint of this version (keys "
                              f"{sorted(state) if isinstance(state, dict) else type(state).__name__}, expected "
                              f"{sorted(names)})")

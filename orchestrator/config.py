@@ -64,11 +64,13 @@ class ClusterConfig:
 class PipelineConfig(RunConfig):
     """A NAYER run on Ray: synthesis actors -> WebDataset buffer -> DeepSpeed ranks under Ray Train."""
 
-    # A requeued SLURM job resumes on another head address; restart and corruption policies may be raised.
+    # A requeued SLURM job resumes on another head address, maybe on more or fewer nodes (the pools resize: see
+    # `Driver` and `orchestrator.resize`); restart and corruption policies may be raised.
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = RunConfig.RESUME_MAY_CHANGE + (
         "cluster.address", "cluster.object_store_mb", "cluster.keep_checkpoints", "cluster.synth_max_restarts",
         "cluster.trainer_max_failures", "cluster.on_corrupt_shard", "cluster.rank_buffer_gb",
-        "cluster.rank_buffer_device_gb", "cluster.verbose")
+        "cluster.rank_buffer_device_gb", "cluster.verbose", "cluster.synth_workers", "cluster.synth_cpus",
+        "cluster.synth_gpus", "cluster.trainer_workers", "cluster.trainer_cpus", "cluster.trainer_gpus")
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 

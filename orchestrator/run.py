@@ -37,6 +37,7 @@ from typing import Callable, Sequence
 
 import ray
 import torch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from nayer.cli import cli
 from nayer.inputs import load_inputs
@@ -106,6 +107,7 @@ class Driver:
                 print(note, flush=True)
         self.folder.create(self.inputs.provenance)
         self.state = DriverState.load(self.folder.checkpoint) if cfg.resume else DriverState()
+        self.fresh_workers = self._resize()
         self.elapsed_before = self.state.elapsed
         self.checkpointed = self.state.synthesized  # the synthesis round of the last driver checkpoint
         self.resume_excluded = 0
@@ -117,6 +119,31 @@ class Driver:
         self.progress: RoundProgress | None = None
 
     # ------------------------------------------------------------------------------------------------ start
+    def _resize(self) -> set[int]:
+        """A resume on another number of actors or ranks (a requeued job on more or fewer nodes): say what happens,
+        record the new sizes; returns the synthesis workers that start fresh. Actors: worker w < the old count
+        continues its own generator from its state file; a new worker starts a fresh generator, seeded as worker w
+        of a new run; a dropped worker's generator is not continued (its shards stay in the buffer, its state
+        files stay unused). Ranks: the buffer is re-dealt by shard seq modulo the new count and the global batch
+        stays kd.batch_size; the student and its optimizer state load at the new size (orchestrator.resize)."""
+        c, state = self.cfg.cluster, self.state
+        old_synth, old_ranks = state.synth_workers, state.trainer_workers  # None: a run saved before they were kept
+        state.synth_workers, state.trainer_workers = c.synth_workers, c.trainer_workers
+        fresh: set[int] = set()
+        if old_synth is not None and old_synth != c.synth_workers:
+            if c.synth_workers > old_synth:
+                fresh = set(range(old_synth, c.synth_workers))
+                what = f"worker(s) {old_synth}-{c.synth_workers - 1} start fresh generators (seeded as in a new run)"
+            else:
+                what = (f"the generator(s) of worker(s) {c.synth_workers}-{old_synth - 1} are dropped (their shards "
+                        "stay in the buffer)")
+            print(f"resume: {old_synth} -> {c.synth_workers} synthesis actors: {what}", flush=True)
+        if old_ranks is not None and old_ranks != c.trainer_workers:
+            print(f"resume: {old_ranks} -> {c.trainer_workers} DeepSpeed ranks: the buffer's shards are dealt anew "
+                  f"(seq modulo {c.trainer_workers}), the global batch stays kd.batch_size={self.cfg.kd.batch_size}",
+                  flush=True)
+        return fresh
+
     def _open_buffer(self) -> Manifest:
         """The committed buffer: on resume, the manifest cut back to the last checkpointed synthesis round (a round
         committed after it is synthesized again), every shard verified, files nobody committed removed."""
@@ -152,7 +179,11 @@ class Driver:
             embeddings_ref = ray.put(self.inputs.embeddings.cpu())
             self.workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, self.inputs.images, files, self.faults)
                             for w in range(c.synth_workers)]
-            self.board = RoundBoard.remote()
+            # The board lives on the driver's node: it holds nothing a resume needs (commits come back from the
+            # manifest, the student from its checkpoint), so it should die only where the driver dies, which a
+            # resume covers, and not with some other node of the cluster.
+            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+            self.board = RoundBoard.options(scheduling_strategy=here).remote()
             self.board.commit.remote(self.manifest.snapshot())
             storage = self.folder.trainer.resolve()
             self.experiment = trainer_experiment(storage, self.state.done + 1, self.state.student_checkpoint)
@@ -272,8 +303,9 @@ class Driver:
         active = sum(1 for share in shares if share > 0)
         min_shards = math.ceil(c.trainer_workers / max(active, 1))  # every rank gets a shard of every round
         student = None if warm else self.student_ref
-        tasks = [SynthesisTask(s, warm, share, min_shards, i == 0, self.state.synthesized, self.checkpointed,
-                               first_iteration=sum(shares[:i])) for i, share in enumerate(shares)]
+        tasks = [SynthesisTask(s, warm, share, min_shards, i == 0, -1 if i in self.fresh_workers
+                               else self.state.synthesized, self.checkpointed, first_iteration=sum(shares[:i]))
+                 for i, share in enumerate(shares)]
         return [w.synthesize.remote(task, student) for w, task in zip(self.workers, tasks)]
 
     def _commit(self, s: int, outputs: list[dict], wall: float) -> dict:
@@ -286,6 +318,7 @@ class Driver:
         self.manifest.remove_temporaries(s)
         self.board.commit.remote(self.manifest.snapshot(after_seq=seq - 1))
         self.state.synthesized = s
+        self.fresh_workers.clear()  # new workers of a resize have their own state files from this round on
         for message in excluded:
             self.progress.write(f"round {s}: excluded {message} (moved to buffer/quarantine/, never trained on)")
         record = synthesis_record(outputs)

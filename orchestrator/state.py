@@ -25,6 +25,8 @@ class DriverState(SavedState):
     elapsed: float = 0.0  # wall seconds of all driver starts so far
     teacher_top1: float | None = None
     pending: dict = field(default_factory=dict)  # overlapped: synthesis record of round `synthesized` > `done`
+    synth_workers: int | None = None  # the pools' sizes at this checkpoint (a resume may change them)
+    trainer_workers: int | None = None
 
     def kd_round(self, warmup: int) -> int:
         """The last KD round the ranks trained (-1: none); warm-up rounds train no student."""

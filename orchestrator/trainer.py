@@ -39,8 +39,10 @@ from orchestrator.cluster import ray_log_level, root_cause
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.precision import bf16_with_fp32_batchnorm_stats
 from orchestrator.resident import GB, ResidentShare, ShareLoader
+from orchestrator.resize import check_same_student, loadable_at
 
 STUDENT_WEIGHTS = "student.pt"  # in each checkpoint directory: the module's state_dict, for the synthesis actors
+TAG = "student"  # the DeepSpeed checkpoint tag in each checkpoint directory
 
 
 def sharded_evaluate(model: torch.nn.Module, part: LabeledImages, spec: ImageSpec, compute: Compute,
@@ -120,10 +122,32 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and cfg.cluster.verbose:
             print(note, flush=True)
     optimizer, scheduler = make_optimizer(student, cfg.kd, cfg.epochs)  # the cosine steps per round, not per step
-    # DeepSpeed prints a line per rank as it builds its CPU communication op; on a Ray Train worker that print
-    # is teed to the worker's stdout, past the log filter (quiet_rank_console), unless stdout is elsewhere.
-    with contextlib.nullcontext() if cfg.cluster.verbose else contextlib.redirect_stdout(io.StringIO()):
-        engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+    # Ray Train's latest checkpoint when it restarted these ranks after a failure (cluster.trainer_max_failures),
+    # else the one of the run being resumed (maybe saved by another number of ranks: orchestrator.resize); either
+    # way the ranks continue after the round it holds.
+    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(config["resume_from"])
+                                               if config["resume_from"] else None)
+    client, weights = None, None
+    with contextlib.ExitStack() as opened:
+        if checkpoint is not None:
+            saved = opened.enter_context(checkpoint.as_directory())
+            loadable = loadable_at(saved, TAG, world, ds_config, opened)
+            ds_config = loadable.ds_config
+            if loadable.note and rank == 0:
+                print(loadable.note, flush=True)
+        # DeepSpeed prints a line per rank as it builds its CPU communication op; on a Ray Train worker that print
+        # is teed to the worker's stdout, past the log filter (quiet_rank_console), unless stdout is elsewhere.
+        with contextlib.nullcontext() if cfg.cluster.verbose else contextlib.redirect_stdout(io.StringIO()):
+            engine, _, _, _ = deepspeed.initialize(model=student, optimizer=optimizer, config=ds_config)
+        if checkpoint is not None:
+            _, client = engine.load_checkpoint(loadable.path, tag=TAG)
+            if client is None:
+                raise RunError(f"no DeepSpeed checkpoint '{TAG}' in {saved}: the run folder's trainer/ is incomplete")
+            loadable.restore_buffers(engine.module, TAG)
+            weights = torch.load(os.path.join(saved, STUDENT_WEIGHTS), map_location="cpu", weights_only=True) \
+                if rank == 0 else None
+            if loadable.note and rank == 0:  # a resize: the student the ranks start from must be the one that was saved
+                check_same_student(engine.module.state_dict(), weights, saved)
     objective = KDObjective(engine, teacher, cfg.kd, spec, compute)
     eval_part = rank_part(config["eval_set"], rank, world)
     micro_batch = ds_config["train_micro_batch_size_per_gpu"]
@@ -134,16 +158,8 @@ def train_loop_per_worker(config: dict) -> None:
                   "weights": weights}
         ray.get(board.finish.remote(r, result))
 
-    # Ray Train's latest checkpoint when it restarted these ranks after a failure (cluster.trainer_max_failures),
-    # else the one of the run being resumed; either way the ranks continue after the round it holds.
-    checkpoint = ray.train.get_checkpoint() or (ray.train.Checkpoint(config["resume_from"])
-                                               if config["resume_from"] else None)
     done = -1
-    if checkpoint is not None:
-        with checkpoint.as_directory() as path:
-            _, client = engine.load_checkpoint(path, tag="student")
-            weights = torch.load(os.path.join(path, STUDENT_WEIGHTS), map_location="cpu", weights_only=True) \
-                if rank == 0 else None
+    if client is not None:
         scheduler.load_state_dict(client["scheduler"])
         done = client["round"]
         if rank == 0 and ray.get(board.awaited.remote(done)):  # failed after saving, before handing it over
@@ -223,7 +239,7 @@ def train_loop_per_worker(config: dict) -> None:
         weights = {key: value.detach().cpu().clone() for key, value in engine.module.state_dict().items()} \
             if rank == 0 else None
         with tempfile.TemporaryDirectory() as tmp:  # every rank writes its part; Ray merges them into one checkpoint
-            engine.save_checkpoint(tmp, tag="student", client_state={"scheduler": scheduler.state_dict(), "round": r,
+            engine.save_checkpoint(tmp, tag=TAG, client_state={"scheduler": scheduler.state_dict(), "round": r,
                                                                      "metrics": metrics})
             if rank == 0:
                 torch.save(weights, os.path.join(tmp, STUDENT_WEIGHTS))

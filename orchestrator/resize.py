@@ -1,0 +1,144 @@
+"""Resuming the DeepSpeed ranks at another world size (`cluster.trainer_workers` changed on resume).
+
+What carries the student and its optimizer state depends on the ZeRO stage (DeepSpeed 0.19.8):
+- ZeRO-0 (`configs/deepspeed/zero0.json`, the default) keeps the whole optimizer state, SGD momentum included, in
+  `mp_rank_00_model_states.pt`; `engine.load_checkpoint` reads it at any data-parallel size as it is.
+- ZeRO-1/2 save one optimizer partition per rank (`zero_pp_rank_Q_mp_rank_00_optim_states.pt`), and
+  `load_checkpoint` refuses another data-parallel size ("Automatic adjustment of ZeRO's optimizer state
+  partitioning with a new world size is not currently supported"). DeepSpeed's mechanism for a new size is its
+  *universal checkpoint*: every parameter's fp32 master weights and optimizer state whole, one folder per
+  parameter (`<tag>/zero/<name>/<state>.pt`), loaded with `"checkpoint": {"load_universal": true}`, which cuts
+  each rank's partition out of them. Its converter, `deepspeed.checkpoint.ds_to_universal`, knows Adam's state
+  only (it reads `exp_avg` and `exp_avg_sq`); the student's optimizer is the spec's SGD (`momentum_buffer`). So
+  `to_universal` below writes that format for any per-element optimizer state, the way ds_to_universal merges
+  partitions without tensor or pipeline parallelism: a parameter's fragments concatenated in data-parallel
+  order. DeepSpeed's own universal loader then loads it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nayer.runtime import RunError
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+OPTIM_STATES = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
+# deepspeed.checkpoint.constants (spelled out: the driver imports this module, and deepspeed only on the ranks)
+OPTIMIZER_STATE_DICT, BASE_OPTIMIZER_STATE, PARAM_GROUPS = "optimizer_state_dict", "base_optimizer_state", "param_groups"
+FP32_GROUPS, SLICE_MAPPINGS, PARAM = "single_partition_of_fp32_groups", "param_slice_mappings", "param"
+SHARDED = (BASE_OPTIMIZER_STATE, SLICE_MAPPINGS, FP32_GROUPS)
+
+
+def load_states(path: str | Path) -> dict:
+    """A file of a DeepSpeed checkpoint, unpickling tensors, containers and the three DeepSpeed classes its ZeRO
+    optimizer state holds, nothing else."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def saved_world_size(tag_dir: str | Path) -> int:
+    """The data-parallel size a DeepSpeed checkpoint tag was saved at."""
+    return int(load_states(Path(tag_dir) / MODEL_STATES)["dp_world_size"])
+
+
+def partitioned(tag_dir: str | Path) -> bool:
+    """True for a ZeRO-1/2 checkpoint (its optimizer state is split over the ranks)."""
+    return bool(glob.glob(str(Path(tag_dir) / OPTIM_STATES.format("*"))))
+
+
+def to_universal(tag_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write ZeRO-1/2 checkpoint tag `tag_dir` as a universal checkpoint tag `out_dir` (same tag name) for
+    `engine.load_checkpoint(out_dir.parent, tag=out_dir.name)` under `"checkpoint": {"load_universal": true}`."""
+    tag_dir, out_dir = Path(tag_dir), Path(out_dir)
+    world = saved_world_size(tag_dir)
+    states = load_states(tag_dir / MODEL_STATES)
+    shapes = {name: shape for group in states["param_shapes"] for name, shape in group.items()}
+    pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    scalars: dict[str, object] = {}
+    first = None
+    for dp_rank in range(world):  # data-parallel order: a parameter's fragments follow each other in it
+        optim = load_states(tag_dir / OPTIM_STATES.format(dp_rank))[OPTIMIZER_STATE_DICT]
+        first = first or optim
+        for group, mapping in enumerate(optim[SLICE_MAPPINGS]):
+            flat = {"fp32": optim[FP32_GROUPS][group]}
+            for key, value in optim[BASE_OPTIMIZER_STATE]["state"].get(group, {}).items():
+                if torch.is_tensor(value) and value.dim() == 1 and value.numel() >= flat["fp32"].numel():
+                    flat[key] = value  # per element (the last rank's may carry the group's alignment padding)
+                else:  # a per-group scalar such as Adam's step: the same on every rank
+                    scalars[key] = value
+            for name, fragment in mapping.items():
+                for key, tensor in flat.items():
+                    pieces[name][key].append(tensor.narrow(0, fragment.start, fragment.numel))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    zero = out_dir / "zero"
+    zero.mkdir(parents=True)
+    shutil.copy2(tag_dir / MODEL_STATES, out_dir / MODEL_STATES)
+    global_state = {k: v for k, v in first.items() if k not in SHARDED}
+    global_state[PARAM_GROUPS] = first[BASE_OPTIMIZER_STATE][PARAM_GROUPS]
+    torch.save(global_state, zero / "optimizer_state.pt")
+    for name, by_key in pieces.items():
+        os.makedirs(zero / name)
+        for key, parts in by_key.items():
+            torch.save({PARAM: torch.cat(parts).view(shapes[name]).clone()}, zero / name / f"{key}.pt")
+        for key, value in scalars.items():
+            torch.save(value, zero / name / f"{key}.pt")
+    return out_dir
+
+
+@dataclass(frozen=True)
+class Loadable:
+    """How a rank loads a student checkpoint at its data-parallel size."""
+
+    path: str  # the folder to pass to `engine.load_checkpoint`
+    ds_config: dict  # the DeepSpeed config to initialize the engine with
+    note: str | None = None  # what a resize does (None: the saved size)
+    universal: bool = False  # loaded as a universal checkpoint: the module's buffers are restored after it
+
+    def restore_buffers(self, module: torch.nn.Module, tag: str) -> None:
+        """DeepSpeed's universal load sets the parameters from their fp32 master copies and leaves every buffer
+        (BatchNorm running statistics and counters) as initialized; they are taken from the saved module."""
+        if self.universal:
+            saved = load_states(Path(self.path) / tag / MODEL_STATES)["module"]
+            buffers = {name: saved[name] for name, _ in module.named_buffers() if name in saved}
+            module.load_state_dict(buffers, strict=False)
+
+
+def loadable_at(checkpoint_dir: str, tag: str, world: int, ds_config: dict, scratch: contextlib.ExitStack
+                ) -> Loadable:
+    """How this rank loads checkpoint `checkpoint_dir/tag` at data-parallel size `world`. A ZeRO-1/2 checkpoint of
+    another size is converted into a temporary folder that `scratch` removes."""
+    saved = saved_world_size(Path(checkpoint_dir) / tag)
+    if saved == world:
+        return Loadable(checkpoint_dir, ds_config)
+    if not partitioned(Path(checkpoint_dir) / tag):
+        return Loadable(checkpoint_dir, ds_config, f"resume: the student checkpoint of {saved} ranks loads on {world} "
+                                                   "as it is (ZeRO-0 keeps the whole optimizer state in one file)")
+    universal = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="nayer-universal-")))
+    to_universal(Path(checkpoint_dir) / tag, universal / tag)
+    note = (f"resume: the ZeRO-{ds_config['zero_optimization']['stage']} student checkpoint of {saved} ranks "
+            f"re-partitioned for {world} (DeepSpeed universal checkpoint)")
+    ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
+    return Loadable(str(universal), ds_config, note, universal=True)
+
+
+def check_same_student(loaded: dict, saved: dict, where: str) -> None:
+    """The student a resized resume loaded equals the weights saved beside the checkpoint, or a RunError."""
+    differ = [key for key, value in saved.items() if key not in loaded or not torch.equal(loaded[key].cpu(), value)]
+    if differ or loaded.keys() != saved.keys():
+        raise RunError(f"the student loaded from {where} at the new number of ranks differs from its saved weights "
+                       f"({len(differ)} tensor(s), e.g. {(differ or sorted(loaded.keys() ^ saved.keys()))[0]}); resume "
+                       "with the number of ranks it was saved at (cluster.trainer_workers)")
