@@ -28,6 +28,7 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from bench.shared_data import TEACHER, require  # noqa: E402
+from bench.storage import buffer_rates  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.lte import encode_labels  # noqa: E402
 from nayer.models import build_model  # noqa: E402
@@ -35,7 +36,6 @@ from nayer.inputs import resolve_images  # noqa: E402
 from orchestrator.cluster import start_local_ray  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
 from orchestrator.faults import FaultPlan  # noqa: E402
-from orchestrator.shards import Manifest, shard_batches, write_shards  # noqa: E402
 from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles  # noqa: E402
 
 
@@ -62,24 +62,6 @@ def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.T
             "images_per_s": images / wall, "compute_s": max(o["compute_time"] for o in out)}
 
 
-def buffer_rates(n: int, shard_samples: int) -> dict:
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (n,))
-    with tempfile.TemporaryDirectory() as root:
-        start = time.perf_counter()
-        manifest = Manifest(root)
-        for w, part in enumerate(range(0, n, shard_samples)):
-            manifest.commit(0, write_shards(root, 0, w, images[part:part + shard_samples],
-                                            labels[part:part + shard_samples], shard_samples))
-        write_s = time.perf_counter() - start
-        size = sum(s["bytes"] for s in manifest.shards)
-        start = time.perf_counter()
-        read = sum(len(y) for _, y in shard_batches(manifest.snapshot(), 256, n // 256, seed=0))
-        read_s = time.perf_counter() - start
-    return {"images": n, "bytes": size, "write_images_per_s": n / write_s, "write_mb_per_s": size / write_s / 1e6,
-            "read_images": read, "read_images_per_s": read / read_s, "read_mb_per_s": read * size / n / read_s / 1e6}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iterations", type=int, default=3, help="timed iterations per actor")
@@ -104,7 +86,8 @@ def main() -> None:
     one, two, one_wide = results["synthesis"]
     results["speedup_2_vs_1"] = two["images_per_s"] / one["images_per_s"]
     results["speedup_2_vs_1_wide"] = two["images_per_s"] / one_wide["images_per_s"]
-    results["buffer"] = buffer_rates(20000, 5000)
+    with tempfile.TemporaryDirectory() as buffer:
+        results["buffer"] = buffer_rates(buffer, 20000, 5000)
     print(results["buffer"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,13 @@ class RunFolder:
 
     CHECKPOINT = "checkpoint.pt"  # its presence marks a run that can be resumed
 
-    def __init__(self, cfg: Any):
+    def __init__(self, cfg: Any, path: Path | None = None):
+        """`path`: where the folder is on this machine, if not <out_dir>/<name> (a local copy of a remote one)."""
         self.cfg = cfg
-        self.path = Path(cfg.out_dir) / cfg.name
+        if path is None and "://" in cfg.out_dir:
+            raise ConfigError(f"out_dir={cfg.out_dir!r}: a run folder on an object store is the pipeline's "
+                              "(python -m orchestrator.run); this runner writes a local folder")
+        self.path = Path(cfg.out_dir) / cfg.name if path is None else path
         self.checkpoint = self.path / self.CHECKPOINT
         self.metrics = self.path / "metrics.jsonl"
         self.buffer = self.path / "buffer"
@@ -49,15 +53,18 @@ class RunFolder:
         teacher, its weights and the image values came from (inputs.json)."""
         if not self.cfg.resume and self.path.exists():
             self.metrics.unlink(missing_ok=True)
-            for stale in self.outputs():
-                shutil.rmtree(stale, ignore_errors=True)
-        self.samples.mkdir(parents=True, exist_ok=True)
+            self.clear_outputs()
+        self.path.mkdir(parents=True, exist_ok=True)
         save_text(config_to_yaml(self.cfg), self.path / "config.yaml")
         save_json(inputs, self.path / "inputs.json")
 
     def outputs(self) -> list[Path]:
         """Folders a run writes into (removed when a run that never checkpointed is started again)."""
         return [self.buffer, self.samples, self.tensorboard]
+
+    def clear_outputs(self) -> None:
+        for stale in self.outputs():
+            shutil.rmtree(stale, ignore_errors=True)
 
     def metrics_log(self) -> "MetricsLog":
         return MetricsLog(self.metrics, self.tensorboard)

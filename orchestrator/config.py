@@ -52,6 +52,9 @@ class ClusterConfig:
     # Tune's and DeepSpeed's warnings and errors; each rank's metrics go to ranks/rank-QQQ.jsonl in the run folder.
     # true: their full logs too (Ray's INFO lines, every rank's report, DeepSpeed's start-up, every actor's progress).
     verbose: bool = False
+    # out_dir on an object store (s3://bucket/prefix): the local folder where the driver writes its own files
+    # (config, metrics, TensorBoard, its checkpoint, the report) before uploading each; "" = <system temp>/nayer-staging
+    staging_dir: str = ""
 
     def total(self, resource: str) -> float:
         """CPUs ("CPU") or GPUs ("GPU") the run holds for its whole length: its synthesis actors and its DeepSpeed
@@ -70,7 +73,8 @@ class PipelineConfig(RunConfig):
         "cluster.address", "cluster.object_store_mb", "cluster.keep_checkpoints", "cluster.synth_max_restarts",
         "cluster.trainer_max_failures", "cluster.on_corrupt_shard", "cluster.rank_buffer_gb",
         "cluster.rank_buffer_device_gb", "cluster.verbose", "cluster.synth_workers", "cluster.synth_cpus",
-        "cluster.synth_gpus", "cluster.trainer_workers", "cluster.trainer_cpus", "cluster.trainer_gpus")
+        "cluster.synth_gpus", "cluster.trainer_workers", "cluster.trainer_cpus", "cluster.trainer_gpus",
+        "cluster.staging_dir")
 
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nayer.cli_config import ConfigError
+from orchestrator.storage import exists, is_url, join, read_bytes, write_bytes
 
 ENV = "NAYER_FAULTS"
 KINDS = {"kill_synthesis_writing": ("round", "worker"), "kill_rank": ("round", "rank", "step"),
@@ -73,12 +74,17 @@ class FaultPlan:
         for index, fault in enumerate(self.faults):
             if fault.kind != kind or not fault.matches(at):
                 continue
-            marker = Path(self.marker_dir) / f"{index}-{kind}.fired"
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                continue  # fired before: this is the restarted process
+            marker = join(self.marker_dir, f"{index}-{kind}.fired")
+            if is_url(marker):  # an object store has no exclusive create: enough for a drill's one process a point
+                if exists(marker):
+                    continue
+                write_bytes(marker, b"")
+            else:
+                Path(marker).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    continue  # fired before: this is the restarted process
             print(f"fault injection ({ENV}): {kind} at {at} (pid {os.getpid()})", flush=True)
             return True
         return False
@@ -90,10 +96,13 @@ class FaultPlan:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def corrupt_if(self, path: str | Path, **at: int) -> None:
-        """Flip one byte in the middle of the file at `path` if an unfired corrupt_shard fault matches `at`."""
+        """Flip one byte in the middle of the file (or object) at `path` if an unfired corrupt_shard fault matches
+        `at`."""
         if self.fires("corrupt_shard", **at):
-            with open(path, "r+b") as f:
-                f.seek(os.path.getsize(path) // 2)
-                byte = f.read(1)
-                f.seek(-1, os.SEEK_CUR)
-                f.write(bytes([byte[0] ^ 0xFF]))
+            data = bytearray(read_bytes(path))
+            data[len(data) // 2] ^= 0xFF
+            if is_url(path):
+                write_bytes(path, bytes(data))
+            else:  # in place, as bit rot does it
+                with open(path, "r+b") as f:
+                    f.write(bytes(data))

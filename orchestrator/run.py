@@ -28,11 +28,11 @@ brings back Ray's, Ray Train's and DeepSpeed's full logs).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import shutil
 import time
-from pathlib import Path
 from typing import Callable, Sequence
 
 import ray
@@ -43,35 +43,20 @@ from nayer.cli import cli
 from nayer.inputs import load_inputs
 from nayer.progress import RoundProgress
 from nayer.report import finish_run
-from nayer.run_folder import RunFolder
 from nayer.runtime import RunError, save_torch, seed_everything
 from nayer.specs import bf16_fallback_note
 from orchestrator.board import RoundBoard
 from orchestrator.cluster import check_capacity, connect, resolve_schedule, root_cause
 from orchestrator.config import PipelineConfig, load_deepspeed_config
 from orchestrator.faults import FaultPlan
+from orchestrator.folder import PipelineFolder
 from orchestrator.rounds import gather_synthesis, synthesis_record
 from orchestrator.shards import Manifest, rank_samples
 from orchestrator.signals import StopOnSignal
 from orchestrator.state import DriverState
+from orchestrator.storage import join, read_bytes, remove_tree, subfolders
 from orchestrator.trainer import STUDENT_WEIGHTS, TrainerRun, eval_source, make_trainer
 from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles, split_iterations
-
-
-class PipelineFolder(RunFolder):
-    """The single-process run folder plus the Ray Train storage (trainer/) and the checkpoints of the driver and
-    of each synthesis actor (checkpoints/)."""
-
-    CHECKPOINT = "checkpoints/driver.pt"
-
-    def __init__(self, cfg: PipelineConfig):
-        super().__init__(cfg)
-        self.trainer = self.path / "trainer"
-        self.synthesis_states = self.checkpoint.parent / "synthesis"
-        self.ranks = self.path / "ranks"
-
-    def outputs(self) -> list[Path]:
-        return [*super().outputs(), self.trainer, self.checkpoint.parent, self.path / "faults", self.ranks]
 
 
 def run(cfg: PipelineConfig, on_round: Callable[[dict], None] | None = None) -> dict:
@@ -93,11 +78,14 @@ class Driver:
         self.wall_start = time.perf_counter()
         self.folder = PipelineFolder(cfg)
         self.ds_config = load_deepspeed_config(cfg)
-        self.faults = FaultPlan.from_env(self.folder.path / "faults")
+        self.faults = FaultPlan.from_env(self.folder.faults)
         seed_everything(cfg.seed)  # a teacher without a checkpoint is random: the same one in every run of a seed
         # An image folder is decoded once into a memory-mapped file (the run folder's unless data.eval_cache names
-        # one), which the ranks map: neither the driver nor the object store holds a copy of the decoded set.
-        self.inputs = load_inputs(cfg, torch.device("cpu"), eval_cache=str(self.folder.path / "eval-cache"))
+        # one), which the ranks map: neither the driver nor the object store holds a copy of the decoded set. A run
+        # folder on an object store cannot be mapped: the set then reaches the ranks through Ray's object store,
+        # unless data.eval_cache names a folder every node shares.
+        self.inputs = load_inputs(cfg, torch.device("cpu"),
+                                  eval_cache="" if self.folder.url else str(self.folder.path / "eval-cache"))
         print(self.inputs.summary(), flush=True)
         # The embedded Ray's workers run on this machine: on its CPU for device=cpu, or auto without CUDA (a CUDA
         # device that is missing is the capacity check's to report).
@@ -174,8 +162,7 @@ class Driver:
             actor = ray.remote(SynthesisWorker).options(num_cpus=c.synth_cpus, num_gpus=c.synth_gpus,
                                                         max_restarts=c.synth_max_restarts,
                                                         max_task_retries=c.synth_max_restarts)
-            files = WorkerFiles(str(self.folder.buffer.resolve()), str(self.folder.samples.resolve()),
-                                str(self.folder.synthesis_states.resolve()))
+            files = WorkerFiles(self.folder.buffer, self.folder.samples, self.folder.synthesis_states)
             embeddings_ref = ray.put(self.inputs.embeddings.cpu())
             self.workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, self.inputs.images, files, self.faults)
                             for w in range(c.synth_workers)]
@@ -185,18 +172,18 @@ class Driver:
             here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
             self.board = RoundBoard.options(scheduling_strategy=here).remote()
             self.board.commit.remote(self.manifest.snapshot())
-            storage = self.folder.trainer.resolve()
+            storage = self.folder.trainer
             self.experiment = trainer_experiment(storage, self.state.done + 1, self.state.student_checkpoint)
             self.loop_config = {
                 "cfg": cfg, "board": self.board, "images": self.inputs.images, "deepspeed": self.ds_config,
-                "teacher": teacher_ref, "faults": self.faults, "rank_logs": str(self.folder.ranks.resolve()),
-                "resume_from": str(storage / self.state.student_checkpoint) if self.state.student_checkpoint else None,
+                "teacher": teacher_ref, "faults": self.faults, "rank_logs": self.folder.ranks,
+                "resume_from": join(storage, self.state.student_checkpoint) if self.state.student_checkpoint else None,
                 "eval_set": eval_source(self.inputs.eval_set),
                 # the ranks rate the teacher on the labeled set too, once, on their devices (not on resume)
                 "teacher_eval": self.inputs.eval_set is not None and self.state.teacher_top1 is None}
             if self.state.student_checkpoint:  # the adversarial term's student: the last KD round's
-                weights = storage / self.state.student_checkpoint / STUDENT_WEIGHTS
-                self.student_ref = ray.put(torch.load(weights, map_location="cpu", weights_only=True))
+                weights = read_bytes(join(storage, self.state.student_checkpoint, STUDENT_WEIGHTS))
+                self.student_ref = ray.put(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
             self._rounds()
             ray.get(self.board.stop.remote())
             if self.trainer is not None:
@@ -227,6 +214,7 @@ class Driver:
             while (r := self.state.done + 1) < total:
                 record = self._step(r, total)
                 metrics.log(record)
+                self.folder.publish("metrics.jsonl", "tb")
                 self.progress.round_done(record)
                 if self.on_round is not None:
                     self.on_round(record)
@@ -249,7 +237,7 @@ class Driver:
         warm = r < self.cfg.warmup
         trainer_start = not warm and self.trainer is None
         if trainer_start:  # the ranks start up while the round's images are made
-            self.trainer = TrainerRun(make_trainer(self.cfg, str(self.folder.trainer.resolve()), self.experiment,
+            self.trainer = TrainerRun(make_trainer(self.cfg, self.folder.trainer, self.experiment,
                                                    self.loop_config)).start()
         synthesized_now = self.state.synthesized < r
         if synthesized_now:
@@ -283,6 +271,7 @@ class Driver:
         t_ckpt = time.perf_counter()
         self.state.elapsed = self._elapsed()
         self.state.save(self.folder.checkpoint)
+        self.folder.publish(PipelineFolder.CHECKPOINT)
         self.checkpointed = self.state.synthesized
         now = time.perf_counter()
         step = now - t0
@@ -371,19 +360,22 @@ class Driver:
                    "stopped_by": self.stop.received, "wall_time_s": self._elapsed(),
                    # shards this start's resume excluded when no round was left to count them in
                    "excluded_on_resume": self.resume_excluded}
-        return finish_run(self.folder.path, summary)
+        self.folder.fetch_last_sample_grid()
+        summary = finish_run(self.folder.path, summary)
+        self.folder.publish("student.pt", "summary.json", "report.md", "plots")
+        return summary
 
 
-def trainer_experiment(storage: Path, start: int, referenced: str | None) -> str:
+def trainer_experiment(storage: str, start: int, referenced: str | None) -> str:
     """The Ray Train experiment of a driver start: `student-<first round>`, new each start, so Ray Train never
     restores its own state of a run that died (it is written in place: a crash or a full disk can truncate it);
     the ranks resume from the driver's checkpoint instead. Experiments of earlier starts other than the one holding
     that checkpoint are removed, and so is a leftover of this name (an attempt that committed no round)."""
     name = f"student-{start:05d}"
     keep = referenced.split("/")[0] if referenced else None
-    for old in storage.glob("student-*") if storage.is_dir() else []:
-        if old.name != keep:
-            shutil.rmtree(old)
+    for old in subfolders(storage):
+        if old.startswith("student-") and old != keep:
+            remove_tree(join(storage, old))
     return name
 
 

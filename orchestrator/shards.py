@@ -1,11 +1,11 @@
 """The memory buffer M as WebDataset shards: atomic shard writes, a driver-owned manifest, verified reads.
 
-Layout under `runs/<name>/buffer/`:
+Layout under `<run folder>/buffer/` (a POSIX folder or an object store prefix, `orchestrator.storage`):
     manifest.json                              committed shards in commit order (driver only, atomic rename)
     round-00012/worker-001-000000.tar          one shard: samples {key, "npy": uint8 [C, H, W], "cls": label}
 
-A shard is written under a temporary name and renamed when complete; it becomes part of the buffer only when
-the driver lists it in the manifest, so readers (which read manifest entries, never the folder) never see a
+A shard is written whole (a temporary name renamed when complete, or one upload); it becomes part of the buffer
+only when the driver lists it in the manifest, so readers (which read manifest entries, never the folder) never see a
 shard being written. Samples are raw uint8 arrays (measured faster to write and read than PNG, same size),
 decoded without pickle. Every read checks the shard's size and sha256 against the manifest before a sample of
 it is used; a shard that fails is excluded or fails the run (`cluster.on_corrupt_shard`).
@@ -21,7 +21,7 @@ import hashlib
 import io
 import json
 import math
-import os
+import posixpath
 import random
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -31,7 +31,7 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
-from nayer.runtime import atomic_write, save_json
+from orchestrator.storage import is_url, join, listing, move, read_bytes, remove, size, write_bytes, write_whole
 
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine"  # excluded corrupt shards are moved here (kept for inspection, never read)
@@ -46,7 +46,10 @@ def shard_name(round_index: int, worker: int, part: int) -> str:
     return f"round-{round_index:05d}/worker-{worker:03d}-{part:06d}.tar"
 
 
-def sha256(path: Path) -> str:
+def sha256(path: str | Path) -> str:
+    """A file's sha256: streamed from a POSIX file, from the bytes of an object."""
+    if is_url(path):
+        return hashlib.sha256(read_bytes(path) or b"").hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -79,7 +82,6 @@ def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor
     """Write uint8 `images` [N, C, H, W] + `labels` [N] as at least `min_shards` shards of at most `max_samples`;
     returns their manifest entries (path relative to `root`, sample count, bytes, sha256). `midway()` is called
     half-way through the first shard, its bytes so far on disk under the temporary name (fault injection)."""
-    root = Path(root)
     n = len(images)
     count = max(math.ceil(n / max_samples), min(min_shards, n))
     entries = []
@@ -101,7 +103,7 @@ def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor
                 stream.close()
             out.update(bytes=stream.size, sha256=stream.digest.hexdigest())
 
-        atomic_write(root / rel, write)
+        write_whole(join(root, rel), write)
         entries.append({"path": rel, "samples": len(index), **out})
     return entries
 
@@ -110,7 +112,7 @@ class Manifest:
     """The committed shards of the buffer. Only the driver writes it; every write is an atomic rename."""
 
     def __init__(self, root: str | Path, shards: list[dict] | None = None, excluded: list[dict] | None = None):
-        self.root = Path(root)
+        self.root = str(root) if is_url(root) else str(Path(root).resolve())
         self.shards: list[dict] = list(shards or [])
         self.excluded: list[dict] = list(excluded or [])  # entries dropped as corrupt (their seq stays used)
         for seq, entry in enumerate(self.shards):  # a manifest written before shards had numbers: commit order
@@ -118,8 +120,7 @@ class Manifest:
 
     @classmethod
     def load(cls, root: str | Path) -> "Manifest":
-        path = Path(root) / MANIFEST
-        data = json.loads(path.read_text()) if path.is_file() else {}
+        data = json.loads(read_bytes(join(root, MANIFEST)) or b"{}")
         return cls(root, data.get("shards", []), data.get("excluded", []))
 
     @property
@@ -138,33 +139,36 @@ class Manifest:
         and quarantined (`exclude`); returns the messages of those left out."""
         good, excluded = [], []
         for entry in entries:
-            path = self.root / entry["path"]
-            size = path.stat().st_size if path.is_file() else None
-            if size == entry["bytes"]:
+            path = join(self.root, entry["path"])
+            stored = size(path)
+            if stored == entry["bytes"]:
                 good.append({**entry, "round": round_index, "seq": self.next_seq + len(good)})
                 continue
-            message = f"buffer shard {path}: " + ("the file does not exist" if size is None else
-                                                  f"{size} bytes on disk, its writer wrote {entry['bytes']}")
+            message = f"buffer shard {path}: " + ("the file does not exist" if stored is None else
+                                                  f"{stored} bytes on disk, its writer wrote {entry['bytes']}")
             if policy == "fail":
                 raise CorruptShardError(f"cannot commit {message} (cluster.on_corrupt_shard=exclude leaves such "
                                         "shards out and goes on)")
-            if size is not None:
+            if stored is not None:
                 self._quarantine(entry["path"])
             excluded.append(message)
         self.shards.extend(good)
         self.save()
         return excluded
 
-    def remove_temporaries(self, round_index: int) -> list[Path]:
+    def remove_temporaries(self, round_index: int) -> list[str]:
         """Delete the temporary files of killed write attempts in a round's folder (call once every writer of the
-        round has returned: a restarted actor rewrote its shards under their final names)."""
-        stale = sorted((self.root / shard_name(round_index, 0, 0)).parent.glob("*.tmp"))
+        round has returned: a restarted actor rewrote its shards under their final names). An object store has
+        none: an object is uploaded whole or not at all."""
+        stale = listing(join(self.root, posixpath.dirname(shard_name(round_index, 0, 0)), "*.tmp"))
         for path in stale:
-            path.unlink(missing_ok=True)
+            remove(path)
         return stale
 
     def save(self) -> None:
-        save_json({"shards": self.shards, "samples": self.samples, "excluded": self.excluded}, self.root / MANIFEST)
+        """The commit point: written whole (a rename, or one upload)."""
+        manifest = {"shards": self.shards, "samples": self.samples, "excluded": self.excluded}
+        write_bytes(join(self.root, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
 
     @property
     def samples(self) -> int:
@@ -173,8 +177,7 @@ class Manifest:
     def snapshot(self, after_seq: int = -1) -> list[dict]:
         """The committed shards (those with a larger seq than `after_seq`) with absolute paths and checksums: what
         the ranks read."""
-        root = self.root.resolve()
-        return [{"url": str(root / s["path"]), "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"],
+        return [{"url": join(self.root, s["path"]), "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"],
                  "seq": s["seq"], "round": s["round"]} for s in self.shards if s["seq"] > after_seq]
 
     def last_seq(self, upto_round: int) -> int:
@@ -184,22 +187,23 @@ class Manifest:
     def round_bytes(self, round_index: int) -> int:
         return sum(s["bytes"] for s in self.shards if s["round"] == round_index)
 
-    def discard_uncommitted(self) -> list[Path]:
+    def discard_uncommitted(self) -> list[str]:
         """Delete shard files the manifest does not list (a round killed before its commit, temporary files);
         returns what was removed. Run on resume, before any new round writes."""
-        committed = {self.root / s["path"] for s in self.shards}
-        stale = [p for p in self.root.glob("round-*/*") if p not in committed]
+        committed = {join(self.root, s["path"]) for s in self.shards}
+        stale = [p for p in listing(join(self.root, "round-*", "*")) if p not in committed]
         for path in stale:
-            path.unlink()
-        for folder in self.root.glob("round-*"):
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+            remove(path)
+        if not is_url(self.root):  # an object store has no folders to leave empty
+            for folder in Path(self.root).glob("round-*"):
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
         return stale
 
     def problem(self, shard: dict) -> str | None:
         """Why a committed shard cannot be read (missing, other size, other checksum), or None."""
-        path = self.root / shard["path"]
-        return mismatch(shard, path.stat().st_size if path.is_file() else None, lambda: sha256(path))
+        path = join(self.root, shard["path"])
+        return mismatch(shard, size(path), lambda: sha256(path))
 
     def verify(self, policy: str = "fail") -> list[str]:
         """Check every committed shard (run on resume). `fail`: raise CorruptShardError naming the first bad shard;
@@ -209,7 +213,7 @@ class Manifest:
             problem = self.problem(shard)
             if problem is None:
                 continue
-            message = f"buffer shard {self.root / shard['path']}: {problem}"
+            message = f"buffer shard {join(self.root, shard['path'])}: {problem}"
             if policy == "fail":
                 raise CorruptShardError(f"{message}; the buffer is corrupt (cluster.on_corrupt_shard=exclude drops "
                                         "such shards and goes on)")
@@ -232,15 +236,15 @@ class Manifest:
         return removed
 
     def _quarantine(self, rel: str) -> None:
-        source = self.root / rel
-        if source.is_file():
-            target = self.root / QUARANTINE / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
+        source = join(self.root, rel)
+        if size(source) is not None:
+            move(source, join(self.root, QUARANTINE, rel))
 
     def relative(self, url: str) -> str:
         """The manifest path of a snapshot url."""
-        return Path(url).resolve().relative_to(self.root.resolve()).as_posix()
+        if is_url(self.root):
+            return url[len(self.root.rstrip("/")) + 1:]
+        return Path(url).resolve().relative_to(self.root).as_posix()
 
 
 def rank_share(entries: list[dict], rank: int, world_size: int) -> list[dict]:
@@ -287,10 +291,7 @@ def verified_streams(policy: str, excluded: list[str]) -> Callable[[Iterable[dic
     def stage(entries: Iterable[dict]) -> Iterator[dict]:
         for entry in entries:
             url = entry["url"]
-            try:
-                data = Path(url).read_bytes()
-            except FileNotFoundError:
-                data = None
+            data = read_bytes(url)
             problem = mismatch(entry, None if data is None else len(data), lambda: hashlib.sha256(data).hexdigest())
             if problem is None:
                 yield {"url": url, "stream": io.BytesIO(data)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import tempfile
@@ -33,13 +34,14 @@ from nayer.evaluate import accuracy, accuracy_counts, predict
 from nayer.kd import KDObjective, finite_or_skip, make_optimizer
 from nayer.models import build_model, load_model
 from nayer.progress import LineProgress
-from nayer.runtime import RunError, append_jsonl, first_line
+from nayer.runtime import RunError, first_line
 from nayer.specs import Compute, ImageSpec, native_bf16
 from orchestrator.cluster import ray_log_level, root_cause
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.precision import bf16_with_fp32_batchnorm_stats
 from orchestrator.resident import GB, ResidentShare, ShareLoader
 from orchestrator.resize import check_same_student, loadable_at
+from orchestrator.storage import append_line, is_url, join
 
 STUDENT_WEIGHTS = "student.pt"  # in each checkpoint directory: the module's state_dict, for the synthesis actors
 TAG = "student"  # the DeepSpeed checkpoint tag in each checkpoint directory
@@ -95,8 +97,9 @@ def train_loop_per_worker(config: dict) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    os.makedirs(config["rank_logs"], exist_ok=True)
-    rank_log = os.path.join(config["rank_logs"], f"rank-{rank:03d}.jsonl")  # this rank's own metrics per round
+    if not is_url(config["rank_logs"]):
+        os.makedirs(config["rank_logs"], exist_ok=True)
+    rank_log = join(config["rank_logs"], f"rank-{rank:03d}.jsonl")  # this rank's own metrics per round
     torch.set_num_threads(threads(cfg.cluster.trainer_cpus))
     device = ray.train.torch.get_device()
     board, spec, faults, c = config["board"], config["images"], config["faults"], cfg.cluster
@@ -246,9 +249,9 @@ def train_loop_per_worker(config: dict) -> None:
             # Ray Train keeps (and later serializes) the dict it is handed: give it its own copy.
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"round-{r:05d}")
-        append_jsonl({"round": r, "rank": rank, "kd_loss": rank_loss.item() if losses else None,
-                      "kd_steps": len(losses), "read_bytes": read_bytes[rank], "kd_time": kd_time,
-                      "kd_read_time": read_time, "streaming": loader.streaming}, rank_log)
+        append_line(rank_log, json.dumps({"round": r, "rank": rank, "kd_loss": rank_loss.item() if losses else None,
+                                          "kd_steps": len(losses), "read_bytes": read_bytes[rank], "kd_time": kd_time,
+                                          "kd_read_time": read_time, "streaming": loader.streaming}))
         if rank == 0:
             finish(r, metrics, weights, t0)
 
@@ -271,6 +274,8 @@ def quiet_rank_console() -> None:
     log files keep Ray's); DeepSpeed's start-up lines and torch's note that a CPU node has no CUDA runtime go."""
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    for client in ("botocore", "aiobotocore", "s3fs"):  # an object store run folder: where the credentials came from
+        logging.getLogger(client).setLevel(logging.WARNING)
     import deepspeed
 
     console = [h for h in logging.getLogger().handlers if isinstance(h, logging.StreamHandler)]

@@ -43,7 +43,9 @@ from nayer.runtime import atomic_write, save_text  # noqa: E402
 from orchestrator.cluster import connect, root_cause  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
 from orchestrator.faults import ENV as FAULTS_ENV  # noqa: E402
-from orchestrator.run import PipelineFolder, run  # noqa: E402
+from orchestrator.folder import PipelineFolder  # noqa: E402
+from orchestrator.run import run  # noqa: E402
+from orchestrator.storage import is_url  # noqa: E402
 
 # Search-space forms of a sweep file: `<config key>: {<form>: <arguments>}`.
 SPACE_FORMS = {
@@ -307,6 +309,9 @@ def write_results(rows: list[dict], sweep: SweepConfig, folder: Path) -> None:
 def sweep_main(argv: Sequence[str]) -> list[dict]:
     """Run the sweep of `argv` (see the module docstring); returns the results table, one row per trial."""
     sweep, base, base_args = parse_sweep(argv)
+    if is_url(base.out_dir):
+        raise ConfigError(f"out_dir={base.out_dir!r}: a sweep's folder (Tune's experiment state, the results table) "
+                          "is a POSIX path; a single run (python -m orchestrator.run) takes an object store URL")
     folder = (Path(base.out_dir) / base.name).resolve()
     if base.resume and not tune.Tuner.can_restore(str(folder)):
         raise ConfigError(f"resume=true but {folder} holds no sweep to continue; drop resume or check name=")

@@ -16,21 +16,22 @@ by Ray, or the run resumed) loads its own file of that round, onto its own devic
 
 from __future__ import annotations
 
+import io
+import posixpath
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from nayer.methods import build_synthesizer
 from nayer.models import build_model
 from nayer.progress import LineProgress
-from nayer.runtime import save_torch
 from nayer.specs import Compute, ImageSpec
 from nayer.visualize import save_sample_grid
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.faults import FaultPlan
 from orchestrator.shards import write_shards
+from orchestrator.storage import join, listing, read_bytes, remove, write_whole
 
 
 def split_iterations(total: int, workers: int) -> list[int]:
@@ -44,7 +45,7 @@ def worker_seed(seed: int, worker: int) -> int:
 
 @dataclass(frozen=True)
 class WorkerFiles:
-    """Where a worker writes: buffer shards, sample grids, its own state files."""
+    """Where a worker writes (POSIX paths or object store URLs): buffer shards, sample grids, its own state files."""
 
     buffer: str
     samples: str
@@ -73,8 +74,8 @@ class SynthesisWorker:
         torch.set_num_threads(threads(cfg.cluster.synth_cpus))  # pinned: co-located actors do not fight over cores
         self.cfg, self.worker, self.faults = cfg, worker, faults
         self.compute = Compute.select(cfg.device, cfg.bf16, cfg.channels_last)
-        self.buffer_root, self.samples_dir = Path(files.buffer), Path(files.samples)
-        self.states = Path(files.states) / f"worker-{worker:03d}"
+        self.buffer_root, self.samples_dir = files.buffer, files.samples
+        self.states = join(files.states, f"worker-{worker:03d}")
         torch.manual_seed(worker_seed(cfg.seed, worker))  # the first generator's weights: the same in every run
         k = images.num_classes
         teacher = build_model(cfg.teacher.arch, k)
@@ -85,18 +86,20 @@ class SynthesisWorker:
                                              images, self.compute, worker_seed(cfg.seed, worker))
         self.state_round = -1  # the round the synthesizer's state is after (-1: fresh)
 
-    def state_file(self, round_index: int) -> Path:
-        return self.states / f"round-{round_index:05d}.pt"
+    def state_file(self, round_index: int) -> str:
+        return join(self.states, f"round-{round_index:05d}.pt")
 
     def _continue_after(self, after: int) -> None:
         """Bring the synthesizer to its state after round `after` (from its own file) unless it is there."""
         if after == self.state_round:
             return
         path = self.state_file(after)
-        if not path.is_file():
+        data = read_bytes(path)
+        if data is None:
             raise FileNotFoundError(f"synthesis worker {self.worker} has no state file {path} for the last committed "
                                     f"round {after}; the run folder is incomplete")
-        self.synthesizer.load_state_dict(torch.load(path, map_location=self.compute.device, weights_only=True))
+        self.synthesizer.load_state_dict(torch.load(io.BytesIO(data), map_location=self.compute.device,
+                                                    weights_only=True))
         self.state_round = after
 
     def synthesize(self, task: SynthesisTask, student_state: dict | None) -> dict:
@@ -121,15 +124,17 @@ class SynthesisWorker:
                                    self.cfg.cluster.shard_samples, task.min_shards,
                                    midway=lambda: self.faults.kill_if("kill_synthesis_writing", round=task.round,
                                                                       worker=self.worker))
-            self.faults.corrupt_if(self.buffer_root / entries[0]["path"], round=task.round, worker=self.worker)
+            self.faults.corrupt_if(join(self.buffer_root, entries[0]["path"]), round=task.round, worker=self.worker)
             if task.grid:
-                save_sample_grid(result.images, result.labels, self.samples_dir / f"round-{task.round:05d}.png",
-                                 min(self.synthesizer.num_classes, self.cfg.grid_classes), self.cfg.grid_per_class)
+                classes = min(self.synthesizer.num_classes, self.cfg.grid_classes)
+                write_whole(join(self.samples_dir, f"round-{task.round:05d}.png"), lambda tmp: save_sample_grid(
+                    result.images, result.labels, tmp, classes, self.cfg.grid_per_class))
         t0 = time.perf_counter()
-        save_torch(self.synthesizer.state_dict(), self.state_file(task.round))
+        state = self.synthesizer.state_dict()
+        write_whole(self.state_file(task.round), lambda tmp: torch.save(state, tmp))
         self.state_round = task.round
-        for old in self.states.glob("round-*.pt"):
-            if int(old.stem.split("-")[1]) < task.keep_from:
-                old.unlink(missing_ok=True)
+        for old in listing(join(self.states, "round-*.pt")):
+            if int(posixpath.basename(old)[len("round-"):-len(".pt")]) < task.keep_from:
+                remove(old)
         return {"worker": self.worker, "shards": entries, "stats": result.stats, "compute_time": compute,
                 "write_time": t0 - start - compute, "state_time": time.perf_counter() - t0}

@@ -240,6 +240,8 @@ run_requeueing() {
         esac
     done
     [[ -n $name ]] || slurm_die 2 "pass name=<run name>: a requeued job resumes the run in <out_dir>/<name>/"
+    [[ $out_dir != *://* ]] || slurm_die 2 "out_dir=$out_dir: a requeueing job keeps its resume marker and crash" \
+        "count in a POSIX run folder; use a shared folder, or slurm/ray_cluster.sbatch for a run folder on an object store"
     limit=${RAY_CRASH_REQUEUES:-2}
     [[ $limit =~ ^[0-9]+$ ]] || slurm_die 2 "RAY_CRASH_REQUEUES=$limit: need a count (0 = never requeue a crash)"
     if [[ $PROGRAM_MODE == run ]]; then

@@ -1,7 +1,10 @@
 """Fixtures shared by the test modules (helpers that are not fixtures live in helpers.py)."""
 
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,43 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 # Ray Train's controller polls its workers this often (default 2 s): a test run notices finished or failed ranks
 # sooner. Read by the driver and passed on to the controller by Ray Train itself.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+# The object store tests' S3-compatible server (moto's, started by the `s3` fixture on 127.0.0.1): its address and
+# test credentials are in the environment from the start, so the session's local Ray and every worker it starts
+# have them, as a cluster's nodes have their store's. Set, not defaulted: the tests never reach a real store.
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1")
+
+
+@pytest.fixture(scope="session")
+def s3() -> str:
+    """A bucket on a local S3 server that the tests start themselves (moto[server], 127.0.0.1 only); its URL."""
+    import fsspec
+
+    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            assert server.poll() is None and time.monotonic() < deadline, "the S3 test server did not start"
+            time.sleep(0.1)
+    fs, _ = fsspec.core.url_to_fs("s3://nayer-tests")
+    fs.mkdir("nayer-tests")
+    yield "s3://nayer-tests"
+    server.terminate()
+    server.wait(10)
 
 
 @pytest.fixture(scope="session")

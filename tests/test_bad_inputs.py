@@ -35,6 +35,7 @@ def files(tmp_path_factory):
     (d / "batch.json").write_text(json.dumps({"train_batch_size": 64, "train_micro_batch_size_per_gpu": 16,
                                               "gradient_accumulation_steps": 1}))
     (d / "sweep.yaml").write_text("space: {synthesis.g_steps: {grid: [1]}}\nschedular: {type: asha}\n")
+    (d / "ok_sweep.yaml").write_text("space: {synthesis.g_steps: {grid: [1]}}\n")
     return d
 
 
@@ -130,12 +131,16 @@ def test_fault_spec_and_single_process_errors_are_one_line(tmp_path, files, caps
                                                          capsys)
     assert "device 'cuda' requested but CUDA is not available" in error_line(nayer_run.main, single + ["device=cuda"],
                                                                              capsys)
+    assert "a run folder on an object store is the pipeline's" in error_line(
+        nayer_run.main, single + ["out_dir=s3://bucket/runs"], capsys)
 
 
 def test_sweep_errors_are_one_line(tmp_path, files, capsys):
     assert "unknown config key 'schedular'" in error_line(tune.main, [f"sweep={files}/sweep.yaml", *tiny_args(tmp_path)],
                                                           capsys)
     assert "no sweep file" in error_line(tune.main, tiny_args(tmp_path), capsys)
+    assert "a sweep's folder (Tune's experiment state, the results table) is a POSIX path" in error_line(
+        tune.main, [f"sweep={files}/ok_sweep.yaml", *tiny_args(tmp_path), "out_dir=s3://bucket/sweeps"], capsys)
 
 
 def test_errors_that_need_a_run_folder_or_a_round(tmp_path, capsys, local_ray):

@@ -124,7 +124,7 @@ def test_commit_refuses_a_shard_of_the_wrong_size_and_clears_killed_writes(tmp_p
     assert manifest.commit(0, entries, policy="exclude") == [f"buffer shard {short}: 100 bytes on disk, its writer "
                                                              f"wrote {entries[1]['bytes']}"]
     assert [s["path"] for s in manifest.shards] == [entries[0]["path"]]
-    assert [p.name for p in manifest.remove_temporaries(0)] == ["worker-001-000000.tar.abc.tmp"]
+    assert [Path(p).name for p in manifest.remove_temporaries(0)] == ["worker-001-000000.tar.abc.tmp"]
     assert sorted(p.name for p in (tmp_path / "round-00000").iterdir()) == ["worker-000-000000.tar"]
 
 

@@ -59,7 +59,7 @@ def test_pipeline_stops_on_sigterm_and_resume_finishes_the_run(tmp_path, local_r
     with pytest.raises(ConfigError, match="already holds a run"):
         run(parse_config(PipelineConfig, args))
     with pytest.raises(ConfigError, match="config differs"):
-        run(parse_config(PipelineConfig, tiny_args(tmp_path, epochs=4, **{"cluster.synth_workers": 1}) + ["resume=true"]))
+        run(parse_config(PipelineConfig, tiny_args(tmp_path, epochs=4, **{"synthesis.g_steps": 3}) + ["resume=true"]))
     done = run(parse_config(PipelineConfig, args + ["resume=true"]))
     assert done["rounds_run"] == 5 and done["stopped_by"] is None and done["buffer_images"] == 200
 

@@ -353,6 +353,13 @@ def test_requeue_needs_the_run_name(tmp_path):
     assert result.calls == []
 
 
+def test_requeue_refuses_a_run_folder_on_an_object_store(tmp_path):
+    env = stub_env(tmp_path)
+    result = run("ray_cluster_requeue.sbatch", ["run", "name=c10", "out_dir=s3://bucket/runs"], env)
+    assert result.returncode == 2 and "out_dir=s3://bucket/runs: a requeueing job keeps its resume marker" \
+        in result.stderr and result.calls == []
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_port_of_the_block_already_in_use_fails_before_ray_starts(tmp_path, script):
     import socket

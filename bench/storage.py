@@ -1,0 +1,130 @@
+"""Benchmark: buffer shard write and read throughput on a POSIX folder and on S3 (a local S3 server).
+
+    python bench/storage.py                                   # results/storage.{md,json}
+    python bench/storage.py --tree /tmp/before --label before # the POSIX rows with another checkout's code
+    python bench/storage.py --report-only                     # the table from the saved rows
+
+Write: 20,000 3x32x32 images as 4 shards of 5000 (`write_shards`: a tar of uint8 .npy samples hashed as it is
+written, then made whole: a rename on POSIX, one upload on S3) and their commit to the manifest. Read: the
+streaming reader (`shard_batches`: each shard read whole through WebDataset's URL opener, its size and sha256
+checked, decoded, shuffled, batches of 256), the path of a rank whose share does not fit in memory; a resident
+share reads each shard once the same way. Repeats alternate the stores; the table gives medians.
+
+S3 here is moto's server on 127.0.0.1 (pure Python, started by this script): its rates measure this code's path
+through s3fs and HTTP on this machine, not a real object store's bandwidth. Run on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+
+
+def buffer_rates(root: str, n: int = 20000, shard_samples: int = 5000) -> dict:
+    """Write n images as shards under `root` (a folder or a URL), commit them, read them back once."""
+    import torch
+
+    from orchestrator.shards import Manifest, shard_batches, write_shards
+
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(1))
+    start = time.perf_counter()
+    manifest = Manifest(root)
+    for w, part in enumerate(range(0, n, shard_samples)):
+        manifest.commit(0, write_shards(root, 0, w, images[part:part + shard_samples],
+                                        labels[part:part + shard_samples], shard_samples))
+    write_s = time.perf_counter() - start
+    size = sum(s["bytes"] for s in manifest.shards)
+    start = time.perf_counter()
+    read = sum(len(y) for _, y in shard_batches(manifest.snapshot(), 256, n // 256, seed=0))
+    read_s = time.perf_counter() - start
+    return {"images": n, "bytes": size, "write_images_per_s": n / write_s, "write_mb_per_s": size / write_s / 1e6,
+            "read_images": read, "read_images_per_s": read / read_s, "read_mb_per_s": read * size / n / read_s / 1e6}
+
+
+def s3_server() -> tuple[subprocess.Popen, str]:
+    """moto's S3 server on a free loopback port, the environment pointed at it, a bucket made; (process, URL)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    import fsspec
+
+    fsspec.core.url_to_fs("s3://nayer-bench")[0].mkdir("nayer-bench")
+    return server, "s3://nayer-bench"
+
+
+def median_row(rows: list[dict]) -> dict:
+    keys = ("write_images_per_s", "write_mb_per_s", "read_images_per_s", "read_mb_per_s")
+    return {**rows[0], **{k: statistics.median(r[k] for r in rows) for k in keys}, "repeats": len(rows)}
+
+
+def report(rows: dict[str, dict]) -> str:
+    lines = ["# Buffer shard throughput: POSIX folder vs S3", "",
+             "20,000 images of 3x32x32 in 4 shards of 5000 (`python bench/storage.py`; medians of the repeats). "
+             "S3 is moto's server on 127.0.0.1: this code's path through s3fs and HTTP, not a real store's "
+             "bandwidth.", "",
+             "| store (code) | repeats | write images/s | write MB/s | read images/s | read MB/s |",
+             "|---|---|---|---|---|---|"]
+    for label, r in rows.items():
+        lines.append(f"| {label} | {r['repeats']} | {r['write_images_per_s']:.0f} | {r['write_mb_per_s']:.1f} | "
+                     f"{r['read_images_per_s']:.0f} | {r['read_mb_per_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tree", default=str(ROOT), help="the checkout whose orchestrator/ is measured (POSIX rows)")
+    ap.add_argument("--label", default="", help="the rows' label suffix (e.g. before)")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    saved = RESULTS / "storage.json"
+    rows = json.loads(saved.read_text()) if saved.is_file() else {}
+    if not args.report_only:
+        sys.path.insert(0, args.tree)
+        has_storage = (Path(args.tree) / "orchestrator" / "storage.py").is_file()
+        server, bucket = s3_server() if has_storage else (None, "")
+        measured: dict[str, list[dict]] = {"POSIX": [], "S3": []} if has_storage else {"POSIX": []}
+        try:
+            for repeat in range(args.repeats):
+                with tempfile.TemporaryDirectory() as folder:
+                    measured["POSIX"].append(buffer_rates(folder))
+                if has_storage:
+                    measured["S3"].append(buffer_rates(f"{bucket}/repeat-{repeat}/buffer"))
+                print({k: {m: round(v[-1][m]) for m in ("write_images_per_s", "read_images_per_s")}
+                       for k, v in measured.items()}, flush=True)
+        finally:
+            if server is not None:
+                server.terminate()
+        suffix = f", {args.label}" if args.label else ""
+        rows.update({f"{store}{suffix}": median_row(r) for store, r in measured.items()})
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(rows, indent=1) + "\n")
+    text = report(rows)
+    (RESULTS / "storage.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
