@@ -80,13 +80,15 @@ def _load_yaml(path: str) -> dict:
 def _override(schema: Any, key: str, value: str) -> Any:
     """One `key=value` item as a config. A key the schema types `str` takes the value verbatim: YAML would read
     `name=007` as 7 and a Tune trial id such as `name=13121_00000` as the integer 1312100000. `key=` clears a string
-    (OmegaConf would read it as null); `key=null` sets an optional to None."""
+    (OmegaConf would read it as null); `key=null` sets an optional to None; quotes around the whole value, as
+    YAML's (`name='007'`), are taken off."""
     *parents, leaf = key.split(".")
     for part in parents:
         schema = getattr(schema, part, None)
     hints = typing.get_type_hints(type(schema)) if dataclasses.is_dataclass(schema) else {}
     if hints.get(leaf) in (str, typing.Optional[str]) and value != "null":
-        nested: Any = value
+        quoted = len(value) >= 2 and value[0] == value[-1] and value[0] in "'\""
+        nested: Any = value[1:-1] if quoted else value
         for part in reversed(key.split(".")):
             nested = {part: nested}
         return OmegaConf.create(nested)

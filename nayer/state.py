@@ -37,6 +37,8 @@ class SavedState:
     """`save` / `load` for a dataclass of tensors, plain containers and nested dataclasses (kept as dicts in the
     file, so `torch.load(weights_only=True)` reads it back)."""
 
+    ADDED_LATER: typing.ClassVar[tuple[str, ...]] = ()  # fields a file of an earlier version lacks (their defaults)
+
     def save(self, path: str | Path) -> Path:
         """Atomically: a temporary name, then a rename over `path`."""
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -48,10 +50,8 @@ class SavedState:
         """On CPU: each part is copied to its device by the load_state_dict it goes to (RNG states stay on CPU)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         names = {f.name for f in dataclasses.fields(cls)}
-        # keys a newer version added with a default may be missing (a run started by the older version resumes)
-        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
-                    or f.default_factory is not dataclasses.MISSING}
-        if not isinstance(state, dict) or not names - optional <= set(state) <= names:
+        # a run started by an earlier version resumes: the fields added since take their defaults
+        if not isinstance(state, dict) or not names - set(cls.ADDED_LATER) <= set(state) <= names:
             raise ValueError(f"{path} is not a {cls.__name__} checkpoint of this version (keys "
                              f"{sorted(state) if isinstance(state, dict) else type(state).__name__}, expected "
                              f"{sorted(names)})")

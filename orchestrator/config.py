@@ -67,8 +67,9 @@ class ClusterConfig:
 class PipelineConfig(RunConfig):
     """A NAYER run on Ray: synthesis actors -> WebDataset buffer -> DeepSpeed ranks under Ray Train."""
 
-    # A requeued SLURM job resumes on another head address, maybe on more or fewer nodes (the pools resize: see
-    # `Driver` and `orchestrator.resize`); restart and corruption policies may be raised.
+    # A requeued SLURM job resumes on another head address; a run resubmitted with resume=true may have more or fewer
+    # workers (the pools resize: see `Driver._resize` and `orchestrator.resize`); restart and corruption policies
+    # may be raised.
     RESUME_MAY_CHANGE: ClassVar[tuple[str, ...]] = RunConfig.RESUME_MAY_CHANGE + (
         "cluster.address", "cluster.object_store_mb", "cluster.keep_checkpoints", "cluster.synth_max_restarts",
         "cluster.trainer_max_failures", "cluster.on_corrupt_shard", "cluster.rank_buffer_gb",

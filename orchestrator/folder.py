@@ -14,6 +14,7 @@ end. As on POSIX, the driver checkpoint is the round's commit point and the mani
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import re
 import shutil
@@ -22,8 +23,7 @@ from pathlib import Path
 
 from nayer.run_folder import RunFolder
 from orchestrator.config import PipelineConfig
-from orchestrator.storage import (download_tree, filesystem, is_url, join, listing, remove_tree, upload_tree,
-                                  write_whole)
+from orchestrator.storage import download_tree, filesystem, is_url, join, listing, remove_tree, upload
 
 OWN = ("config.yaml", "inputs.json", "metrics.jsonl", "tb", "checkpoints/driver.pt")  # downloaded at a start
 SHARED = ("buffer", "samples", "checkpoints/synthesis", "trainer", "ranks", "faults")
@@ -71,15 +71,12 @@ class PipelineFolder(RunFolder):
         if self.url is None:
             return
         for rel in rels:
-            local = self.path / rel
-            if local.is_dir():
-                upload_tree(local, join(self.url, rel))
-            elif local.is_file():
-                write_whole(join(self.url, rel), lambda tmp, local=local: shutil.copyfile(local, tmp))
+            if (self.path / rel).exists():
+                upload(self.path / rel, join(self.url, rel))
 
     def fetch_last_sample_grid(self) -> None:
         """The last round's sample grid (an actor wrote it to the store) into the staging folder, for the report."""
-        if self.url is not None and (grids := listing(join(self.url, "samples", "*.png"))):
+        if self.url is not None and (grids := listing(join(self.url, "samples"), "*.png")):
             fs, path = filesystem(grids[-1])
             (self.path / "samples").mkdir(parents=True, exist_ok=True)
             fs.get_file(path, str(self.path / "samples" / Path(path).name))
@@ -88,4 +85,6 @@ class PipelineFolder(RunFolder):
 def staging_folder(configured: str, url: str) -> Path:
     """The local copy of an object store run folder: under `cluster.staging_dir`, else the system's temp folder."""
     root = Path(configured) if configured else Path(tempfile.gettempdir()) / "nayer-staging"
-    return root / re.sub(r"[^\w.-]+", "_", posixpath.dirname(url)) / posixpath.basename(url)
+    parent = posixpath.dirname(url)  # readable, and made unique by a hash (s3://a/b_c and s3://a_b/c clean alike)
+    readable = re.sub(r"[^\w.-]+", "_", parent)[-80:]
+    return root / f"{readable}-{hashlib.sha256(parent.encode()).hexdigest()[:10]}" / posixpath.basename(url)

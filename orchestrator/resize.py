@@ -19,17 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import hashlib
 import os
 import shutil
 import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from nayer.runtime import RunError
 
+TAG = "student"  # the DeepSpeed checkpoint tag in each of the ranks' checkpoint folders
 MODEL_STATES = "mp_rank_00_model_states.pt"
 OPTIM_STATES = "zero_pp_rank_{}_mp_rank_00_optim_states.pt"
 # deepspeed.checkpoint.constants (spelled out: the driver imports this module, and deepspeed only on the ranks)
@@ -100,35 +103,60 @@ def to_universal(tag_dir: str | Path, out_dir: str | Path) -> Path:
 
 
 @dataclass(frozen=True)
+class NodeRank:
+    """This rank's place on its node, for work done once per node: a conversion by local rank 0 that the node's
+    other ranks wait for (`barrier` is the process group's)."""
+
+    local_rank: int
+    barrier: Callable[[], None]
+
+    def release(self, folder: Path) -> None:
+        """Once every rank has loaded from `folder`: local rank 0 removes it."""
+        self.barrier()
+        if self.local_rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass(frozen=True)
 class Loadable:
     """How a rank loads a student checkpoint at its data-parallel size."""
 
-    path: str  # the folder to pass to `engine.load_checkpoint`
+    path: str  # the folder to pass to `engine.load_checkpoint(path, tag=TAG)`
     ds_config: dict  # the DeepSpeed config to initialize the engine with
     note: str | None = None  # what a resize does (None: the saved size)
     universal: bool = False  # loaded as a universal checkpoint: the module's buffers are restored after it
 
-    def restore_buffers(self, module: torch.nn.Module, tag: str) -> None:
+    def restore_buffers(self, module: torch.nn.Module) -> None:
         """DeepSpeed's universal load sets the parameters from their fp32 master copies and leaves every buffer
         (BatchNorm running statistics and counters) as initialized; they are taken from the saved module."""
         if self.universal:
-            saved = load_states(Path(self.path) / tag / MODEL_STATES)["module"]
+            saved = load_states(Path(self.path) / TAG / MODEL_STATES)["module"]
             buffers = {name: saved[name] for name, _ in module.named_buffers() if name in saved}
             module.load_state_dict(buffers, strict=False)
 
 
-def loadable_at(checkpoint_dir: str, tag: str, world: int, ds_config: dict, scratch: contextlib.ExitStack
-                ) -> Loadable:
-    """How this rank loads checkpoint `checkpoint_dir/tag` at data-parallel size `world`. A ZeRO-1/2 checkpoint of
-    another size is converted into a temporary folder that `scratch` removes."""
-    saved = saved_world_size(Path(checkpoint_dir) / tag)
+def loadable_at(checkpoint_dir: str, identity: str, world: int, ds_config: dict, node: NodeRank,
+                scratch: contextlib.ExitStack) -> Loadable:
+    """How this rank loads the checkpoint in `checkpoint_dir` (its local copy of checkpoint `identity`) at
+    data-parallel size `world`. A ZeRO-1/2 checkpoint of another size is converted once per node, by local rank
+    0, into a temporary folder that is removed when `scratch` closes, after every rank of the node has loaded."""
+    tag = Path(checkpoint_dir) / TAG
+    saved = saved_world_size(tag)
     if saved == world:
         return Loadable(checkpoint_dir, ds_config)
-    if not partitioned(Path(checkpoint_dir) / tag):
+    if glob.glob(str(tag / f"bf16_{OPTIM_STATES.format('*')}")):
+        raise RunError(f"the student checkpoint {identity} holds DeepSpeed's BF16_Optimizer partitions (ZeRO-1 with "
+                       f"bf16) of {saved} ranks, which cannot be re-partitioned here; resume with "
+                       f"cluster.trainer_workers={saved}")
+    if not partitioned(tag):
         return Loadable(checkpoint_dir, ds_config, f"resume: the student checkpoint of {saved} ranks loads on {world} "
                                                    "as it is (ZeRO-0 keeps the whole optimizer state in one file)")
-    universal = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="nayer-universal-")))
-    to_universal(Path(checkpoint_dir) / tag, universal / tag)
+    digest = hashlib.sha256(f"{identity}|{world}".encode()).hexdigest()[:16]
+    universal = Path(tempfile.gettempdir()) / f"nayer-universal-{digest}"
+    if node.local_rank == 0:
+        to_universal(tag, universal / TAG)
+    node.barrier()  # the node's other ranks load the folder local rank 0 wrote
+    scratch.callback(node.release, universal)
     note = (f"resume: the ZeRO-{ds_config['zero_optimization']['stage']} student checkpoint of {saved} ranks "
             f"re-partitioned for {world} (DeepSpeed universal checkpoint)")
     ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}

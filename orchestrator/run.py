@@ -51,10 +51,10 @@ from orchestrator.config import PipelineConfig, load_deepspeed_config
 from orchestrator.faults import FaultPlan
 from orchestrator.folder import PipelineFolder
 from orchestrator.rounds import gather_synthesis, synthesis_record
-from orchestrator.shards import Manifest, rank_samples
+from orchestrator.shards import MANIFEST, Manifest, rank_samples
 from orchestrator.signals import StopOnSignal
 from orchestrator.state import DriverState
-from orchestrator.storage import join, read_bytes, remove_tree, subfolders
+from orchestrator.storage import exists, join, read_bytes, remove_tree, subfolders
 from orchestrator.trainer import STUDENT_WEIGHTS, TrainerRun, eval_source, make_trainer
 from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles, split_iterations
 
@@ -116,6 +116,8 @@ class Driver:
         stays kd.batch_size; the student and its optimizer state load at the new size (orchestrator.resize)."""
         c, state = self.cfg.cluster, self.state
         old_synth, old_ranks = state.synth_workers, state.trainer_workers  # None: a run saved before they were kept
+        if old_synth is None and state.synthesized >= 0:  # then every worker that ever ran has its state folder
+            old_synth = sum(1 for name in subfolders(self.folder.synthesis_states) if name.startswith("worker-"))
         state.synth_workers, state.trainer_workers = c.synth_workers, c.trainer_workers
         fresh: set[int] = set()
         if old_synth is not None and old_synth != c.synth_workers:
@@ -136,6 +138,9 @@ class Driver:
         """The committed buffer: on resume, the manifest cut back to the last checkpointed synthesis round (a round
         committed after it is synthesized again), every shard verified, files nobody committed removed."""
         manifest = Manifest.load(self.folder.buffer) if self.cfg.resume else Manifest(self.folder.buffer)
+        if self.cfg.resume and self.state.synthesized >= 0 and not exists(join(self.folder.buffer, MANIFEST)):
+            raise RunError(f"{join(self.folder.buffer, MANIFEST)} is missing, but the driver checkpoint lists round "
+                           f"{self.state.synthesized} as committed: the buffer is not where the run left it")
         if self.cfg.resume:
             manifest.truncate(self.state.synthesized)
             excluded = manifest.verify(self.cfg.cluster.on_corrupt_shard)
@@ -182,7 +187,10 @@ class Driver:
                 # the ranks rate the teacher on the labeled set too, once, on their devices (not on resume)
                 "teacher_eval": self.inputs.eval_set is not None and self.state.teacher_top1 is None}
             if self.state.student_checkpoint:  # the adversarial term's student: the last KD round's
-                weights = read_bytes(join(storage, self.state.student_checkpoint, STUDENT_WEIGHTS))
+                path = join(storage, self.state.student_checkpoint, STUDENT_WEIGHTS)
+                if (weights := read_bytes(path)) is None:
+                    raise RunError(f"the student checkpoint {path} of the last round is missing: the run folder is "
+                                   "incomplete")
                 self.student_ref = ray.put(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
             self._rounds()
             ray.get(self.board.stop.remote())
@@ -214,7 +222,9 @@ class Driver:
             while (r := self.state.done + 1) < total:
                 record = self._step(r, total)
                 metrics.log(record)
-                self.folder.publish("metrics.jsonl", "tb")
+                # on an object store the round's line goes up before its checkpoint: a kill in between logs the
+                # round twice (the report counts it once), never not at all
+                self.folder.publish("metrics.jsonl", "tb", PipelineFolder.CHECKPOINT)
                 self.progress.round_done(record)
                 if self.on_round is not None:
                     self.on_round(record)
@@ -271,7 +281,6 @@ class Driver:
         t_ckpt = time.perf_counter()
         self.state.elapsed = self._elapsed()
         self.state.save(self.folder.checkpoint)
-        self.folder.publish(PipelineFolder.CHECKPOINT)
         self.checkpointed = self.state.synthesized
         now = time.perf_counter()
         step = now - t0

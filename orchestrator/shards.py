@@ -1,7 +1,7 @@
-"""The memory buffer M as WebDataset shards: atomic shard writes, a driver-owned manifest, verified reads.
+"""The memory buffer M as WebDataset shards: whole-or-nothing shard writes, a driver-owned manifest, verified reads.
 
 Layout under `<run folder>/buffer/` (a POSIX folder or an object store prefix, `orchestrator.storage`):
-    manifest.json                              committed shards in commit order (driver only, atomic rename)
+    manifest.json                              committed shards in commit order (driver only, written whole)
     round-00012/worker-001-000000.tar          one shard: samples {key, "npy": uint8 [C, H, W], "cls": label}
 
 A shard is written whole (a temporary name renamed when complete, or one upload); it becomes part of the buffer
@@ -109,7 +109,8 @@ def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor
 
 
 class Manifest:
-    """The committed shards of the buffer. Only the driver writes it; every write is an atomic rename."""
+    """The committed shards of the buffer. Only the driver writes it; every write is whole (an atomic rename, or
+    one upload)."""
 
     def __init__(self, root: str | Path, shards: list[dict] | None = None, excluded: list[dict] | None = None):
         self.root = str(root) if is_url(root) else str(Path(root).resolve())
@@ -160,7 +161,7 @@ class Manifest:
         """Delete the temporary files of killed write attempts in a round's folder (call once every writer of the
         round has returned: a restarted actor rewrote its shards under their final names). An object store has
         none: an object is uploaded whole or not at all."""
-        stale = listing(join(self.root, posixpath.dirname(shard_name(round_index, 0, 0)), "*.tmp"))
+        stale = listing(self.root, posixpath.dirname(shard_name(round_index, 0, 0)) + "/*.tmp")
         for path in stale:
             remove(path)
         return stale
@@ -191,7 +192,7 @@ class Manifest:
         """Delete shard files the manifest does not list (a round killed before its commit, temporary files);
         returns what was removed. Run on resume, before any new round writes."""
         committed = {join(self.root, s["path"]) for s in self.shards}
-        stale = [p for p in listing(join(self.root, "round-*", "*")) if p not in committed]
+        stale = [p for p in listing(self.root, "round-*/*") if p not in committed]
         for path in stale:
             remove(path)
         if not is_url(self.root):  # an object store has no folders to leave empty

@@ -17,6 +17,8 @@ from nayer.state import Best, SavedState
 class DriverState(SavedState):
     """Where a pipeline run stands after a checkpointed step."""
 
+    ADDED_LATER = ("synth_workers", "trainer_workers")
+
     synthesized: int = -1  # the last synthesis round committed to the manifest
     done: int = -1  # the last round finished (its record logged): a warm-up round, or a KD round the ranks trained
     student_checkpoint: str | None = None  # `<experiment>/round-XXXXX` of the ranks' last checkpoint (trainer/)

@@ -4,19 +4,25 @@
 Writes are whole or nothing on both. A POSIX file is written under a temporary name and renamed
 (`nayer.runtime.atomic_write`). An object is written to a local temporary file first and then uploaded by one
 `put_file`: a single PUT, or a multipart upload that the store completes only after its last part, so a reader
-sees the whole object or none, and a killed writer leaves nothing (no temporary object, nothing to clean up).
-The manifest (`buffer/manifest.json`) stays the buffer's commit point: a shard object exists before the driver
-lists it.
+sees the whole object or none, and a killed writer leaves no object behind. (A multipart upload killed half-way,
+over 50 MB, leaves its parts, which S3 bills until a bucket lifecycle rule aborts incomplete uploads.) The
+manifest (`buffer/manifest.json`) stays the buffer's commit point: a shard object exists before the driver lists
+it.
 
-Shards are read through WebDataset's URL opener (`webdataset.gopen`), whose scheme table gets an fsspec opener
-for the object store schemes here; Ray Train's storage takes the same URL through pyarrow. Credentials and the
+Objects are read through WebDataset's URL opener (`webdataset.gopen`), whose scheme table maps the object store
+schemes to fsspec here (it would pipe gs:// through `gsutil`, which is not installed everywhere and reports a
+missing object as a failure); POSIX files are read directly. Ray Train's storage takes the same URL through
+pyarrow. Credentials and the
 endpoint come from the usual environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL for an
 S3-compatible server; GOOGLE_APPLICATION_CREDENTIALS; ...), on every node: each process opens the store itself.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import glob
+import json
+import os
 import posixpath
 import shutil
 import tempfile
@@ -25,6 +31,7 @@ from typing import Callable
 
 import webdataset as wds
 
+from nayer.runtime import append_jsonl as runtime_append_jsonl
 from nayer.runtime import atomic_write
 
 
@@ -54,7 +61,7 @@ def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
 
 
 for _scheme in ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"):
-    wds.gopen_schemes.setdefault(_scheme, _gopen_fsspec)
+    wds.gopen_schemes[_scheme] = _gopen_fsspec
 
 
 def write_whole(target: str | Path, write: Callable[[str], None]) -> str:
@@ -74,8 +81,10 @@ def write_bytes(target: str | Path, data: bytes) -> str:
 
 
 def read_bytes(target: str | Path) -> bytes | None:
-    """The file's bytes (None: there is no such file), through WebDataset's opener."""
+    """The file's bytes (None: there is no such file); an object through WebDataset's opener (fsspec)."""
     try:
+        if not is_url(target):
+            return Path(target).read_bytes()
         with wds.gopen(str(target), "rb") as f:
             return f.read()
     except FileNotFoundError:
@@ -97,13 +106,20 @@ def exists(target: str | Path) -> bool:
     return size(target) is not None
 
 
-def listing(pattern: str) -> list[str]:
-    """Files matching a glob pattern, sorted, as paths or URLs like the pattern."""
-    if not is_url(pattern):
-        return sorted(p for p in glob.glob(pattern) if Path(p).is_file())
-    fs, path = filesystem(pattern)
-    scheme = pattern.split("://", 1)[0]
-    return sorted(f"{scheme}://{p}" for p in fs.glob(path) if fs.isfile(p))
+def listing(root: str | Path, pattern: str) -> list[str]:
+    """The files under `root` whose path relative to it matches `pattern` segment by segment (`*` stays within
+    one folder; `root` itself is no pattern, whatever characters it holds), sorted, as paths or URLs."""
+    if not is_url(root):
+        return sorted(p for p in glob.glob(os.path.join(glob.escape(str(root)), pattern)) if os.path.isfile(p))
+    fs, path = filesystem(str(root))
+    parts = pattern.split("/")
+    found = fs.find(path, maxdepth=len(parts)) if fs.exists(path) else []  # one listing, files only
+    scheme = str(root).split("://", 1)[0]
+    return sorted(f"{scheme}://{key}" for key in found if _matches(posixpath.relpath(key, path).split("/"), parts))
+
+
+def _matches(segments: list[str], parts: list[str]) -> bool:
+    return len(segments) == len(parts) and all(fnmatch.fnmatchcase(s, p) for s, p in zip(segments, parts))
 
 
 def remove(target: str | Path) -> None:
@@ -138,11 +154,13 @@ def move(source: str | Path, target: str | Path) -> None:
     fs.mv(path, filesystem(str(target))[1])
 
 
-def upload_tree(local: Path, url: str) -> None:
-    """Every file under `local` to the same relative key under `url`, each written whole."""
+def upload(local: Path, url: str) -> None:
+    """A local file, or every file under a local folder to the same relative key under `url`, each written whole
+    (one put_file of a complete file)."""
     fs, path = filesystem(url)
-    for file in sorted(p for p in local.rglob("*") if p.is_file()):
-        fs.put_file(str(file), posixpath.join(path, file.relative_to(local).as_posix()))
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    for file in files:
+        fs.put_file(str(file), path if file == local else posixpath.join(path, file.relative_to(local).as_posix()))
 
 
 def download_tree(url: str, local: Path) -> None:
@@ -167,11 +185,10 @@ def subfolders(target: str | Path) -> list[str]:
                   if e["type"] == "directory")
 
 
-def append_line(target: str | Path, line: str) -> None:
-    """One line at the end of a log: appended to a POSIX file; an object is written again whole with it (a log of
-    a line per round stays small)."""
+def append_jsonl(record: dict, target: str | Path) -> None:
+    """One record at the end of a JSONL log: appended to a POSIX file; an object is written again whole with it (a
+    log of a line per round stays small)."""
     if not is_url(target):
-        with open(target, "a") as f:
-            f.write(line + "\n")
+        runtime_append_jsonl(record, target)
         return
-    write_bytes(target, (read_bytes(target) or b"") + (line + "\n").encode())
+    write_bytes(target, (read_bytes(target) or b"") + (json.dumps(record) + "\n").encode())

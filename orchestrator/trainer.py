@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import tempfile
@@ -40,11 +39,10 @@ from orchestrator.cluster import ray_log_level, root_cause
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.precision import bf16_with_fp32_batchnorm_stats
 from orchestrator.resident import GB, ResidentShare, ShareLoader
-from orchestrator.resize import check_same_student, loadable_at
-from orchestrator.storage import append_line, is_url, join
+from orchestrator.resize import TAG, NodeRank, check_same_student, loadable_at
+from orchestrator.storage import append_jsonl, is_url, join
 
 STUDENT_WEIGHTS = "student.pt"  # in each checkpoint directory: the module's state_dict, for the synthesis actors
-TAG = "student"  # the DeepSpeed checkpoint tag in each checkpoint directory
 
 
 def sharded_evaluate(model: torch.nn.Module, part: LabeledImages, spec: ImageSpec, compute: Compute,
@@ -134,7 +132,8 @@ def train_loop_per_worker(config: dict) -> None:
     with contextlib.ExitStack() as opened:
         if checkpoint is not None:
             saved = opened.enter_context(checkpoint.as_directory())
-            loadable = loadable_at(saved, TAG, world, ds_config, opened)
+            node = NodeRank(ctx.get_local_rank(), dist.barrier)
+            loadable = loadable_at(saved, checkpoint.path, world, ds_config, node, opened)
             ds_config = loadable.ds_config
             if loadable.note and rank == 0:
                 print(loadable.note, flush=True)
@@ -146,7 +145,7 @@ def train_loop_per_worker(config: dict) -> None:
             _, client = engine.load_checkpoint(loadable.path, tag=TAG)
             if client is None:
                 raise RunError(f"no DeepSpeed checkpoint '{TAG}' in {saved}: the run folder's trainer/ is incomplete")
-            loadable.restore_buffers(engine.module, TAG)
+            loadable.restore_buffers(engine.module)
             weights = torch.load(os.path.join(saved, STUDENT_WEIGHTS), map_location="cpu", weights_only=True) \
                 if rank == 0 else None
             if loadable.note and rank == 0:  # a resize: the student the ranks start from must be the one that was saved
@@ -249,9 +248,9 @@ def train_loop_per_worker(config: dict) -> None:
             # Ray Train keeps (and later serializes) the dict it is handed: give it its own copy.
             ray.train.report(dict(metrics), checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=f"round-{r:05d}")
-        append_line(rank_log, json.dumps({"round": r, "rank": rank, "kd_loss": rank_loss.item() if losses else None,
-                                          "kd_steps": len(losses), "read_bytes": read_bytes[rank], "kd_time": kd_time,
-                                          "kd_read_time": read_time, "streaming": loader.streaming}))
+        append_jsonl({"round": r, "rank": rank, "kd_loss": rank_loss.item() if losses else None,
+                      "kd_steps": len(losses), "read_bytes": read_bytes[rank], "kd_time": kd_time,
+                      "kd_read_time": read_time, "streaming": loader.streaming}, rank_log)
         if rank == 0:
             finish(r, metrics, weights, t0)
 

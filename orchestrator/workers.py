@@ -61,7 +61,9 @@ class SynthesisTask:
     iterations: int
     min_shards: int  # write at least this many shards (so that every rank gets a shard of the round)
     grid: bool  # also write the round's sample grid
-    after: int  # the last committed synthesis round (-1: none): the state this task continues from
+    # the last committed synthesis round, whose state this task continues from; -1: none, or a worker a resumed run
+    # added (cluster.synth_workers raised), which starts fresh
+    after: int
     keep_from: int  # the synthesis round of the driver's last checkpoint: a resume may continue from it
     first_iteration: int = 0  # the round's iteration this share starts at (synthesis.targets=slices)
 
@@ -133,7 +135,7 @@ class SynthesisWorker:
         state = self.synthesizer.state_dict()
         write_whole(self.state_file(task.round), lambda tmp: torch.save(state, tmp))
         self.state_round = task.round
-        for old in listing(join(self.states, "round-*.pt")):
+        for old in listing(self.states, "round-*.pt"):
             if int(posixpath.basename(old)[len("round-"):-len(".pt")]) < task.keep_from:
                 remove(old)
         return {"worker": self.worker, "shards": entries, "stats": result.stats, "compute_time": compute,

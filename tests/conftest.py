@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from orchestrator.cluster import start_local_ray
+from helpers import free_port
 
 
 # The venv's tools first, as in an activated venv (README) and as the `ray job submit` test needs them: DeepSpeed's
@@ -26,13 +27,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # The object store tests' S3-compatible server (moto's, started by the `s3` fixture on 127.0.0.1): its address and
 # test credentials are in the environment from the start, so the session's local Ray and every worker it starts
 # have them, as a cluster's nodes have their store's. Set, not defaulted: the tests never reach a real store.
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-S3_ENDPOINT = f"http://127.0.0.1:{_free_port()}"
+S3_ENDPOINT = f"http://127.0.0.1:{free_port()}"
 os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1")
 

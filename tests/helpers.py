@@ -4,6 +4,7 @@ behaviour, and readers of a run folder. (Fixtures live in conftest.py.)"""
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import torch
@@ -57,6 +58,13 @@ def pipeline_args(tmp_path: Path, **extra) -> list[str]:
     3 KD steps, shards of 8 samples (several shards a worker, so each of the 2 ranks reads some)."""
     pipeline = {"synthesis.g_loops": 2, "synthesis.warmup_loops": 2, "kd.kd_steps": 3, "cluster.shard_samples": 8}
     return run_args(tmp_path, **{**pipeline, **extra})
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def records(folder: Path) -> list[dict]:

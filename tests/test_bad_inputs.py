@@ -150,6 +150,11 @@ def test_errors_that_need_a_run_folder_or_a_round(tmp_path, capsys, local_ray):
     assert "already holds a run; pass resume=true" in error_line(pipeline_run.main, tiny_args(tmp_path), capsys)
     changed = error_line(pipeline_run.main, tiny_args(tmp_path, **{"kd.lr": 0.5}) + ["resume=true"], capsys)
     assert "config differs from the one in" in changed and "kd.lr: 0.2 -> 0.5" in changed
+    manifest = tmp_path / "runs" / "tiny" / "buffer" / "manifest.json"
+    manifest.rename(manifest.with_suffix(".moved"))
+    assert "manifest.json is missing, but the driver checkpoint lists round 0 as committed" in error_line(
+        pipeline_run.main, tiny_args(tmp_path) + ["resume=true"], capsys)
+    manifest.with_suffix(".moved").rename(manifest)
     shard = next((tmp_path / "runs" / "tiny" / "buffer" / "round-00000").glob("*.tar"))
     shard.unlink()
     assert f"buffer shard {shard}: listed in the manifest but missing" in error_line(

@@ -76,6 +76,7 @@ def test_train_teacher_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
 @pytest.mark.parametrize("given, expected", [
     ("13121_00000", "13121_00000"),  # a Tune trial id, which YAML reads as the integer 1312100000
     ("007", "007"), ("1e5", "1e5"), ("true", "true"), ("", ""),
+    ("'007'", "007"), ('"a b"', "a b"), ("it's", "it's"),  # YAML's quotes around the whole value come off
 ])
 def test_a_string_key_takes_its_value_verbatim(given, expected):
     cfg = parse_config(PipelineConfig, [f"name={given}", f"data.eval={given}", "synthesis.g_steps=7"])

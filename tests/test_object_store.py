@@ -76,7 +76,7 @@ def test_the_buffer_on_s3_commits_verifies_and_quarantines_as_on_posix(s3):
     assert keys(root) == ["manifest.json", "quarantine/round-00000/worker-000-000001.tar",
                           "round-00000/worker-000-000000.tar", "round-00000/worker-000-000002.tar"]
     assert [s["path"] for s in Manifest.load(root).shards] == [entries[0]["path"], entries[2]["path"]]
-    assert listing(f"{root}/round-*/*.tar") == [f"{root}/{entries[0]['path']}", f"{root}/{entries[2]['path']}"]
+    assert listing(root, "round-*/*.tar") == [f"{root}/{entries[0]['path']}", f"{root}/{entries[2]['path']}"]
 
 
 def test_only_the_pipeline_writes_a_run_folder_on_an_object_store(s3):

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,20 +17,14 @@ import torch.multiprocessing as mp
 
 from nayer.cli_config import parse_config
 from orchestrator.config import PipelineConfig
-from orchestrator.resize import (MODEL_STATES, Loadable, load_states, loadable_at, partitioned, saved_world_size,
-                                 to_universal)
+from orchestrator.resize import (MODEL_STATES, Loadable, NodeRank, load_states, loadable_at, partitioned,
+                                 saved_world_size, to_universal)
 from orchestrator.run import run
-from helpers import pipeline_args, records
+from helpers import free_port, pipeline_args, records
 
 
 def records_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _engine_worker(rank: int, world: int, stage: int, load: str | None, save: str, port: int) -> None:
@@ -61,13 +54,13 @@ def _engine_worker(rank: int, world: int, stage: int, load: str | None, save: st
             engine.step()
     else:
         engine.load_checkpoint(load, tag="student")
-        Loadable(load, config, universal=True).restore_buffers(engine.module, "student")
+        Loadable(load, config, universal=True).restore_buffers(engine.module)
     engine.save_checkpoint(save, tag="student")
     torch.distributed.destroy_process_group()
 
 
 def _engines(world: int, stage: int, save: Path, load: Path | None = None) -> None:
-    mp.spawn(_engine_worker, args=(world, stage, None if load is None else str(load), str(save), _free_port()),
+    mp.spawn(_engine_worker, args=(world, stage, None if load is None else str(load), str(save), free_port()),
              nprocs=world)
 
 
@@ -104,11 +97,12 @@ def test_zero0_loads_at_any_size_as_it_is_and_the_same_size_is_left_alone(tmp_pa
     _engines(2, 0, tmp_path / "saved")
     assert not partitioned(tmp_path / "saved" / "student")
     config = {"zero_optimization": {"stage": 0}}
+    node = NodeRank(0, lambda: None)
     with contextlib.ExitStack() as scratch:
-        loadable = loadable_at(str(tmp_path / "saved"), "student", 1, config, scratch)
+        loadable = loadable_at(str(tmp_path / "saved"), "saved", 1, config, node, scratch)
         assert (loadable.path, loadable.ds_config) == (str(tmp_path / "saved"), config)
         assert "loads on 1 as it is (ZeRO-0" in loadable.note and not loadable.universal
-        assert loadable_at(str(tmp_path / "saved"), "student", 2, config, scratch).note is None
+        assert loadable_at(str(tmp_path / "saved"), "saved", 2, config, node, scratch).note is None
     assert (tmp_path / "saved" / "student" / MODEL_STATES).is_file()
 
 
@@ -161,3 +155,18 @@ def test_a_resumed_run_changes_its_size_and_the_student_goes_on(tmp_path, uninte
     trained = {(r["round"], r["rank"]) for q in range(2) if (folder / "ranks" / f"rank-{q:03d}.jsonl").is_file()
                for r in records_of(folder / "ranks" / f"rank-{q:03d}.jsonl")}
     assert {rank for round_index, rank in trained if round_index >= 2} == set(range(after[0]))
+
+
+def test_a_driver_checkpoint_of_the_version_before_loads_and_a_damaged_one_does_not(tmp_path):
+    from nayer.runtime import save_torch
+    from orchestrator.state import DriverState
+
+    state = DriverState(synthesized=3, done=3)
+    saved = {k: v for k, v in torch.load(state.save(tmp_path / "driver.pt"), weights_only=True).items()
+             if k not in DriverState.ADDED_LATER}
+    save_torch(saved, tmp_path / "older.pt")  # before the pool sizes were kept: they load as None
+    older = DriverState.load(tmp_path / "older.pt")
+    assert (older.synthesized, older.synth_workers, older.trainer_workers) == (3, None, None)
+    save_torch({k: v for k, v in saved.items() if k != "synthesized"}, tmp_path / "damaged.pt")
+    with pytest.raises(ValueError, match="is not a DriverState checkpoint of this version"):
+        DriverState.load(tmp_path / "damaged.pt")

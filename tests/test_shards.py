@@ -250,3 +250,12 @@ def test_synthesis_worker_refreshes_its_student_writes_balanced_shards_and_its_o
         assert torch.equal(saved["generator"][key], value), key
     with pytest.raises(FileNotFoundError, match="no state file .*round-00003.pt"):
         restarted._continue_after(3)
+
+
+def test_a_run_folder_whose_name_holds_glob_characters_touches_no_other(tmp_path):
+    images, labels = torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+    for name in ("run[1]", "run1"):
+        Manifest(tmp_path / name).commit(0, write_shards(tmp_path / name, 0, 0, images, labels, 8))
+    write_shards(tmp_path / "run1", 1, 0, images, labels, 8)  # run1's uncommitted round
+    assert Manifest.load(tmp_path / "run[1]").discard_uncommitted() == []  # a pattern would have matched run1
+    assert len(Manifest.load(tmp_path / "run1").discard_uncommitted()) == 1
