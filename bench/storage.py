@@ -1,14 +1,15 @@
 """Benchmark: buffer shard write and read throughput on a POSIX folder and on S3 (a local S3 server).
 
     python bench/storage.py                                   # results/storage.{md,json}
-    python bench/storage.py --tree /tmp/before --label before # the POSIX rows with another checkout's code
+    python bench/storage.py --before /tmp/before              # + POSIX with another checkout's code, interleaved
     python bench/storage.py --report-only                     # the table from the saved rows
 
 Write: 20,000 3x32x32 images as 4 shards of 5000 (`write_shards`: a tar of uint8 .npy samples hashed as it is
 written, then made whole: a rename on POSIX, one upload on S3) and their commit to the manifest. Read: the
 streaming reader (`shard_batches`: each shard read whole through WebDataset's URL opener, its size and sha256
 checked, decoded, shuffled, batches of 256), the path of a rank whose share does not fit in memory; a resident
-share reads each shard once the same way. Repeats alternate the stores; the table gives medians.
+share reads each shard once the same way. Each measurement is its own process; the repeats alternate the stores
+(and the checkouts), and the table gives medians.
 
 S3 here is moto's server on 127.0.0.1 (pure Python, started by this script): its rates measure this code's path
 through s3fs and HTTP on this machine, not a real object store's bandwidth. Run on an idle machine.
@@ -92,33 +93,46 @@ def report(rows: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def measure(tree: str, root: str) -> dict:
+    """One measurement in a fresh process, with `tree`'s orchestrator/ (and this process's environment)."""
+    out = subprocess.run([sys.executable, __file__, "--measure", root, "--tree", tree], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--tree", default=str(ROOT), help="the checkout whose orchestrator/ is measured (POSIX rows)")
-    ap.add_argument("--label", default="", help="the rows' label suffix (e.g. before)")
+    ap.add_argument("--before", default="", help="another checkout whose POSIX rates are measured alongside")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--measure", default="", help=argparse.SUPPRESS)  # one measurement (a child process)
+    ap.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    saved = RESULTS / "storage.json"
-    rows = json.loads(saved.read_text()) if saved.is_file() else {}
-    if not args.report_only:
+    if args.measure:
         sys.path.insert(0, args.tree)
-        has_storage = (Path(args.tree) / "orchestrator" / "storage.py").is_file()
-        server, bucket = s3_server() if has_storage else (None, "")
-        measured: dict[str, list[dict]] = {"POSIX": [], "S3": []} if has_storage else {"POSIX": []}
+        print(json.dumps(buffer_rates(args.measure)))
+        return
+    saved = RESULTS / "storage.json"
+    rows = json.loads(saved.read_text()) if saved.is_file() and args.report_only else {}
+    if not args.report_only:
+        server, bucket = s3_server()
+        runs = {"POSIX": (str(ROOT), None), "S3": (str(ROOT), bucket)}
+        if args.before:
+            commit = subprocess.run(["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                    text=True).stdout.strip()
+            runs[f"POSIX, before ({commit})"] = (args.before, None)
+        measured: dict[str, list[dict]] = {label: [] for label in runs}
         try:
             for repeat in range(args.repeats):
-                with tempfile.TemporaryDirectory() as folder:
-                    measured["POSIX"].append(buffer_rates(folder))
-                if has_storage:
-                    measured["S3"].append(buffer_rates(f"{bucket}/repeat-{repeat}/buffer"))
+                for label, (tree, store) in runs.items():
+                    with tempfile.TemporaryDirectory() as folder:
+                        root = f"{store}/repeat-{repeat}/buffer" if store else folder
+                        measured[label].append(measure(tree, root))
                 print({k: {m: round(v[-1][m]) for m in ("write_images_per_s", "read_images_per_s")}
                        for k, v in measured.items()}, flush=True)
         finally:
-            if server is not None:
-                server.terminate()
-        suffix = f", {args.label}" if args.label else ""
-        rows.update({f"{store}{suffix}": median_row(r) for store, r in measured.items()})
+            server.terminate()
+        rows = {label: median_row(r) for label, r in measured.items()}
         RESULTS.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(rows, indent=1) + "\n")
     text = report(rows)
