@@ -100,8 +100,8 @@ class SynthesisWorker:
         if data is None:
             raise FileNotFoundError(f"synthesis worker {self.worker} has no state file {path} for the last committed "
                                     f"round {after}; the run folder is incomplete")
-        self.synthesizer.load_state_dict(torch.load(io.BytesIO(data), map_location=self.compute.device,
-                                                    weights_only=True))
+        state = torch.load(io.BytesIO(data), map_location=self.compute.device, weights_only=True)
+        self.synthesizer.load_state_dict(state)
         self.state_round = after
 
     def synthesize(self, task: SynthesisTask, student_state: dict | None) -> dict:
