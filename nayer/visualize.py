@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -10,8 +11,10 @@ from torch import Tensor
 from nayer.runtime import atomic_write
 
 
-def save_sample_grid(images: Tensor, labels: Tensor, path: str | Path, num_classes: int, per_class: int = 8) -> Path:
-    """Row c holds up to `per_class` images of class c (blank where a class has fewer); written atomically."""
+def save_sample_grid(images: Tensor, labels: Tensor, path: str | Path, num_classes: int, per_class: int = 8,
+                     write: Callable = atomic_write):
+    """Row c holds up to `per_class` images of class c (blank where a class has fewer); written whole by
+    `write(path, writer)` (atomically, by default)."""
     from torchvision.utils import save_image  # on use: torchvision costs ~1.5 s to import, most workers need none
 
     _, c, h, w = images.shape
@@ -19,4 +22,4 @@ def save_sample_grid(images: Tensor, labels: Tensor, path: str | Path, num_class
     for cls in range(num_classes):
         picked = images[labels == cls][:per_class]
         grid[cls * per_class: cls * per_class + len(picked)] = picked
-    return atomic_write(path, lambda tmp: save_image(grid.float() / 255, tmp, format="png", nrow=per_class, padding=1))
+    return write(path, lambda tmp: save_image(grid.float() / 255, tmp, format="png", nrow=per_class, padding=1))

@@ -98,11 +98,15 @@ class FaultPlan:
     def corrupt_if(self, path: str | Path, **at: int) -> None:
         """Flip one byte in the middle of the file (or object) at `path` if an unfired corrupt_shard fault matches
         `at`."""
-        if self.fires("corrupt_shard", **at):
+        if not self.fires("corrupt_shard", **at):
+            return
+        if is_url(path):  # an object is only ever replaced whole
             data = bytearray(read_bytes(path))
             data[len(data) // 2] ^= 0xFF
-            if is_url(path):
-                write_bytes(path, bytes(data))
-            else:  # in place, as bit rot does it
-                with open(path, "r+b") as f:
-                    f.write(bytes(data))
+            write_bytes(path, bytes(data))
+            return
+        with open(path, "r+b") as f:  # one byte, in place, as bit rot does it
+            f.seek(os.path.getsize(path) // 2)
+            byte = f.read(1)
+            f.seek(-1, os.SEEK_CUR)
+            f.write(bytes([byte[0] ^ 0xFF]))

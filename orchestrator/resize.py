@@ -52,22 +52,18 @@ def load_states(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def saved_world_size(tag_dir: str | Path) -> int:
-    """The data-parallel size a DeepSpeed checkpoint tag was saved at."""
-    return int(load_states(Path(tag_dir) / MODEL_STATES)["dp_world_size"])
-
-
 def partitioned(tag_dir: str | Path) -> bool:
     """True for a ZeRO-1/2 checkpoint (its optimizer state is split over the ranks)."""
     return bool(glob.glob(str(Path(tag_dir) / OPTIM_STATES.format("*"))))
 
 
-def to_universal(tag_dir: str | Path, out_dir: str | Path) -> Path:
+def to_universal(tag_dir: str | Path, out_dir: str | Path, states: dict | None = None) -> Path:
     """Write ZeRO-1/2 checkpoint tag `tag_dir` as a universal checkpoint tag `out_dir` (same tag name) for
-    `engine.load_checkpoint(out_dir.parent, tag=out_dir.name)` under `"checkpoint": {"load_universal": true}`."""
+    `engine.load_checkpoint(out_dir.parent, tag=out_dir.name)` under `"checkpoint": {"load_universal": true}`.
+    `states`: its model states file, if the caller has read it already."""
     tag_dir, out_dir = Path(tag_dir), Path(out_dir)
-    world = saved_world_size(tag_dir)
-    states = load_states(tag_dir / MODEL_STATES)
+    states = load_states(tag_dir / MODEL_STATES) if states is None else states
+    world = int(states["dp_world_size"])
     shapes = {name: shape for group in states["param_shapes"] for name, shape in group.items()}
     pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
     scalars: dict[str, object] = {}
@@ -124,13 +120,13 @@ class Loadable:
     path: str  # the folder to pass to `engine.load_checkpoint(path, tag=TAG)`
     ds_config: dict  # the DeepSpeed config to initialize the engine with
     note: str | None = None  # what a resize does (None: the saved size)
-    universal: bool = False  # loaded as a universal checkpoint: the module's buffers are restored after it
+    saved_module: dict | None = None  # a universal load's: the saved module, whose buffers are restored after it
 
     def restore_buffers(self, module: torch.nn.Module) -> None:
         """DeepSpeed's universal load sets the parameters from their fp32 master copies and leaves every buffer
         (BatchNorm running statistics and counters) as initialized; they are taken from the saved module."""
-        if self.universal:
-            saved = load_states(Path(self.path) / TAG / MODEL_STATES)["module"]
+        if self.saved_module is not None:
+            saved = self.saved_module
             buffers = {name: saved[name] for name, _ in module.named_buffers() if name in saved}
             module.load_state_dict(buffers, strict=False)
 
@@ -141,7 +137,8 @@ def loadable_at(checkpoint_dir: str, identity: str, world: int, ds_config: dict,
     data-parallel size `world`. A ZeRO-1/2 checkpoint of another size is converted once per node, by local rank
     0, into a temporary folder that is removed when `scratch` closes, after every rank of the node has loaded."""
     tag = Path(checkpoint_dir) / TAG
-    saved = saved_world_size(tag)
+    states = load_states(tag / MODEL_STATES)  # read once: it holds the whole student (and ZeRO-0's optimizer)
+    saved = int(states["dp_world_size"])
     if saved == world:
         return Loadable(checkpoint_dir, ds_config)
     if glob.glob(str(tag / f"bf16_{OPTIM_STATES.format('*')}")):
@@ -154,13 +151,13 @@ def loadable_at(checkpoint_dir: str, identity: str, world: int, ds_config: dict,
     digest = hashlib.sha256(f"{identity}|{world}".encode()).hexdigest()[:16]
     universal = Path(tempfile.gettempdir()) / f"nayer-universal-{digest}"
     if node.local_rank == 0:
-        to_universal(tag, universal / TAG)
+        to_universal(tag, universal / TAG, states)
     node.barrier()  # the node's other ranks load the folder local rank 0 wrote
     scratch.callback(node.release, universal)
     note = (f"resume: the ZeRO-{ds_config['zero_optimization']['stage']} student checkpoint of {saved} ranks "
             f"re-partitioned for {world} (DeepSpeed universal checkpoint)")
     ds_config = {**ds_config, "checkpoint": {**ds_config.get("checkpoint", {}), "load_universal": True}}
-    return Loadable(str(universal), ds_config, note, universal=True)
+    return Loadable(str(universal), ds_config, note, saved_module=states["module"])
 
 
 def check_same_student(loaded: dict, saved: dict, where: str) -> None:

@@ -128,9 +128,9 @@ class SynthesisWorker:
                                                                       worker=self.worker))
             self.faults.corrupt_if(join(self.buffer_root, entries[0]["path"]), round=task.round, worker=self.worker)
             if task.grid:
-                classes = min(self.synthesizer.num_classes, self.cfg.grid_classes)
-                write_whole(join(self.samples_dir, f"round-{task.round:05d}.png"), lambda tmp: save_sample_grid(
-                    result.images, result.labels, tmp, classes, self.cfg.grid_per_class))
+                save_sample_grid(result.images, result.labels, join(self.samples_dir, f"round-{task.round:05d}.png"),
+                                 min(self.synthesizer.num_classes, self.cfg.grid_classes), self.cfg.grid_per_class,
+                                 write=write_whole)
         t0 = time.perf_counter()
         state = self.synthesizer.state_dict()
         write_whole(self.state_file(task.round), lambda tmp: torch.save(state, tmp))

@@ -17,8 +17,7 @@ import torch.multiprocessing as mp
 
 from nayer.cli_config import parse_config
 from orchestrator.config import PipelineConfig
-from orchestrator.resize import (MODEL_STATES, Loadable, NodeRank, load_states, loadable_at, partitioned,
-                                 saved_world_size, to_universal)
+from orchestrator.resize import MODEL_STATES, Loadable, NodeRank, load_states, loadable_at, partitioned, to_universal
 from orchestrator.run import run
 from helpers import free_port, pipeline_args, records
 
@@ -54,7 +53,8 @@ def _engine_worker(rank: int, world: int, stage: int, load: str | None, save: st
             engine.step()
     else:
         engine.load_checkpoint(load, tag="student")
-        Loadable(load, config, universal=True).restore_buffers(engine.module)
+        saved = load_states(Path(load) / "student" / MODEL_STATES)["module"]
+        Loadable(load, config, saved_module=saved).restore_buffers(engine.module)
     engine.save_checkpoint(save, tag="student")
     torch.distributed.destroy_process_group()
 
@@ -62,6 +62,10 @@ def _engine_worker(rank: int, world: int, stage: int, load: str | None, save: st
 def _engines(world: int, stage: int, save: Path, load: Path | None = None) -> None:
     mp.spawn(_engine_worker, args=(world, stage, None if load is None else str(load), str(save), free_port()),
              nprocs=world)
+
+
+def saved_world_size(tag: Path) -> int:
+    return int(load_states(tag / MODEL_STATES)["dp_world_size"])
 
 
 def _universal_states(tag: Path) -> dict[str, torch.Tensor]:
@@ -101,7 +105,7 @@ def test_zero0_loads_at_any_size_as_it_is_and_the_same_size_is_left_alone(tmp_pa
     with contextlib.ExitStack() as scratch:
         loadable = loadable_at(str(tmp_path / "saved"), "saved", 1, config, node, scratch)
         assert (loadable.path, loadable.ds_config) == (str(tmp_path / "saved"), config)
-        assert "loads on 1 as it is (ZeRO-0" in loadable.note and not loadable.universal
+        assert "loads on 1 as it is (ZeRO-0" in loadable.note and loadable.saved_module is None
         assert loadable_at(str(tmp_path / "saved"), "saved", 2, config, node, scratch).note is None
     assert (tmp_path / "saved" / "student" / MODEL_STATES).is_file()
 
