@@ -4,6 +4,8 @@
     python bench/bn_term.py --teachers cifar100 --losses paper,kl   # a subset; finished runs are reused
     python bench/bn_term.py --report-only                    # the tables and plot from the run folders there
     python bench/bn_term.py --probe --losses paper,normalized,kl synthesis.a_bn=10   # short runs to pick candidates
+    python bench/bn_term.py --report-only --losses paper,relative --stored bench/results/bn-term-bf16.json
+                                                             # runs whose folders are gone, from an earlier report
 
 Per teacher and loss, one run with the same seed and budget:
 - digits: the `make run` example (configs/digits.yaml on the pipeline: local Ray, 2 actors, 2 DeepSpeed ranks);
@@ -42,6 +44,9 @@ TEACHERS = {
                  "data.mean=[0.5070,0.4865,0.4409]", "data.std=[0.2673,0.2564,0.2761]"],
 }
 RUNS = ROOT / "bench" / "results" / "runs"
+# Each form's own weight: `relative` is the paper's term over a size the teacher sets, so the paper's a_bn = 10 on
+# the CIFAR-10 ResNet-56 is 300 there (L_paper / L_relative = 28-31 on that teacher; nayer/losses.py)
+FORM_OVERRIDES = {"relative": ["synthesis.a_bn=300"]}
 
 
 def run_one(teacher: str, loss: str, name: str, overrides: list[str], pipeline: bool) -> Path:
@@ -49,7 +54,8 @@ def run_one(teacher: str, loss: str, name: str, overrides: list[str], pipeline: 
     folder = RUNS / name
     if (folder / "summary.json").is_file():
         return folder
-    args = [*TEACHERS[teacher], f"name={name}", f"out_dir={RUNS}", f"synthesis.bn_loss={loss}", *overrides]
+    args = [*TEACHERS[teacher], f"name={name}", f"out_dir={RUNS}", f"synthesis.bn_loss={loss}",
+            *FORM_OVERRIDES.get(loss, []), *overrides]
     if (folder / "checkpoint.pt").is_file() or (folder / "checkpoints").is_dir():
         args.append("resume=true")  # a run stopped earlier continues from its last checkpoint
     elif folder.is_dir():
@@ -83,10 +89,17 @@ def cell(value, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def form_weights(results: dict[str, dict[str, list[dict]]]) -> str:
+    """The per-form overrides of the losses in `results`, e.g. 'relative synthesis.a_bn=300'."""
+    losses = dict.fromkeys(loss for by_loss in results.values() for loss in by_loss)
+    return ", ".join(f"{loss} {' '.join(FORM_OVERRIDES[loss])}" for loss in losses if loss in FORM_OVERRIDES) or "none"
+
+
 def write_report(results: dict[str, dict[str, list[dict]]], stem: Path, overrides: list[str]) -> None:
     command = " ".join(["python bench/bn_term.py", *sys.argv[1:]])
     text = ["# The BN-statistics term: paper loss against scale-free forms (issue 18)", "",
-            f"`{command}` (run folders under bench/results/runs/bn-*; overrides: {' '.join(overrides) or 'none'}). "
+            f"`{command}` (run folders under bench/results/runs/bn-*; overrides: {' '.join(overrides) or 'none'}; "
+            f"per form: {form_weights(results)}). "
             "Per round: the teacher's CE "
             "and target agreement (%) on the kept synthetic batches as the buffer holds them, the weighted BN "
             "term's share of the generator loss on the kept steps, and the student's top-1 (%). `(stopped)`: the run "
@@ -146,21 +159,24 @@ def plot(results: dict[str, dict[str, list[dict]]], path: Path) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teachers", default="digits,cifar10,cifar100")
-    ap.add_argument("--losses", default="paper,normalized,kl")
+    ap.add_argument("--losses", default="paper,relative")
     ap.add_argument("--report-only", action="store_true", help="tabulate the run folders already there")
     ap.add_argument("--probe", action="store_true",
                     help="2 warm-up rounds and 1 KD round per run, in one process: for choosing the candidates")
     ap.add_argument("--in-process", action="store_true",
                     help="digits with nayer.run (python -m nayer.examples.digits) instead of the pipeline")
     ap.add_argument("--tag", default="", help="appended to the run names and the results' file name")
+    ap.add_argument("--stored", default="", help="a results .json of an earlier report: its rows stand in for the "
+                                                 "(teacher, loss) runs whose folder is not there (with --report-only)")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
     args = ap.parse_args()
     overrides = [*(["epochs=1", "warmup=2"] if args.probe else []), *args.overrides]
     suffix = ("-probe" if args.probe else "") + (f"-{args.tag}" if args.tag else "")
     require(SHARED / "cifar10_resnet56.pt", SHARED / "cifar100_resnet20.pt")
     results: dict[str, dict[str, list[dict]]] = {}
+    stored = json.loads(Path(args.stored).read_text()) if args.stored else {}
     for teacher in args.teachers.split(","):
         if teacher not in TEACHERS:
             sys.exit(f"error: unknown teacher '{teacher}'; choose from {', '.join(TEACHERS)}")
@@ -170,6 +186,8 @@ def main() -> None:
                                                                          not (args.probe or args.in_process))
             if (folder / "metrics.jsonl").is_file():
                 results.setdefault(teacher, {})[loss] = rounds(folder)
+            elif loss in stored.get(teacher, {}):
+                results.setdefault(teacher, {})[loss] = stored[teacher][loss]
     write_report(results, ROOT / "bench" / "results" / f"bn-term{suffix}", [*args.overrides])
 
 

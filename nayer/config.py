@@ -110,9 +110,10 @@ class SynthesisConfig:
     a_cls: float = 0.5  # weight of the teacher's CE on the target labels
     a_adv: float = 1.33  # weight of the adversarial term (after warm-up; 0 = off)
     bn_mmt: float = 0.9  # EMA momentum of the BN-statistics loss (0 = batch statistics only)
-    # L_BN's per-layer distance (nayer.losses.BNStatisticsLoss): paper (raw L2 norms, summed: Eq. 2) | normalized
-    # (in the BN's own units, averaged) | kl (per-channel Gaussian KL, averaged). The last two do not depend on the
-    # teacher's activation scale, depth or width.
+    # L_BN's per-layer distance (nayer.losses.BNStatisticsLoss): paper (raw L2 norms, summed: Eq. 2) | relative
+    # (the paper's norms over the size of the running statistics, averaged; a_bn 30x the paper's) | normalized (in
+    # the BN's own units per channel, averaged) | kl (per-channel Gaussian KL, averaged). The last three do not
+    # depend on the teacher's activation scale, depth or width.
     bn_loss: str = "paper"
     # augment(x) before the teacher, in the reference's order: roll by up to `jitter` px + flip of the whole batch
     # (DeepInversion's jitter; ImageNet only), then a random crop after zero padding by crop_padding px (4 on every

@@ -80,7 +80,7 @@ BEFORE_RAY = [
     ("unknown encoder", ["lte.encoder=glove"], "unknown LTE encoder 'glove'; known: clip, sbert, onehot, file"),
     ("unknown method", ["method=magic"], "method='magic' is not allowed; choose one of: nayer, fm, deepinv"),
     ("unknown BN loss", ["synthesis.bn_loss=l1"],
-     "synthesis.bn_loss='l1' is not allowed; choose one of: paper, normalized, kl"),
+     "synthesis.bn_loss='l1' is not allowed; choose one of: paper, relative, normalized, kl"),
     ("unknown targets mode", ["synthesis.targets=random"],
      "synthesis.targets='random' is not allowed; choose one of: balanced, slices"),
     ("slices for a baseline", ["synthesis.targets=slices", "method=fm"],

@@ -151,14 +151,20 @@ def scaled_bn_input(net: nn.Module, c: float) -> None:
         net[1].eps *= c * c
 
 
-@pytest.mark.parametrize("form", ["normalized", "kl"])
-def test_scale_free_bn_losses_ignore_the_teachers_activation_scale(form):
+def tiny_net_with_running_statistics() -> torch.nn.Module:
+    """tiny_net in eval mode with running means in [-1, 1] and running variances in [0.5, 2]."""
     torch.manual_seed(0)
     net = tiny_net().eval()
     with torch.no_grad():
         for bn in (net[1], net[4]):
             bn.running_mean.uniform_(-1, 1)
             bn.running_var.uniform_(0.5, 2)
+    return net
+
+
+@pytest.mark.parametrize("form", ["relative", "normalized", "kl"])
+def test_scale_free_bn_losses_ignore_the_teachers_activation_scale(form):
+    net = tiny_net_with_running_statistics()
     x = torch.randn(8, 3, 5, 5)
 
     def value(loss):
@@ -185,9 +191,10 @@ def test_kl_bn_loss_is_the_gaussian_kl_and_zero_at_the_running_statistics():
             bn.running_mean.copy_(m)
             bn.running_var.copy_(v)
     assert loss.loss().item() == pytest.approx(0.0, abs=1e-6)
-    normalized = BNStatisticsLoss(net, 0.0, "normalized")
-    normalized.batch = loss.batch  # the same recorded statistics (a new forward would see the changed bn1)
-    assert normalized.loss().item() == pytest.approx(0.0, abs=1e-5)
+    for form in ("normalized", "relative"):
+        other = BNStatisticsLoss(net, 0.0, form)
+        other.batch = loss.batch  # the same recorded statistics (a new forward would see the changed bn1)
+        assert other.loss().item() == pytest.approx(0.0, abs=1e-5)
     with torch.no_grad():
         for bn in loss.layers:
             bn.running_mean.uniform_(-1, 1)
@@ -198,6 +205,18 @@ def test_kl_bn_loss_is_the_gaussian_kl_and_zero_at_the_running_statistics():
         running = torch.distributions.Normal(bn.running_mean, (bn.running_var + bn.eps).sqrt())
         expected += torch.distributions.kl_divergence(batch, running).mean().item() / len(loss.layers)
     assert loss.loss().item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_relative_bn_loss_is_the_papers_distances_over_the_running_statistics_size():
+    net = tiny_net_with_running_statistics()
+    relative = BNStatisticsLoss(net, 0.0, "relative")
+    with torch.no_grad(), relative.capture():
+        net(torch.randn(8, 3, 5, 5))
+    expected = 0.0
+    for bn, (m, v) in zip(relative.layers, relative.batch):
+        s2 = bn.running_var + bn.eps
+        expected += ((m - bn.running_mean).norm() / s2.sum().sqrt() + (v + bn.eps - s2).norm() / s2.norm()).item()
+    assert relative.loss().item() == pytest.approx(expected / len(relative.layers), rel=1e-5)
 
 
 def test_bn_hooks_record_nothing_outside_capture():
