@@ -4,6 +4,7 @@
     python bench/bn_term.py --teachers cifar100 --losses paper,kl   # a subset; finished runs are reused
     python bench/bn_term.py --report-only                    # the tables and plot from the run folders there
     python bench/bn_term.py --probe --losses paper,normalized,kl synthesis.a_bn=10   # short runs to pick candidates
+    python bench/bn_term.py --ratios                         # L_paper / L_relative per teacher: relative's weight
     python bench/bn_term.py --report-only --losses paper,relative --stored bench/results/bn-term-bf16.json
                                                              # runs whose folders are gone, from an earlier report
 
@@ -158,6 +159,39 @@ def plot(results: dict[str, dict[str, list[dict]]], path: Path) -> None:
     plt.close(fig)
 
 
+def scale_ratios(teachers: list[str]) -> None:
+    """L_paper / L_relative per teacher on 200 real test images, uniform noise and near-gray images (seed 0): the
+    constant that `relative`'s weight takes out. Writes bench/results/bn-term-ratios.md."""
+    import numpy as np
+    import torch
+    from nayer.augment import Normalize
+    from nayer.cli_config import parse_config
+    from nayer.config import RunConfig
+    from nayer.inputs import load_inputs
+    from nayer.losses import BNStatisticsLoss
+    torch.manual_seed(0)
+    rows = ["| teacher | BN layers | input | L_paper | L_relative | ratio |", "|---|---|---|---|---|---|"]
+    for teacher in teachers:
+        inputs = load_inputs(parse_config(RunConfig, [*TEACHERS[teacher], "name=ratios"]), torch.device("cpu"))
+        pick = np.random.default_rng(0).permutation(len(inputs.eval_set.x))[:200]
+        real = torch.tensor(inputs.eval_set.x[pick]).permute(0, 3, 1, 2).float() / 255
+        batches = {"real": real, "uniform": torch.rand_like(real), "gray": 0.5 + 0.05 * torch.randn_like(real)}
+        normalize = Normalize(inputs.images.mean, inputs.images.std)
+        forms = {form: BNStatisticsLoss(inputs.teacher, 0.0, form) for form in ("paper", "relative")}
+        for kind, pixels in batches.items():
+            with torch.no_grad(), forms["paper"].capture(), forms["relative"].capture():
+                inputs.teacher(normalize(pixels))
+            paper, relative = forms["paper"].loss().item(), forms["relative"].loss().item()
+            rows.append(f"| {teacher} | {len(forms['paper'])} | {kind} | {paper:.2f} | {relative:.4f} | "
+                        f"{paper / relative:.1f} |")
+    text = ["# L_paper / L_relative on the shared teachers (issue 18)", "",
+            f"`python bench/bn_term.py --ratios --teachers {','.join(teachers)}`: 200 test images, the same count of "
+            "uniform-noise and near-gray (0.5 + 0.05 N(0, 1)) images, BN statistics of one batch (no EMA).", "",
+            *rows, ""]
+    (ROOT / "bench" / "results" / "bn-term-ratios.md").write_text("\n".join(text))
+    print("\n".join(rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teachers", default="digits,cifar10,cifar100")
@@ -171,7 +205,11 @@ def main() -> None:
     ap.add_argument("--stored", default="", help="a results .json of an earlier report: its rows stand in for the "
                                                  "(teacher, loss) runs whose folder is not there (with --report-only)")
     ap.add_argument("overrides", nargs="*", help="extra key=value config overrides for every run")
+    ap.add_argument("--ratios", action="store_true", help="only L_paper / L_relative per teacher (seconds)")
     args = ap.parse_args()
+    if args.ratios:
+        scale_ratios(args.teachers.split(","))
+        return
     overrides = [*(["epochs=1", "warmup=2"] if args.probe else []), *args.overrides]
     suffix = ("-probe" if args.probe else "") + (f"-{args.tag}" if args.tag else "")
     require(SHARED / "cifar10_resnet56.pt", SHARED / "cifar100_resnet20.pt")
