@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.shared_data import SHARED, require  # noqa: E402
+from nayer.config import SynthesisConfig  # noqa: E402
+from nayer.losses import RELATIVE_A_BN_PER_A_CLS  # noqa: E402
 
 CONFIGS = ROOT / "configs"
 CPU_PROFILE = CONFIGS / "profiles" / "cpu.yaml"
@@ -45,9 +47,8 @@ TEACHERS = {
                  "data.mean=[0.5070,0.4865,0.4409]", "data.std=[0.2673,0.2564,0.2761]"],
 }
 RUNS = ROOT / "bench" / "results" / "runs"
-# Each form's own weight: `relative` is the paper's term over a size the teacher sets, so the paper's a_bn = 10 on
-# the CIFAR-10 ResNet-56 is 300 there (L_paper / L_relative = 28-31 on that teacher; nayer/losses.py)
-FORM_OVERRIDES = {"relative": ["synthesis.a_bn=300"]}
+# Each form's own weight: `relative`'s a_bn follows from a_cls by its rule (every teacher here has a_cls = 0.5)
+FORM_OVERRIDES = {"relative": [f"synthesis.a_bn={RELATIVE_A_BN_PER_A_CLS * SynthesisConfig.a_cls:g}"]}
 
 
 def run_one(teacher: str, loss: str, name: str, overrides: list[str], pipeline: bool) -> Path:

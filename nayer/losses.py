@@ -26,6 +26,9 @@ def bn_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
 
 
 BN_LOSS_FORMS = ("paper", "relative", "normalized", "kl")
+# a_bn / a_cls for bn_loss=relative: the paper's CIFAR 10 : 0.5 times L_paper / L_relative on the CIFAR-10 ResNet-56
+# (28-31; bench/bn_term.py --ratios), so every teacher gets the balance the paper's weights give that one
+RELATIVE_A_BN_PER_A_CLS = 600.0
 
 
 class BNStatisticsLoss:
@@ -53,8 +56,8 @@ class BNStatisticsLoss:
       the paper gives it); only each layer's size is taken out. On a given teacher it is the paper's term times a
       constant: L_paper / L_relative was 28-31 on the CIFAR-10 ResNet-56 for real test images, uniform noise and
       gray images alike, 35-46 on the CIFAR-100 ResNet-20 and 630-670 on the digits ResNet-32. So one a_bn
-      (30x the paper's: 300 for CIFAR's 10) gives every teacher the balance the paper's a_bn gives the CIFAR-10
-      ResNet-56.
+      (RELATIVE_A_BN_PER_A_CLS x a_cls: 300 for CIFAR's a_cls 0.5) gives every teacher the balance the paper's
+      a_bn gives the CIFAR-10 ResNet-56.
     - ``normalized``: the same two distances in the units the BN layer itself divides by, s^2 = running_var +
       eps: sqrt(mean_c (m' - mu)^2 / s^2) + sqrt(mean_c ((v' + eps) / s^2 - 1)^2), averaged over the layers.
     - ``kl``: the per-channel Gaussian KL(N(m', v' + eps) || N(mu, s^2)) = ((v' + eps)/s^2 + (m' - mu)^2/s^2 - 1

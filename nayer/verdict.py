@@ -22,6 +22,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
+from nayer.losses import RELATIVE_A_BN_PER_A_CLS
+
 
 @dataclass(frozen=True)
 class Thresholds:
@@ -114,8 +116,8 @@ def _teacher_rating(records: list[dict]) -> tuple[str, Check]:
     ok = agreement >= THRESHOLDS.min_agreement
     detail = (f"teacher agreement {agreement:.0f}% on {which} kept images"
               + ("" if ok else ": they do not show the classes they were made for; the scale-free BN term "
-                 "synthesis.bn_loss=relative with synthesis.a_bn = 600 x a_cls is the fix to try (README: the BN "
-                 "term on any teacher)")
+                 f"synthesis.bn_loss=relative with synthesis.a_bn = {RELATIVE_A_BN_PER_A_CLS:g} x a_cls is the fix "
+                 "to try (README: the BN term on any teacher)")
               + f" (threshold {THRESHOLDS.min_agreement:.0f}%)")
     return fact, Check("teacher agreement", ok, detail)
 
