@@ -1,6 +1,8 @@
 # make run   - create .venv, install, run the self-contained example on the distributed pipeline (local Ray:
 #              2 synthesis actors -> WebDataset buffer -> 2 DeepSpeed ranks; digits teacher -> data-free student)
-# make test  - create .venv, install, run the fast test suite
+# make test  - create .venv, install, run the fast tier: every component for real once (<= 10 min on 2 cores)
+# make test-all - the slow tier (the tests make test leaves out): every drill in both schedules, the shared-data
+#              teachers, the GPU benchmark's CPU smoke run, the long comparisons
 # make bench - the CIFAR-10 ResNet-56 -> ResNet-20 benchmark (needs ../shared/data, 60 min)
 # make bench-pipeline - the same through the pipeline, plus synthesis scaling and buffer throughput
 PYTHON ?= python3
@@ -30,7 +32,7 @@ test: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 
 test-all: $(STAMP)
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m slow
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/cifar10_resnet56.py

@@ -65,3 +65,24 @@ def local_ray() -> str:
         start_local_ray(4, 1 << 30)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory, local_ray):
+    """`reference_run(schedule)`: the folder of the uninterrupted tiny pipeline run (helpers.pipeline_args) of that
+    schedule, run once per session. The fault drills and the object store run are compared with it bit for bit."""
+    from nayer.cli_config import parse_config
+    from orchestrator.config import PipelineConfig
+    from orchestrator.run import run
+    from helpers import pipeline_args
+
+    folders: dict[str, Path] = {}
+
+    def reference(schedule: str) -> Path:
+        if schedule not in folders:
+            base = tmp_path_factory.mktemp(f"reference-{schedule}")
+            run(parse_config(PipelineConfig, pipeline_args(base, name="ref", **{"cluster.schedule": schedule})))
+            folders[schedule] = base / "runs" / "ref"
+        return folders[schedule]
+
+    return reference

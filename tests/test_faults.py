@@ -35,8 +35,9 @@ def test_fault_plan_kills_once_per_run_folder(tmp_path):
     again = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert again.returncode == 0 and "survived" in again.stdout  # the restarted process goes on
     plan = FaultPlan.parse("kill_rank:round=3", tmp_path / "other")
-    plan.kill_if("kill_rank", round=4, rank=0, step=0)  # no match: nothing happens
-    plan.kill_if("kill_synthesis_writing", round=3, worker=0)
+    assert not plan.fires("kill_rank", round=4, rank=0, step=0)  # no match: nothing fires
+    assert not plan.fires("kill_synthesis_writing", round=3, worker=0)
+    assert not (tmp_path / "other").exists()  # and no marker is written
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -18,6 +18,7 @@ def run_smoke(tmp_path, *flags):
     return json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".md").read_text()
 
 
+@pytest.mark.slow
 def test_gpu_bench_smoke_runs_every_row_and_the_pipeline(tmp_path):
     results, text = run_smoke(tmp_path, "--no-compile")
     names = [r["name"] for r in results["rows"]]

@@ -220,6 +220,7 @@ def test_each_rank_copies_only_its_slice_of_a_memory_mapped_set(tmp_path):
         rank_part(source, 0, 2)
 
 
+@pytest.mark.slow
 def test_imagenet_config_two_rounds_r50_to_r50_on_a_jpeg_val_folder(tmp_path):
     """configs/imagenet.yaml through the real loaders, the reference generator body and both augmentations:
     torchvision ResNet-50 teacher and student (random weights, offline), 1000 classes, 224 px, 2 KD rounds."""

@@ -1,8 +1,8 @@
 """Faults in a real pipeline run on a local Ray, in both schedules (alternating: Algorithm 1 exactly; overlapped:
 round r+1 synthesized while round r trains): killed synthesis actors, a killed DeepSpeed rank, a killed driver,
 corrupt shards, a full disk and non-finite losses. Every run that goes on is compared with an uninterrupted run of
-the same seed and schedule; what must be bit-identical is (see the README's fault table for why). The alternating
-drills are in the slow tier (see SCHEDULES).
+the same seed and schedule; what must be bit-identical is (see the README's fault table for why). Most drills are in
+the slow tier (see SCHEDULES).
 
 1 warm-up round + 2 KD rounds. Overlapped, round 1 is synthesized alone (nothing to train yet), then round 2 is
 synthesized while round 1 trains, then round 2 trains alone. The faults are placed so that in the overlapped
@@ -31,9 +31,9 @@ from orchestrator.shards import CorruptShardError, Manifest
 from orchestrator.state import DriverState
 from helpers import ROOT, pipeline_args, records
 
-# Both schedules run every drill; the alternating ones are in the slow tier (`pytest -m slow`, ~12 min), since the
-# other pipeline tests run alternating already (on 2 cores `auto` resolves to it) and the overlapped schedule is
-# the one with concurrent steps to break.
+# Both schedules run every drill in the slow tier (`make test-all`). The fast tier (`make test`) keeps the overlapped
+# schedule's comparison and its two-fault restart drill: the other pipeline tests run alternating already (on 2 cores
+# `auto` resolves to it), and the overlapped schedule is the one with concurrent steps to break.
 SCHEDULES = [pytest.param("alternating", marks=pytest.mark.slow), "overlapped"]
 
 
@@ -71,12 +71,10 @@ def assert_buffer_consistent(folder: Path) -> None:
     assert sorted(p.relative_to(buffer).as_posix() for p in buffer.glob("round-*/*")) == sorted(listed)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, local_ray, schedule):
-    """The uninterrupted run every fault run of this schedule is compared with."""
-    base = tmp_path_factory.mktemp(f"reference-{schedule}")
-    run(parse_config(PipelineConfig, args(base, schedule, name="ref")))
-    return base / "runs" / "ref"
+@pytest.fixture
+def reference(reference_run, schedule) -> Path:
+    """The uninterrupted run every fault run of this schedule is compared with (conftest.reference_run)."""
+    return reference_run(schedule)
 
 
 @pytest.fixture
@@ -114,6 +112,7 @@ def test_killed_actor_and_killed_rank_are_restarted_and_the_result_is_unchanged(
     assert_same_student(folder, reference)
 
 
+@pytest.mark.slow
 def test_synthesis_actor_killed_without_restarts_stops_the_run_resumably(tmp_path, reference, schedule, faults):
     faults("kill_synthesis_writing:round=2,worker=1")
     with pytest.raises(RunError, match="synthesis worker 1 died .*cluster.synth_max_restarts=N"):
@@ -129,12 +128,14 @@ def test_synthesis_actor_killed_without_restarts_stops_the_run_resumably(tmp_pat
     assert_same_student(folder, reference)
 
 
+@pytest.mark.slow
 def test_killed_deepspeed_rank_without_restarts_stops_with_a_clear_error(tmp_path, schedule, faults):
     faults("kill_rank:round=1,rank=0,step=0")
     with pytest.raises(RunError, match=r"the DeepSpeed ranks stopped \(.*\); cluster.trainer_max_failures=N"):
         run(parse_config(PipelineConfig, args(tmp_path, schedule)))
 
 
+@pytest.mark.slow
 def test_driver_killed_mid_round_resumes_from_the_last_committed_round(tmp_path, reference, schedule, local_ray):
     """The driver process dies (SIGKILL) on a cluster that lives on: Ray ends its actors and ranks with it."""
     folder = tmp_path / "runs" / "tiny"
@@ -165,6 +166,7 @@ def test_driver_killed_mid_round_resumes_from_the_last_committed_round(tmp_path,
     assert_same_student(folder, reference)
 
 
+@pytest.mark.slow
 def test_a_shard_corrupted_on_storage_is_caught_at_its_first_read(tmp_path, schedule, faults):
     """A byte of worker 0's first shard of round 2 flips after its write: the rank that owns it finds the sha256
     wrong when it reads it, before any sample of it is used. `fail` stops the run naming it; on resume with
@@ -186,6 +188,7 @@ def test_a_shard_corrupted_on_storage_is_caught_at_its_first_read(tmp_path, sche
     assert_buffer_consistent(folder)
 
 
+@pytest.mark.slow
 def test_a_corrupt_shard_found_by_a_rank_is_excluded_and_the_run_goes_on(tmp_path, schedule, faults):
     faults("corrupt_shard:round=2,worker=0")
     folder = tmp_path / "runs" / "tiny"
@@ -196,6 +199,7 @@ def test_a_corrupt_shard_found_by_a_rank_is_excluded_and_the_run_goes_on(tmp_pat
     assert "round-00002/worker-000-000000.tar" not in [s["path"] for s in Manifest.load(folder / "buffer").shards]
 
 
+@pytest.mark.slow
 def test_a_shard_read_once_then_corrupted_is_caught_on_resume(tmp_path, schedule):
     """Each rank reads a shard once and keeps its samples, so bit rot after that read harms nothing in the run; a
     resumed run reads every shard again, checks it, and fails or excludes it."""
@@ -221,6 +225,7 @@ def test_a_shard_read_once_then_corrupted_is_caught_on_resume(tmp_path, schedule
     assert summary["excluded_on_resume"] == 1 and "1 excluded shards on resume" in summary["verdict"]
 
 
+@pytest.mark.slow
 def test_full_disk_stops_the_run_with_the_previous_checkpoint_intact(tmp_path, schedule, local_ray):
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -256,6 +261,7 @@ def test_full_disk_stops_the_run_with_the_previous_checkpoint_intact(tmp_path, s
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_stop_naming_the_step_or_are_skipped_on_every_rank(tmp_path, schedule, local_ray):
     # the round's iteration: each actor's first is its share's start (whichever actor raises first names its own)
     with pytest.raises(NonFiniteLossError, match=r"generator loss is inf at round 0, iteration [01], generator step 0"):

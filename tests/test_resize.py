@@ -73,6 +73,7 @@ def _universal_states(tag: Path) -> dict[str, torch.Tensor]:
             for p in sorted((tag / "zero").glob("*/*.pt"))}
 
 
+@pytest.mark.slow
 def test_a_zero2_checkpoint_of_2_ranks_loads_whole_on_1_and_on_4(tmp_path):
     _engines(2, 2, tmp_path / "saved")
     tag = tmp_path / "saved" / "student"
@@ -128,6 +129,7 @@ def uninterrupted(tmp_path_factory, local_ray):
     return records(base / "runs" / "ref")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("before, after, zero", [((2, 2), (1, 1), 0), ((1, 2), (2, 2), 0), ((2, 2), (1, 2), 2)],
                          ids=["2-to-1-ranks-2-to-1-actors", "1-to-2-ranks", "zero2-2-to-1-ranks"])
 def test_a_resumed_run_changes_its_size_and_the_student_goes_on(tmp_path, uninterrupted, capfd, before, after, zero):

@@ -81,6 +81,7 @@ def test_sweep_over_synth_workers_starts_each_trial_when_its_own_needs_fit(tmp_p
         sweep_main(args)
 
 
+@pytest.mark.slow
 def test_a_restarted_trial_reports_the_kd_round_its_run_resumed_at(tmp_path, local_ray, monkeypatch):
     # The trial's driver is killed once KD round 1 is checkpointed and reported; Tune restarts the trial, which
     # resumes its run at KD round 2. Tune's training_iteration starts at 1 again; kd_round, ASHA's time

@@ -107,6 +107,7 @@ def digits_run(tmp_path, teacher, **extra) -> dict:
     return summary
 
 
+@pytest.mark.slow
 def test_real_runs_a_healthy_one_and_two_unhealthy_ones(tmp_path, digits_teacher):
     healthy = digits_run(tmp_path / "healthy", digits_teacher)
     assert healthy["healthy"], healthy["verdict"]
