@@ -1,8 +1,8 @@
 # make run   - create .venv, install, run the self-contained example on the distributed pipeline (local Ray:
 #              2 synthesis actors -> WebDataset buffer -> 2 DeepSpeed ranks; digits teacher -> data-free student)
 # make test  - create .venv, install, run the fast tier: every component for real once (<= 10 min on 2 cores)
-# make test-all - the slow tier (the tests make test leaves out): every drill in both schedules, the shared-data
-#              teachers, the GPU benchmark's CPU smoke run, the long comparisons
+# make test-all - the slow tier (the tests make test leaves out): every fault drill in both schedules, resizes, the
+#              verdict on real runs, the shared-data teacher, the GPU benchmark's CPU smoke runs (~20 min on 2 cores)
 # make bench - the CIFAR-10 ResNet-56 -> ResNet-20 benchmark (needs ../shared/data, 60 min)
 # make bench-pipeline - the same through the pipeline, plus synthesis scaling and buffer throughput
 PYTHON ?= python3
@@ -35,8 +35,8 @@ test-all: $(STAMP)
 	$(VENV)/bin/pytest -q -m slow
 
 bench: $(STAMP)
-	$(VENV)/bin/python bench/cifar10_resnet56.py
+	$(VENV)/bin/python -m bench.cifar10_resnet56
 
 bench-pipeline: $(STAMP)
-	$(VENV)/bin/python bench/pipeline_speed.py
-	$(VENV)/bin/python bench/cifar10_resnet56.py --pipeline --name bench-cifar10-resnet56-pipeline
+	$(VENV)/bin/python -m bench.pipeline_speed
+	$(VENV)/bin/python -m bench.cifar10_resnet56 --pipeline --name bench-cifar10-resnet56-pipeline

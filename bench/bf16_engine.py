@@ -1,10 +1,10 @@
 """Benchmark: DeepSpeed's bf16 engine (bf16 weights, fp32 BatchNorm statistics) against bf16 autocast (fp32
 weights), same seed, same ZeRO stage 2, on the digits example and on the real CIFAR-10 ResNet-56 teacher.
 
-    python bench/bf16_engine.py                          # both cases, both precisions (~25 + 30 min on 2 cores)
-    python bench/bf16_engine.py --cases digits           # the digits example only (make run's config)
-    python bench/bf16_engine.py --cases cifar10 --budget-min 15
-    python bench/bf16_engine.py --report-only            # rewrite the table from the saved runs
+    python -m bench.bf16_engine                          # both cases, both precisions (~25 + 30 min on 2 cores)
+    python -m bench.bf16_engine --cases digits           # the digits example only (make run's config)
+    python -m bench.bf16_engine --cases cifar10 --budget-min 15
+    python -m bench.bf16_engine --report-only            # rewrite the table from the saved runs
 
 autocast: cluster.deepspeed=configs/deepspeed/zero2.json bf16=true (fp32 weights and optimizer, bf16 compute).
 engine:   cluster.deepspeed=configs/deepspeed/zero2_bf16.json (bf16 weights and gradients, fp32 master weights in
@@ -21,6 +21,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from nayer.run_report import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 RUNS = RESULTS / "runs"
@@ -33,7 +35,7 @@ def command(case: str, precision: str, budget_min: float) -> list[str]:
     if case == "digits":  # make run's example on the pipeline, its own config
         return [sys.executable, "-m", "orchestrator.examples.digits", f"name={name}", f"out_dir={RUNS}",
                 *PRECISIONS[precision]]
-    return [sys.executable, str(ROOT / "bench" / "cifar10_resnet56.py"), "--pipeline", "--budget-min", str(budget_min),
+    return [sys.executable, "-m", "bench.cifar10_resnet56", "--pipeline", "--budget-min", str(budget_min),
             "--name", name, "--out", str(RESULTS), *PRECISIONS[precision]]
 
 
@@ -44,12 +46,12 @@ def shown(argv: list[str]) -> str:
 
 
 def rounds(case: str, precision: str) -> list[dict]:
-    path = RUNS / f"bf16-{case}-{precision}" / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    folder = RUNS / f"bf16-{case}-{precision}"
+    return read_metrics(folder) if (folder / "metrics.jsonl").is_file() else []
 
 
 def report(cases: list[str], argv: list[str], budget_min: float) -> None:
-    data, lines = {}, ["# bf16 engine vs bf16 autocast (ZeRO-2, same seed)", "", f"`python bench/bf16_engine.py "
+    data, lines = {}, ["# bf16 engine vs bf16 autocast (ZeRO-2, same seed)", "", f"`python -m bench.bf16_engine "
                                                                                  f"{' '.join(argv)}`", ""]
     for case in cases:
         lines += [f"- {case} {p}: `{shown(command(case, p, budget_min))}`" for p in PRECISIONS]

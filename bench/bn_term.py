@@ -1,11 +1,11 @@
 """Benchmark (issue 18): the paper's BN-statistics term against the scale-free forms, on the three shared teachers.
 
-    python bench/bn_term.py                                  # every teacher x loss, then bench/results/bn-term.*
-    python bench/bn_term.py --teachers cifar100 --losses paper,kl   # a subset; finished runs are reused
-    python bench/bn_term.py --report-only                    # the tables and plot from the run folders there
-    python bench/bn_term.py --probe --losses paper,normalized,kl synthesis.a_bn=10   # short runs to pick candidates
-    python bench/bn_term.py --ratios                         # L_paper / L_relative per teacher: relative's weight
-    python bench/bn_term.py --report-only --losses paper,relative --stored bench/results/bn-term-bf16.json
+    python -m bench.bn_term                                  # every teacher x loss, then bench/results/bn-term.*
+    python -m bench.bn_term --teachers cifar100 --losses paper,kl   # a subset; finished runs are reused
+    python -m bench.bn_term --report-only                    # the tables and plot from the run folders there
+    python -m bench.bn_term --probe --losses paper,normalized,kl synthesis.a_bn=10   # short runs to pick candidates
+    python -m bench.bn_term --ratios                         # L_paper / L_relative per teacher: relative's weight
+    python -m bench.bn_term --report-only --losses paper,relative --stored bench/results/bn-term-bf16.json
                                                              # runs whose folders are gone, from an earlier report
 
 Per teacher and loss, one run with the same seed and budget:
@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from bench.shared_data import SHARED, require  # noqa: E402
 from nayer.config import SynthesisConfig  # noqa: E402
@@ -79,7 +78,7 @@ def run_one(teacher: str, loss: str, name: str, overrides: list[str], pipeline: 
 
 def rounds(folder: Path) -> list[dict]:
     """One row per round (the last record of a round logged twice), from the run's metrics.jsonl."""
-    from nayer.report import read_metrics
+    from nayer.run_report import read_metrics
     from nayer.verdict import latest_rounds
     rows = [r for r in latest_rounds(read_metrics(folder)) if "phase" in r]
     if rows and not (folder / "summary.json").is_file():  # a run stopped before its last round
@@ -98,7 +97,7 @@ def form_weights(results: dict[str, dict[str, list[dict]]]) -> str:
 
 
 def write_report(results: dict[str, dict[str, list[dict]]], stem: Path, overrides: list[str]) -> None:
-    command = " ".join(["python bench/bn_term.py", *sys.argv[1:]])
+    command = " ".join(["python -m bench.bn_term", *sys.argv[1:]])
     text = ["# The BN-statistics term: paper loss against scale-free forms (issue 18)", "",
             f"`{command}` (run folders under bench/results/runs/bn-*; overrides: {' '.join(overrides) or 'none'}; "
             f"per form: {form_weights(results)}). "
@@ -186,7 +185,7 @@ def scale_ratios(teachers: list[str]) -> None:
             rows.append(f"| {teacher} | {len(forms['paper'])} | {kind} | {paper:.2f} | {relative:.4f} | "
                         f"{paper / relative:.1f} |")
     text = ["# L_paper / L_relative on the shared teachers (issue 18)", "",
-            f"`python bench/bn_term.py --ratios --teachers {','.join(teachers)}`: 200 test images, the same count of "
+            f"`python -m bench.bn_term --ratios --teachers {','.join(teachers)}`: 200 test images, the same count of "
             "uniform-noise and near-gray (0.5 + 0.05 N(0, 1)) images, BN statistics of one batch (no EMA).", "",
             *rows, ""]
     (ROOT / "bench" / "results" / "bn-term-ratios.md").write_text("\n".join(text))

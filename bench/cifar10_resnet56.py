@@ -1,10 +1,10 @@
 """Benchmark: distill the real CIFAR-10 ResNet-56 teacher into a ResNet-20 for a fixed wall-clock budget on CPU.
 
-    python bench/cifar10_resnet56.py                      # 60 min budget, writes bench/results/cifar10_resnet56.*
-    python bench/cifar10_resnet56.py --budget-min 10 --name quick synthesis.g_steps=5   # extra key=value overrides
-    python bench/cifar10_resnet56.py --pipeline       # the same run on the distributed pipeline (issue 3):
+    python -m bench.cifar10_resnet56                      # 60 min budget, writes bench/results/cifar10_resnet56.*
+    python -m bench.cifar10_resnet56 --budget-min 10 --name quick synthesis.g_steps=5   # extra key=value overrides
+    python -m bench.cifar10_resnet56 --pipeline       # the same run on the distributed pipeline (issue 3):
                                                       # local Ray, 2 synthesis actors, 2 DeepSpeed ranks
-    python bench/cifar10_resnet56.py --pipeline --name bench-cifar10-resnet56-overlapped cluster.schedule=overlapped \
+    python -m bench.cifar10_resnet56 --pipeline --name bench-cifar10-resnet56-overlapped cluster.schedule=overlapped \
         cluster.synth_workers=1 cluster.trainer_workers=1 kd.kd_steps=<balanced> epochs=<rounds that fit>  # issue 14
 
 Target (issues 2 and 3): student top-1 >= 60% on ../shared/data/cifar10_test.npz within 60 minutes on 2 CPU cores.
@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+from nayer.run_report import read_metrics  # noqa: E402
 from bench.shared_data import TEACHER, TEST_SET, require  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.config import RunConfig  # noqa: E402
@@ -53,7 +52,7 @@ def main() -> None:
     start = time.perf_counter()
     summary = runner(cfg)
     summary["bench_wall_s"] = time.perf_counter() - start
-    metrics = [json.loads(line) for line in open(out / "runs" / args.name / "metrics.jsonl")]
+    metrics = read_metrics(out / "runs" / args.name)
     write_report(out / args.name, cfg, summary, metrics, args.budget_min)
 
 

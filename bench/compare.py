@@ -1,9 +1,9 @@
 """Benchmark: several synthesis methods or generator inputs on the same teacher, student, seed and wall-clock budget.
 
-    python bench/compare.py methods                 # NAYER vs FM vs DeepInversion, 15 min each, with KD
-    python bench/compare.py inputs                  # paper Fig. 5: generator inputs, synthesis only (no KD)
-    python bench/compare.py methods --budget-min 5 --only nayer,fm synthesis.bf16=false   # subsets, overrides
-    python bench/compare.py inputs --replot         # table and plots again from results/compare-inputs.json
+    python -m bench.compare methods                 # NAYER vs FM vs DeepInversion, 15 min each, with KD
+    python -m bench.compare inputs                  # paper Fig. 5: generator inputs, synthesis only (no KD)
+    python -m bench.compare methods --budget-min 5 --only nayer,fm synthesis.bf16=false   # subsets, overrides
+    python -m bench.compare inputs --replot         # table and plots again from results/compare-inputs.json
 
 Every variant runs `nayer.run` (one process, both cores) with the real CIFAR-10 ResNet-56 teacher of
 ../shared/data, a ResNet-20 student, configs/cifar10.yaml + configs/profiles/cpu.yaml, seed 0, plus the variant's
@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from nayer.run_report import read_metrics  # noqa: E402
 from bench.shared_data import TEACHER, TEST_SET, require  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.config import RunConfig  # noqa: E402
@@ -80,7 +80,7 @@ def run_variant(preset: str, name: str, extra: list[str], budget_min: float, out
     start = time.perf_counter()
     summary = run(cfg)
     summary["bench_wall_s"] = time.perf_counter() - start
-    records = [json.loads(line) for line in open(out / "runs" / run_name / "metrics.jsonl")]
+    records = read_metrics(out / "runs" / run_name)
     return {"name": name, "overrides": extra, "budget_s": budget_min * 60, "summary": summary, "records": records}
 
 
@@ -124,7 +124,7 @@ def row(result: dict) -> dict:
 def write_outputs(preset: str, results: list[dict], out: Path, argv: list[str]) -> list[dict]:
     rows = [row(r) for r in results]
     stem = out / f"compare-{preset}"
-    (stem.with_suffix(".json")).write_text(json.dumps({"command": "python bench/compare.py " + " ".join(argv),
+    (stem.with_suffix(".json")).write_text(json.dumps({"command": "python -m bench.compare " + " ".join(argv),
                                                        "rows": rows, "runs": results}, indent=1))
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
@@ -134,7 +134,7 @@ def write_outputs(preset: str, results: list[dict], out: Path, argv: list[str]) 
            "synthesis_s": ".0f", "total_s": ".0f", "images_per_synthesis_s": ".1f", "ce_steps_to_0.1": ".1f",
            "ce_reached": ".2f", "final_ce": ".3f",
            "diversity": ".3f", "diversity_min": ".3f", "diversity_min_last": ".3f", "is": ".2f"}
-    lines = [f"# compare: {preset}", "", f"`python bench/compare.py {' '.join(argv)}`", "",
+    lines = [f"# compare: {preset}", "", f"`python -m bench.compare {' '.join(argv)}`", "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     for r in rows:
         lines.append("| " + " | ".join("-" if v is None else format(v, fmt[k]) if k in fmt else str(v)

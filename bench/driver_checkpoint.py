@@ -1,7 +1,7 @@
 """Benchmark: the driver checkpoint's size and write time with 1, 2 and 4 synthesis actors (issue 14, benchmark 4).
 
-    python bench/driver_checkpoint.py                              # this checkout: bench/results/driver_checkpoint.*
-    git worktree add /tmp/before <commit> && python bench/driver_checkpoint.py --checkout /tmp/before --label before
+    python -m bench.driver_checkpoint                              # this checkout: bench/results/driver_checkpoint.*
+    git worktree add /tmp/before <commit> && python -m bench.driver_checkpoint --checkout /tmp/before --label before
 
 Each run is a short pipeline run of the CIFAR-10 profile (ResNet-56 -> ResNet-20 with random weights: the sizes do
 not depend on them; tiny synthesis and KD so that it takes seconds), 1 warm-up round + 2 KD rounds, with N actors
@@ -20,6 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from nayer.run_report import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -33,7 +35,7 @@ def run_once(checkout: Path, actors: int, out: Path) -> dict:
             f"cluster.synth_workers={actors}", "cluster.trainer_workers=1"]
     subprocess.run(argv, cwd=checkout, check=True, stdout=subprocess.DEVNULL)
     folder = out / name
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(folder)
     states = sorted((folder / "checkpoints" / "synthesis").glob("worker-*/round-*.pt"))
     return {"actors": actors, "driver_pt_bytes": (folder / "checkpoints" / "driver.pt").stat().st_size,
             "checkpoint_s": sum(r["checkpoint_time"] for r in records) / len(records),

@@ -1,10 +1,10 @@
 """GPU benchmark (issue 16): NAYER's ImageNet loops against a plain ResNet-50 training step on the same GPU.
 
-    python bench/gpu.py                  # on a GPU: writes bench/results/gpu-<gpu name>.{md,json}; < 8 min on one H200
-    python bench/gpu.py --smoke          # tiny sizes on CPU (tests/test_gpu_bench.py runs it): the script known to
+    python -m bench.gpu                  # on a GPU: writes bench/results/gpu-<gpu name>.{md,json}; < 8 min on one H200
+    python -m bench.gpu --smoke          # tiny sizes on CPU (tests/test_gpu_bench.py runs it): the script known to
                                          # work before it ever meets a GPU; writes bench/results/gpu-smoke-cpu.*
-    python bench/gpu.py --cpu            # the ImageNet shapes on this CPU, a few steps: bench/results/gpu-cpu.*
-    python bench/gpu.py --out /tmp/x     # the results' file stem elsewhere (run folders in /tmp/runs/)
+    python -m bench.gpu --cpu            # the ImageNet shapes on this CPU, a few steps: bench/results/gpu-cpu.*
+    python -m bench.gpu --out /tmp/x     # the results' file stem elsewhere (run folders in /tmp/runs/)
 
 Rows, each with its peak device memory, FLOP per step (torch.utils.flop_counter, counted once on the eager step) and
 FLOP/s:
@@ -37,15 +37,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+from nayer.run_report import read_metrics  # noqa: E402
 from bench.random_models import BoundedTeacher, calibrate_bn, flops  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.config import RunConfig  # noqa: E402
 from nayer.kd import StudentTrainer  # noqa: E402
 from nayer.models import build_model  # noqa: E402
 from nayer.specs import Compute, ImageSpec  # noqa: E402
-from nayer.synthesis import NayerSynthesizer  # noqa: E402
+from nayer.methods.base import SynthesisParts  # noqa: E402
+from nayer.methods.nayer import NayerSynthesizer  # noqa: E402
 
 CONFIG = ROOT / "configs" / "imagenet.yaml"
 RESULTS = ROOT / "bench" / "results"
@@ -156,8 +157,8 @@ def synthesis_rows(bench: Bench, spec: ImageSpec, teacher: torch.nn.Module) -> N
             cfg = imagenet_cfg(sizes, f"synthesis.batch_size={batch}", f"synthesis.g_steps={g}")
             compute = Compute(bench.compute.device, bench.compute.bf16, bench.compute.channels_last, compiled)
             student = compute.place(build_model(sizes.students[0], sizes.classes))
-            syn = NayerSynthesizer(teacher, student, torch.randn(sizes.classes, 512), spec, cfg.generator,
-                                   cfg.synthesis, compute)
+            parts = SynthesisParts(teacher, student, torch.randn(sizes.classes, 512), spec, compute)
+            syn = NayerSynthesizer(parts, cfg.generator, cfg.synthesis)
             eager_syn = eager_syn or syn
 
             def iteration(s=syn):
@@ -235,8 +236,7 @@ def pipeline_row(bench: Bench, out: Path) -> dict:
     print(proc.stdout[-3000:], proc.stderr[-3000:] if proc.returncode else "", flush=True)
     summary_file = runs / "pipeline" / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    records = [json.loads(line) for line in (runs / "pipeline" / "metrics.jsonl").read_text().splitlines()] \
-        if (runs / "pipeline" / "metrics.jsonl").is_file() else []
+    records = read_metrics(runs / "pipeline") if (runs / "pipeline" / "metrics.jsonl").is_file() else []
     return {"returncode": proc.returncode, "wall_s": wall, "rounds": len([r for r in records if "epoch" in r]),
             "final_top1": summary.get("final_top1"), "teacher_top1": summary.get("teacher_top1"),
             "buffer_images": summary.get("buffer_images"), "folder": str(runs / "pipeline"),
@@ -271,7 +271,7 @@ class DeviceMemoryWatch:
 def write_results(bench: Bench, pipeline: dict, out: Path, device_name: str, wall: float) -> None:
     anchor = next(r for r in bench.rows if r.name.startswith("anchor"))
     lines = [f"# NAYER on ImageNet shapes: {device_name}", "",
-             f"`python bench/gpu.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, "
+             f"`python -m bench.gpu {' '.join(sys.argv[1:])}` (torch {torch.__version__}, "
              f"bf16 autocast {'on' if bench.compute.bf16 else 'off'}, channels_last, random weights; "
              f"{bench.sizes.steps} timed steps after {bench.sizes.warm} untimed; whole script {wall:.0f} s).", "",
              "| row | rate | ms/step | GFLOP/step | TFLOP/s | of anchor FLOP/s | of anchor images/s | peak GiB |",
@@ -330,7 +330,7 @@ def main() -> None:
     if args.no_compile:
         sizes = Sizes(**{**asdict(sizes), "compile": False})
     if not on_cpu and not torch.cuda.is_available():
-        sys.exit("error: no CUDA device here; `python bench/gpu.py --smoke` checks the script on CPU, --cpu measures "
+        sys.exit("error: no CUDA device here; `python -m bench.gpu --smoke` checks the script on CPU, --cpu measures "
                  "the ImageNet shapes there")
     device = torch.device("cpu" if on_cpu else "cuda")
     compute = Compute.select(str(device), bf16=not args.smoke, channels_last=True)

@@ -1,8 +1,8 @@
 """Benchmark: the cluster effect of overlapped rounds, measured on this machine (issue 14, benchmark 1).
 
-    python bench/overlap.py                          # both schedules, writes bench/results/overlap.{md,json,png}
-    python bench/overlap.py --kd-rounds 4 --kd-steps 30 synthesis.batch_size=100   # extra overrides for both runs
-    python bench/overlap.py --replot                 # rewrite the .md and .png from overlap.json
+    python -m bench.overlap                          # both schedules, writes bench/results/overlap.{md,json,png}
+    python -m bench.overlap --kd-rounds 4 --kd-steps 30 synthesis.batch_size=100   # extra overrides for both runs
+    python -m bench.overlap --replot                 # rewrite the .md and .png from overlap.json
 
 The placement is what a cluster gives: 1 synthesis actor x 1 CPU and 1 DeepSpeed rank x 1 CPU, each pool on its own
 core of this 2-core machine. CIFAR-10 profile with the real ResNet-56 teacher (-> ResNet-20), sized down to rounds
@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from statistics import mean
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
+from nayer.run_report import read_metrics  # noqa: E402
 from bench.shared_data import TEACHER, TEST_SET, require  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
@@ -45,7 +44,7 @@ def run_schedule(schedule: str, args: argparse.Namespace, out: Path) -> dict:
         "cluster.synth_workers=1", "cluster.trainer_workers=1", "warmup=1", "synthesis.warmup_loops=2",
         "synthesis.g_loops=1", f"kd.kd_steps={args.kd_steps}", f"epochs={args.kd_rounds}", *DEFAULTS, *args.overrides])
     summary = run(cfg)
-    records = [json.loads(line) for line in open(out / "runs" / name / "metrics.jsonl")]
+    records = read_metrics(out / "runs" / name)
     kd = [r for r in records if r["phase"] == "kd"]
     row = {"schedule": schedule, "final_top1": summary["final_top1"], "wall_s": summary["wall_time_s"]}
     row["config"] = run_config(out, row)
@@ -86,7 +85,7 @@ def write_results(rows: list[dict], stem: Path) -> None:
              + ", ".join(f"{k}={v}" for k, v in (rows[0].get("config") or run_config(stem.parent, rows[0])).items())
              + f", {rows[0]['kd_rounds']} KD rounds after 1 warm-up round. Means over the steady KD rounds (both "
              "pools at work: not the first, which overlapped synthesizes its own images before it trains, nor an "
-             "overlapped last one, with no next round to make). Command: `python bench/overlap.py`.", "",
+             "overlapped last one, with no next round to make). Command: `python -m bench.overlap`.", "",
              "| schedule | steady rounds | round s | synthesis s | KD phase s | max s | sum s | round / max | "
              "round / sum | synthesis busy | KD busy | final top-1 |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -1,7 +1,7 @@
 """Benchmark: synthesis scaling over Ray actors and WebDataset buffer throughput on this machine.
 
-    python bench/pipeline_speed.py                 # writes bench/results/pipeline_speed.{md,json}
-    python bench/pipeline_speed.py --iterations 4 --batch-size 200
+    python -m bench.pipeline_speed                 # writes bench/results/pipeline_speed.{md,json}
+    python -m bench.pipeline_speed --iterations 4 --batch-size 200
 
 1. Synthesis images/s (kept images per second of wall time, the driver's view) with 1 and 2 Ray actors of one
    CPU each, the CIFAR-10 profile (ResNet-56 teacher, bs 200, g=10, bf16); plus 1 actor with 2 threads, the best
@@ -15,14 +15,13 @@ Needs the real ResNet-56 in ../shared/data. Run on an idle machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
@@ -35,6 +34,7 @@ from nayer.models import build_model  # noqa: E402
 from nayer.inputs import resolve_images  # noqa: E402
 from orchestrator.cluster import start_local_ray  # noqa: E402
 from orchestrator.config import PipelineConfig  # noqa: E402
+from nayer.storage import open_storage  # noqa: E402
 from orchestrator.faults import FaultPlan  # noqa: E402
 from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles  # noqa: E402
 
@@ -44,7 +44,8 @@ def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.T
     """Kept images per wall second for `workers` actors each running `iterations` adversarial iterations."""
     cfg.cluster.synth_cpus = cpus
     images, _ = resolve_images(cfg)
-    files = WorkerFiles(buffer, buffer, str(Path(buffer) / "states"))
+    store = open_storage(buffer)
+    files = WorkerFiles(store, store, store.sub("states"))
     actors = [ray.remote(SynthesisWorker).options(num_cpus=cpus).remote(cfg, w, teacher_state, embeddings, images,
                                                                         files, FaultPlan())
               for w in range(workers)]
@@ -59,7 +60,7 @@ def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.T
         ray.kill(a)
     images = workers * iterations * cfg.synthesis.batch_size
     return {"workers": workers, "cpus_per_worker": cpus, "images": images, "wall_s": wall,
-            "images_per_s": images / wall, "compute_s": max(o["compute_time"] for o in out)}
+            "images_per_s": images / wall, "compute_s": max(o.compute_time for o in out)}
 
 
 def main() -> None:
@@ -74,7 +75,7 @@ def main() -> None:
     names = list(resolve_images(cfg)[0].class_names)
     teacher = build_model("resnet56", len(names))
     teacher.load_state_dict(torch.load(TEACHER, map_location="cpu", weights_only=True))
-    embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cache_dir=str(ROOT / ".cache/lte"))
+    embeddings = encode_labels(names, dataclasses.replace(cfg.lte, cache_dir=str(ROOT / ".cache/lte")))
     start_local_ray(2, 1 << 30)
     results: dict = {"teacher": "real ResNet-56", "synthesis": []}
     with tempfile.TemporaryDirectory() as buffer:

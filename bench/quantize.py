@@ -1,9 +1,9 @@
 """Benchmark: data-free quantization of the real CIFAR-10 ResNet-56 (NAYER Table 3) at W4A8 and W6A6.
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/quantize.py --buffer runs/<run>/buffer        # full: the configs' budget
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/quantize.py --buffer /tmp/qruns/qsmoke/buffer --steps 20 \\
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.quantize --buffer runs/<run>/buffer        # full: the configs' budget
+    HF_HUB_OFFLINE=1 .venv/bin/python -m bench.quantize --buffer /tmp/qruns/qsmoke/buffer --steps 20 \\
         --eval-limit 1000 --out /tmp/qbench                                                  # smoke run
-    .venv/bin/python bench/quantize.py --buffer ... --bits W4A8 qat.lr=0.001 calib.batches=16   # key=value overrides
+    .venv/bin/python -m bench.quantize --buffer ... --bits W4A8 qat.lr=0.001 calib.batches=16   # key=value overrides
 
 For each bit width: float top-1, plain PTQ top-1 (calibrated on the synthetic buffer) and recovered top-1 (PTQ, then
 data-free QAT by KD from the float model on the same synthetic images), all on ../shared/data/cifar10_test.npz.
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from bench.shared_data import TEACHER, TEST_SET, require  # noqa: E402
 from nayer.cli_config import ConfigError, parse_config  # noqa: E402
@@ -86,7 +85,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
     lines = [
         "# Data-free quantization: CIFAR-10 ResNet-56 (NAYER Table 3)",
         "",
-        f"Command: `python bench/quantize.py {' '.join(sys.argv[1:])}`",
+        f"Command: `python -m bench.quantize {' '.join(sys.argv[1:])}`",
         "",
         f"- Real test set: {'all ' if n_eval == 10000 else 'a fixed random subset of '}{n_eval} images of "
         "cifar10_test.npz; synthetic images only for calibration and recovery "

@@ -1,12 +1,12 @@
 """Benchmark: a rank's buffer reader, read once and held (issue 14, benchmark 2) against re-reading every round.
 
-    python bench/reader.py                       # writes bench/results/reader.{md,json}
-    python bench/reader.py --sizes 32 --rounds 0
+    python -m bench.reader                       # writes bench/results/reader.{md,json}
+    python -m bench.reader --sizes 32 --rounds 0
 
 For each image size a synthetic uint8 buffer is written as committed shards (tar of .npy samples, sha256 in the
 manifest), then KD steps (10 at 32 px, 4 at 224 px) are timed three ways, all on one core:
-- reread: every round the rank reads, verifies and decodes its whole share in the step loop (the reader before
-  this change: `shard_batches`, synchronous);
+- reread: every round the rank reads, verifies and decodes its whole share in the step loop (`shard_batches`,
+  synchronous);
 - streaming: the same reads behind a prefetch thread (`ahead`): the fallback of a share over cluster.rank_buffer_gb;
 - resident: the share was read once when it was committed (`ShareLoader`); a round samples permutations of it.
 Two rates each: batches/s over one pass with no step (what the reader alone delivers) and KD steps/s with a real step
@@ -21,20 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from nayer.run_report import read_metrics  # noqa: E402
 from nayer.config import KDConfig  # noqa: E402
 from nayer.kd import KDObjective  # noqa: E402
 from nayer.models import build_model  # noqa: E402
 from nayer.specs import Compute, ImageSpec  # noqa: E402
+from nayer.storage import Storage
+from orchestrator.messages import ShardEntry
 from orchestrator.resident import ResidentShare, ShareLoader, ahead  # noqa: E402
 from orchestrator.shards import Manifest, shard_batches, write_shards  # noqa: E402
 
@@ -50,23 +51,23 @@ def write_buffer(root: Path, size: int, count: int, per_shard: int) -> Manifest:
     for w, start in enumerate(range(0, count, per_shard)):
         n = min(per_shard, count - start)
         images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
-        manifest.commit(0, write_shards(root, 0, w, images, torch.arange(n) % 10, per_shard))
+        manifest.commit(write_shards(manifest.store, 0, w, images, torch.arange(n) % 10, per_shard))
     return manifest
 
 
-def resident_share(entries: list[dict]) -> tuple[ResidentShare, float]:
+def resident_share(buffer: Storage, entries: list[ShardEntry]) -> tuple[ResidentShare, float]:
     """A share loaded the way a rank loads it (one thread, every shard read and verified once); load seconds."""
     handed = []
 
-    def fetch(after_seq: int) -> list[dict] | None:
+    def fetch(after_seq: int) -> list[ShardEntry] | None:
         if handed:
             return None  # the run is over: the thread ends once everything is loaded
         handed.append(True)
         return entries
 
     start = time.perf_counter()
-    loader = ShareLoader(fetch, rank=0, world=1, policy="fail", host_limit_bytes=float("inf"))
-    loader.wait(entries[-1]["seq"])
+    loader = ShareLoader(buffer, fetch, rank=0, world=1, policy="fail", host_limit_bytes=float("inf"))
+    loader.wait(entries[-1].seq)
     return ResidentShare(loader, torch.device("cpu"), 0), time.perf_counter() - start
 
 
@@ -96,14 +97,14 @@ def measure(size: int) -> dict:
     with tempfile.TemporaryDirectory() as root:
         manifest = write_buffer(Path(root), size, count, per_shard)
         entries = manifest.snapshot()
-        share, load_s = resident_share(entries)
+        share, load_s = resident_share(manifest.store, entries)
         readers = {
-            "reread": lambda n: shard_batches(entries, batch, n, seed=1),
-            "streaming": lambda n: ahead(shard_batches(entries, batch, n, seed=1)),
-            "resident": lambda n: share.batches(entries[-1]["seq"], batch, n, seed=1, shuffle_buffer=0),
+            "reread": lambda n: shard_batches(manifest.store, entries, batch, n, seed=1),
+            "streaming": lambda n: ahead(shard_batches(manifest.store, entries, batch, n, seed=1)),
+            "resident": lambda n: share.batches(entries[-1].seq, batch, n, seed=1, shuffle_buffer=0),
         }
         kd_step(next(iter(readers["resident"](1)))[0])  # first-call costs out of the timings
-        row = {"size": size, "images": count, "bytes": sum(e["bytes"] for e in entries), "batch": batch, "steps": steps,
+        row = {"size": size, "images": count, "bytes": sum(e.bytes for e in entries), "batch": batch, "steps": steps,
                "teacher": teacher_arch, "student": student_arch, "resident_load_s": load_s}
         for name, reader in readers.items():
             # reader alone: the batches of one pass over the share
@@ -125,11 +126,11 @@ def bytes_per_round(rounds: int, out: Path) -> dict:
                 "kd.kd_steps": 4, "cluster.synth_workers": 1, "cluster.trainer_workers": 2,
                 "cluster.schedule": "overlapped", "cluster.shard_samples": 20}
     run(parse_config(PipelineConfig, [f"{k}={v}" for k, v in settings.items()]))
-    records = [json.loads(line) for line in (out / "runs" / "reader-bytes" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(out / "runs" / "reader-bytes")
     kd = [r for r in records if r["phase"] == "kd"]
     ratios = [r["kd_read_bytes"] / r["committed_bytes"] for r in kd[1:] if r["committed_bytes"]]
     manifest = Manifest.load(out / "runs" / "reader-bytes" / "buffer")
-    # the reader before: every KD round, every rank read its whole share of rounds 0..r
+    # re-reading: every KD round, every rank reads its whole share of rounds 0..r
     reread = sum(sum(manifest.round_bytes(s) for s in range(r["epoch"] + 1)) for r in kd)
     return {"kd_rounds": len(kd), "first_kd_round_read": kd[0]["kd_read_bytes"],
             "first_kd_round_committed": kd[0]["committed_bytes"], "buffer_bytes_end": sum(
@@ -169,7 +170,7 @@ def main() -> None:
                   f"round: mean **{b['mean_ratio']:.3f}**, max **{b['max_ratio']:.3f}** (target <= 1.1). The first "
                   f"KD round read {b['first_kd_round_read'] / 1e6:.2f} MB: the warm-up buffer plus the round's own "
                   f"shards ({b['first_kd_round_committed'] / 1e6:.2f} MB committed in that step). Re-reading every "
-                  f"round (the reader before), the ranks would have read {b['reread_total'] / 1e6:.0f} MB."]
+                  f"round, the ranks would have read {b['reread_total'] / 1e6:.0f} MB."]
     (out / "reader.md").write_text("\n".join(lines) + "\n")
     (out / "reader.json").write_text(json.dumps(result, indent=1))
     print("\n".join(lines))

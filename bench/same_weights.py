@@ -1,7 +1,7 @@
 """Are two state_dict files the same weights, bit for bit? (A refactor must not change what a seed computes.)
 
-    python bench/same_weights.py runs/before/student.pt runs/after/student.pt
-    python bench/same_weights.py a.pt b.pt --out bench/results/same-weights.md
+    python -m bench.same_weights runs/before/student.pt runs/after/student.pt
+    python -m bench.same_weights a.pt b.pt --out bench/results/same-weights.md
 
 Prints, per file, the sha256 of every tensor's bytes in key order; exits 1 if the keys, dtypes, shapes or any
 byte differ, naming the first tensor that does.

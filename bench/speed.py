@@ -1,7 +1,7 @@
 """Throughput of NAYER's two hot loops on this machine, per precision / memory format / torch.compile.
 
-    python bench/speed.py                       # writes bench/results/speed.md
-    python bench/speed.py --batch-gen 100 --steps 4
+    python -m bench.speed                       # writes bench/results/speed.md
+    python -m bench.speed --batch-gen 100 --steps 4
 
 Synthesis = one generator step (G forward, augment, teacher forward with BN hooks, student forward, backward to
 G, Adam step) with a CIFAR ResNet-56 teacher and ResNet-20 student (random weights: speed does not depend on
@@ -11,21 +11,20 @@ them). KD = one student step (teacher forward without grad, student forward + ba
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from nayer.config import RunConfig  # noqa: E402
 from nayer.kd import StudentTrainer  # noqa: E402
 from nayer.models import build_model  # noqa: E402
 from nayer.data import preset  # noqa: E402
 from nayer.specs import Compute  # noqa: E402
-from nayer.synthesis import NayerSynthesizer  # noqa: E402
+from nayer.methods.base import SynthesisParts  # noqa: E402
+from nayer.methods.nayer import NayerSynthesizer  # noqa: E402
 
 CIFAR10 = preset("cifar10").image_spec()
 
@@ -48,8 +47,9 @@ def synthesis_rate(bf16: bool, channels_last: bool, batch: int, steps: int) -> f
     cfg = RunConfig()
     cfg.synthesis.batch_size, cfg.synthesis.g_steps, cfg.synthesis.g_loops = batch, steps, 1
     teacher, student = models(channels_last)
-    syn = NayerSynthesizer(teacher, student, torch.randn(10, 384), CIFAR10, cfg.generator, cfg.synthesis,
-                           Compute(torch.device("cpu"), bf16, channels_last))
+    parts = SynthesisParts(teacher, student, torch.randn(10, 384), CIFAR10, Compute(torch.device("cpu"), bf16,
+                                                                                      channels_last))
+    syn = NayerSynthesizer(parts, cfg.generator, cfg.synthesis)
     syn.synthesize(warmup=False)  # warm-up: allocator, oneDNN primitive caches
     result = syn.synthesize(warmup=False)
     return batch * steps / result.stats["syn_time"]

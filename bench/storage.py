@@ -1,15 +1,16 @@
 """Benchmark: buffer shard write and read throughput on a POSIX folder and on S3 (a local S3 server).
 
-    python bench/storage.py                                   # results/storage.{md,json}
-    python bench/storage.py --before /tmp/before              # + POSIX with another checkout's code, interleaved
-    python bench/storage.py --report-only                     # the table from the saved rows
+    python -m bench.storage                                   # results/storage.{md,json}
+    python -m bench.storage --before /tmp/before              # + both stores with another checkout's code, interleaved
+    python -m bench.storage --report-only                     # the table from the saved rows
 
 Write: 20,000 3x32x32 images as 4 shards of 5000 (`write_shards`: a tar of uint8 .npy samples hashed as it is
 written, then made whole: a rename on POSIX, one upload on S3) and their commit to the manifest. Read: the
-streaming reader (`shard_batches`: each shard read whole through WebDataset's URL opener, its size and sha256
-checked, decoded, shuffled, batches of 256), the path of a rank whose share does not fit in memory; a resident
-share reads each shard once the same way. Each measurement is its own process; the repeats alternate the stores
-(and the checkouts), and the table gives medians.
+streaming reader (`shard_batches`: each shard read whole through the storage, its size and sha256 checked,
+decoded, shuffled, batches of 256), the path of a rank whose share does not fit in memory; a resident share reads
+each shard once the same way. Each measurement is its own process, run with its checkout's own copy of this script
+(`--before`: an earlier checkout measures with its own code); the repeats alternate the stores and the checkouts,
+and the table gives medians.
 
 S3 here is moto's server on 127.0.0.1 (pure Python, started by this script): its rates measure this code's path
 through s3fs and HTTP on this machine, not a real object store's bandwidth. Run on an idle machine.
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,36 +43,25 @@ def buffer_rates(root: str, n: int = 20000, shard_samples: int = 5000) -> dict:
     start = time.perf_counter()
     manifest = Manifest(root)
     for w, part in enumerate(range(0, n, shard_samples)):
-        manifest.commit(0, write_shards(root, 0, w, images[part:part + shard_samples],
-                                        labels[part:part + shard_samples], shard_samples))
+        manifest.commit(write_shards(manifest.store, 0, w, images[part:part + shard_samples],
+                                     labels[part:part + shard_samples], shard_samples))
     write_s = time.perf_counter() - start
-    size = sum(s["bytes"] for s in manifest.shards)
+    size = sum(s.bytes for s in manifest.shards)
     start = time.perf_counter()
-    read = sum(len(y) for _, y in shard_batches(manifest.snapshot(), 256, n // 256, seed=0))
+    read = sum(len(y) for _, y in shard_batches(manifest.store, manifest.snapshot(), 256, n // 256, seed=0))
     read_s = time.perf_counter() - start
     return {"images": n, "bytes": size, "write_images_per_s": n / write_s, "write_mb_per_s": size / write_s / 1e6,
             "read_images": read, "read_images_per_s": read / read_s, "read_mb_per_s": read * size / n / read_s / 1e6}
 
 
 def s3_server() -> tuple[subprocess.Popen, str]:
-    """moto's S3 server on a free loopback port, the environment pointed at it, a bucket made; (process, URL)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """The tests' S3 server (moto, on a free loopback port), the environment pointed at it; (process, URL)."""
+    from tests.helpers import free_port, start_s3_server
+
+    port = free_port()
     os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
                       AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    for _ in range(300):
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.1)
-    import fsspec
-
-    fsspec.core.url_to_fs("s3://nayer-bench")[0].mkdir("nayer-bench")
-    return server, "s3://nayer-bench"
+    return start_s3_server(port, "nayer-bench"), "s3://nayer-bench"
 
 
 def median_row(rows: list[dict]) -> dict:
@@ -82,7 +71,7 @@ def median_row(rows: list[dict]) -> dict:
 
 def report(rows: dict[str, dict]) -> str:
     lines = ["# Buffer shard throughput: POSIX folder vs S3", "",
-             "20,000 images of 3x32x32 in 4 shards of 5000 (`python bench/storage.py`; medians of the repeats). "
+             "20,000 images of 3x32x32 in 4 shards of 5000 (`python -m bench.storage`; medians of the repeats). "
              "S3 is moto's server on 127.0.0.1: this code's path through s3fs and HTTP, not a real store's "
              "bandwidth.", "",
              "| store (code) | repeats | write images/s | write MB/s | read images/s | read MB/s |",
@@ -94,9 +83,11 @@ def report(rows: dict[str, dict]) -> str:
 
 
 def measure(tree: str, root: str) -> dict:
-    """One measurement in a fresh process, with `tree`'s orchestrator/ (and this process's environment)."""
-    out = subprocess.run([sys.executable, __file__, "--measure", root, "--tree", tree], capture_output=True, text=True,
-                         check=True)
+    """One measurement in a fresh process: `tree`'s own copy of this script with `tree`'s code (first on the path),
+    in this process's environment."""
+    env = {**os.environ, "PYTHONPATH": tree}
+    out = subprocess.run([sys.executable, "-m", "bench.storage", "--measure", root, "--tree", tree], cwd=tree, env=env,
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -109,7 +100,6 @@ def main() -> None:
     ap.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
-        sys.path.insert(0, args.tree)
         print(json.dumps(buffer_rates(args.measure)))
         return
     saved = RESULTS / "storage.json"
@@ -121,6 +111,7 @@ def main() -> None:
             commit = subprocess.run(["git", "-C", args.before, "rev-parse", "--short", "HEAD"], capture_output=True,
                                     text=True).stdout.strip()
             runs[f"POSIX, before ({commit})"] = (args.before, None)
+            runs[f"S3, before ({commit})"] = (args.before, bucket)
         measured: dict[str, list[dict]] = {label: [] for label in runs}
         try:
             for repeat in range(args.repeats):

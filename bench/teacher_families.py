@@ -1,6 +1,6 @@
 """Benchmark: the new model families run end to end, in fp32 eager and in bf16 + channels_last + torch.compile.
 
-    python bench/teacher_families.py            # ~20 min on 2 CPU cores: bench/results/teacher_families.{md,json}
+    python -m bench.teacher_families            # ~20 min on 2 CPU cores: bench/results/teacher_families.{md,json}
 
 Each row is one `nayer.run` of one synthesis step and one KD step (digits preset at 32 px; the ViT at 224 px),
 random weights, the same family as teacher and student: torchvision MobileNetV3-Small, EfficientNet-B0 and
@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from helpers import run_args  # noqa: E402
+from tests.helpers import run_args  # noqa: E402
 from nayer.cli_config import parse_config  # noqa: E402
 from nayer.config import RunConfig  # noqa: E402
 from nayer.run import run  # noqa: E402

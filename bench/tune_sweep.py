@@ -1,8 +1,8 @@
 """Bench: a 4-trial Ray Tune sweep (g in {2, 10} x a_adv in {0, 1.33}) of full pipeline runs on the digits example,
 ASHA after 2 KD rounds; the issue's target is under 15 minutes on this 2-core CPU with at least one trial stopped.
 
-    python bench/tune_sweep.py                       # trains the digits teacher first if runs/digits-teacher lacks it
-    python bench/tune_sweep.py --name tune-sweep-2   # another sweep folder under bench/results/runs/
+    python -m bench.tune_sweep                       # trains the digits teacher first if runs/digits-teacher lacks it
+    python -m bench.tune_sweep --name tune-sweep-2   # another sweep folder under bench/results/runs/
 
 Writes bench/results/tune-sweep.{md,json} and copies the sweep's results.csv and accuracy_vs_time.png next to them.
 """
@@ -40,13 +40,13 @@ def main() -> None:
     for name in ("results.csv", "accuracy_vs_time.png"):
         shutil.copy(folder / name, RESULTS / f"{args.name}-{name}")
     stopped = sum(r["status"].startswith("stopped") for r in rows)
-    summary = {"command": f"python bench/tune_sweep.py --name {args.name}",
+    summary = {"command": f"python -m bench.tune_sweep --name {args.name}",
                "argv": argv, "wall_minutes": round(minutes, 2), "trials": len(rows), "stopped_early": stopped,
                "rows": [{k: v for k, v in r.items() if k != "history"} for r in rows]}
     (RESULTS / f"{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = (folder / "results.md").read_text()
     (RESULTS / f"{args.name}.md").write_text(
-        f"# Ray Tune sweep: 4 pipeline runs on 2 CPU cores\n\n`python bench/tune_sweep.py` "
+        f"# Ray Tune sweep: 4 pipeline runs on 2 CPU cores\n\n`python -m bench.tune_sweep` "
         f"({minutes:.1f} min wall clock, {stopped} of {len(rows)} trials stopped early by ASHA)\n\n{table}\n"
         f"![accuracy vs time]({args.name}-accuracy_vs_time.png)\n")
     print(json.dumps({k: summary[k] for k in ("wall_minutes", "trials", "stopped_early")}))

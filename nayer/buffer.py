@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from nayer.runtime import save_torch
+from nayer.runtime import first_line, save_torch
 
 CHUNK_GLOB = "chunk-*.pt"
 
@@ -116,7 +116,7 @@ def read_chunk(path: Path) -> tuple[Tensor, Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types for a bad file
-        raise ValueError(f"cannot read buffer chunk '{path}': {str(exc).strip().splitlines()[0]}") from None
+        raise ValueError(f"cannot read buffer chunk '{path}': {first_line(exc)}") from None
     if not isinstance(data, dict) or "images" not in data or "labels" not in data:
         raise ValueError(f"buffer chunk '{path}' is not a {{'images', 'labels'}} dict of nayer.run")
     try:

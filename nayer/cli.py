@@ -19,7 +19,7 @@ import sys
 from typing import Any, Callable, Sequence
 
 from nayer.cli_config import ConfigError, describe_keys, parse_config
-from nayer.runtime import RunError
+from nayer.runtime import RunError, first_line
 
 USER_ERRORS = (ConfigError, OSError, ValueError, RunError)  # reported in one line; anything else is a bug
 HELP_FLAGS = ("-h", "--help")
@@ -41,8 +41,7 @@ def one_line(exc: BaseException) -> str:
     """The first line of an error's message (ours are one line; an OS error adds what the disk said)."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return f"disk full: {exc}; free space and run again with resume=true"
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def help_text(doc: str, sections: Sequence[tuple[str, type]]) -> str:

@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar, List, Optional
 
+from torch import nn
+
 from nayer.cli_config import ConfigError
+from nayer.generator import GENERATOR_BODIES, GENERATOR_INPUTS, NOISY_MODES, NOISY_SHAPES
 from nayer.losses import BN_LOSS_FORMS
-from nayer.models import check_arch
+from nayer.lte import ENCODERS
+from nayer.models import check_arch, load_model, load_teacher
 from nayer.runtime import check_device_name
 
-NOISY_MODES = ("k_to_1", "one_to_one")
-NOISY_ARCHS = ("A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8")
-GENERATOR_BODIES = ("auto", "cifar", "imagenet_reference", "imagenet_paper")
-METHODS = ("nayer", "fm", "deepinv")  # NAYER; the baselines FM (Fang et al. 2022), DeepInversion (Yin et al. 2020)
-GENERATOR_INPUTS = ("lte_nl", "lte", "onehot", "z", "cat_lte_z", "sum_oh_z")
 NONFINITE_POLICIES = ("stop", "skip")
 TARGET_MODES = ("balanced", "slices")
 KD_CROPS = ("pad", "resized")
@@ -55,6 +54,13 @@ class ModelConfig:
     checkpoint: str = ""  # state_dict file (loaded with weights_only=True)
     weights: str = ""  # pretrained weights: a torchvision tag (IMAGENET1K_V2, DEFAULT) or, for timm, pretrained
     rename: List[str] = field(default_factory=list)  # checkpoint key renaming, OLD->NEW regex prefix pairs
+
+    def build(self, *, num_classes: int, role: str) -> nn.Module:
+        """The model with a `num_classes`-way head and its weights: the checkpoint file, the source's pretrained
+        weights, or a random init. `role` names the config keys in errors; a teacher comes frozen (eval mode, no
+        gradients)."""
+        given = (self.arch, num_classes, self.checkpoint or None, self.weights or None, self.rename)
+        return load_teacher(*given) if role == "teacher" else load_model(*given, role=role)
 
 
 @dataclass
@@ -195,7 +201,7 @@ class RunConfig:
     # A NaN/inf generator or KD loss: stop = end the run naming the round and step (the last checkpoint stays
     # resumable); skip = leave that step out (no optimizer step), count it in metrics.jsonl and go on.
     on_nonfinite: str = "stop"
-    method: str = "nayer"  # nayer | fm | deepinv: the synthesizer; the KD loop is the same for all
+    method: str = "nayer"  # nayer | fm | deepinv (nayer.methods): the synthesizer; the KD loop is the same for all
     data: DataConfig = field(default_factory=DataConfig)
     teacher: ModelConfig = field(default_factory=ModelConfig)
     student: ModelConfig = field(default_factory=lambda: ModelConfig(arch="resnet20"))
@@ -215,11 +221,14 @@ class RunConfig:
                 check_arch(model.arch)
             except ValueError as error:
                 raise ConfigError(f"{role}.arch={model.arch!r}: {error}") from None
-        check_choice("method", self.method, METHODS)
+        from nayer.methods import method_names  # the registry imports the methods, which import this module
+
+        check_choice("method", self.method, method_names())
         check_choice("generator.input", self.generator.input, GENERATOR_INPUTS)
         check_choice("generator.body", self.generator.body, GENERATOR_BODIES)
         check_choice("generator.noisy.mode", self.generator.noisy.mode, NOISY_MODES)
-        check_choice("generator.noisy.arch", self.generator.noisy.arch, NOISY_ARCHS)
+        check_choice("generator.noisy.arch", self.generator.noisy.arch, tuple(NOISY_SHAPES))
+        check_choice("lte.encoder", self.lte.encoder, ENCODERS)
         check_choice("synthesis.bn_loss", self.synthesis.bn_loss, BN_LOSS_FORMS)
         check_choice("synthesis.targets", self.synthesis.targets, TARGET_MODES)
         if self.synthesis.targets == "slices" and self.method != "nayer":

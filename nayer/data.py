@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nayer.runtime import first_line
 from nayer.specs import ImageSpec, check_label_range
 
 
@@ -183,7 +184,7 @@ def load_npz(path: str) -> LabeledImages:
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot read '{path}' as a .npz archive: {_first_line(exc)}") from None
+        raise ValueError(f"cannot read '{path}' as a .npz archive: {first_line(exc)}") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"'{path}' holds a single array, not a .npz archive with keys x, y and classes")
     with data:
@@ -194,7 +195,7 @@ def load_npz(path: str) -> LabeledImages:
         try:
             x, y, classes = data["x"], data["y"], [str(c) for c in data["classes"]]
         except ValueError as exc:  # "Object arrays cannot be loaded when allow_pickle=False"
-            raise ValueError(f"'{path}': {_first_line(exc)}; store x, y and classes as plain (non-object) "
+            raise ValueError(f"'{path}': {first_line(exc)}; store x, y and classes as plain (non-object) "
                              f"arrays") from None
     try:
         images = LabeledImages(x, y, classes)
@@ -204,11 +205,6 @@ def load_npz(path: str) -> LabeledImages:
         raise ValueError(f"'{path}' has an empty class list")
     check_label_range(images.y, len(images.classes), f"'{path}'", "its class list")
     return images
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")

@@ -16,13 +16,17 @@ A5 BN, Linear, Sigmoid | A6 BN, Linear, Tanh | A7 BN, Linear, ReLU | A8 BN, Line
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nayer.augment import Normalize
+from nayer.specs import ImageSpec
+
+if TYPE_CHECKING:
+    from nayer.config import GeneratorConfig, NoisyConfig
 
 NOISY_SHAPES: dict[str, tuple[bool, int, str]] = {
     # arch: (embedding BN1d, number of stacked Linears, activation after the last Linear)
@@ -35,6 +39,9 @@ NOISY_SHAPES: dict[str, tuple[bool, int, str]] = {
     "A7": (True, 1, "relu"),
     "A8": (True, 1, "dropout"),
 }
+NOISY_MODES = ("k_to_1", "one_to_one")  # one layer per chunk of K targets | one layer per image
+# What G is fed instead of LTE -> noisy layer (lte_nl), and its width: paper Fig. 5, supplementary B.4
+GENERATOR_INPUTS = ("lte_nl", "lte", "onehot", "z", "cat_lte_z", "sum_oh_z")
 
 
 def balanced_targets(batch_size: int, num_classes: int, generator: torch.Generator | None = None) -> Tensor:
@@ -53,15 +60,17 @@ def class_slice_targets(batch_size: int, num_classes: int, seed: int, epoch: int
 
 
 class NoisyLayers(nn.Module):
-    """`num_layers` independent Linear stacks, applied chunk-wise; re-initialized by :meth:`reinit`."""
+    """Independent Linear stacks, applied chunk-wise (`cfg.mode`: a chunk of K targets, or one image, per stack),
+    shaped as `cfg.arch` says after its BN1d; re-initialized by :meth:`reinit`."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_layers: int, chunk: int, depth: int = 1,
-                 activation: str = "none"):
+    def __init__(self, cfg: "NoisyConfig", *, in_dim: int, out_dim: int, num_classes: int, batch_size: int):
         super().__init__()
-        self.num_layers, self.chunk, self.activation = num_layers, chunk, activation
+        _, depth, self.activation = NOISY_SHAPES[cfg.arch]
+        self.chunk = num_classes if cfg.mode == "k_to_1" else 1
+        self.num_layers = n = math.ceil(batch_size / self.chunk)
         dims = [in_dim] + [out_dim] * depth
-        self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_layers, a, b)) for a, b in zip(dims, dims[1:]))
-        self.biases = nn.ParameterList(nn.Parameter(torch.empty(num_layers, 1, b)) for b in dims[1:])
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(n, a, b)) for a, b in zip(dims, dims[1:]))
+        self.biases = nn.ParameterList(nn.Parameter(torch.empty(n, 1, b)) for b in dims[1:])
         self.reinit()
 
     @torch.no_grad()
@@ -184,17 +193,16 @@ class ImageNetReferenceBody(Body):
 
 
 BODIES = {"cifar": CifarBody, "imagenet_reference": ImageNetReferenceBody, "imagenet_paper": ImageNetPaperBody}
+GENERATOR_BODIES = ("auto", *BODIES)  # auto: the reference's ImageNet body above 64 px, else cifar
 
 
-def make_body(body: str, nz: int, ngf: int, image_size: int, paper_variant: bool,
-              mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
-    """The conv body for `image_size` (`auto`: the reference's ImageNet body above 64 px), fed an `nz`-wide
-    vector; `mean`/`std` (the teacher's normalization) are needed by the paper variant only."""
+def make_body(cfg: "GeneratorConfig", *, nz: int, images: ImageSpec) -> nn.Module:
+    """The conv body `cfg.body` (width `cfg.ngf`, the paper variant if `cfg.paper_variant`) for `images.size` px,
+    fed an `nz`-wide vector; the paper variant maps its output back to pixels with the images' mean and std."""
+    body = cfg.body
     if body == "auto":
-        body = "imagenet_reference" if image_size > 64 else "cifar"
-    if body not in BODIES:
-        raise ValueError(f"unknown generator body {body!r}; choose auto, {', '.join(BODIES)}")
-    return BODIES[body](nz, ngf, image_size, paper_variant, mean, std)
+        body = "imagenet_reference" if images.size > 64 else "cifar"
+    return BODIES[body](nz, cfg.ngf, images.size, cfg.paper_variant, images.mean, images.std)
 
 
 class NayerGenerator(nn.Module):
@@ -205,36 +213,27 @@ class NayerGenerator(nn.Module):
     BN1d(onehot(y) + Z), each fed straight to the body; Z ~ N(0, I) (width nz, K for sum_oh_z) is drawn anew at
     every :meth:`reinit_noisy`, i.e. every synthesis iteration, the way the noisy layers are re-initialized."""
 
-    def __init__(self, embeddings: Tensor, batch_size: int, image_size: int, nz: int = 1000, ngf: int = 64,
-                 body: str = "auto", noisy_mode: str = "k_to_1", noisy_arch: str = "A3", paper_variant: bool = False,
-                 input: str = "lte_nl", mean: Sequence[float] | None = None, std: Sequence[float] | None = None):
+    def __init__(self, cfg: "GeneratorConfig", *, embeddings: Tensor, batch_size: int, images: ImageSpec):
         super().__init__()
-        if embeddings.ndim != 2:
-            raise ValueError(f"label embeddings must be [classes, dim], got shape {tuple(embeddings.shape)}")
-        if noisy_arch not in NOISY_SHAPES:
-            raise ValueError(f"unknown noisy-layer shape {noisy_arch!r}; choose one of {', '.join(NOISY_SHAPES)}")
-        if noisy_mode not in ("k_to_1", "one_to_one"):
-            raise ValueError(f"unknown noisy mode {noisy_mode!r}; choose k_to_1 or one_to_one")
+        if embeddings.ndim != 2 or embeddings.shape[0] != images.num_classes:
+            raise ValueError(f"label embeddings must be [{images.num_classes} classes, dim], got shape "
+                             f"{tuple(embeddings.shape)}")
         num_classes, emb_dim = embeddings.shape
-        self.input, self.num_classes = input, num_classes
+        nz, self.input, self.num_classes = cfg.nz, cfg.input, num_classes
         self.register_buffer("embeddings", embeddings.detach().float().clone())
-        z_dim = {"z": nz, "cat_lte_z": nz, "sum_oh_z": num_classes}.get(input, 0)
+        z_dim = {"z": nz, "cat_lte_z": nz, "sum_oh_z": num_classes}.get(cfg.input, 0)
         self.register_buffer("z", torch.zeros(batch_size, z_dim), persistent=False)
         self.noisy: NoisyLayers | None = None
-        if input == "lte_nl":
-            use_bn, depth, activation = NOISY_SHAPES[noisy_arch]
-            self.emb_bn = nn.BatchNorm1d(emb_dim) if use_bn else nn.Identity()
-            chunk = num_classes if noisy_mode == "k_to_1" else 1
-            self.noisy = NoisyLayers(emb_dim, nz, math.ceil(batch_size / chunk), chunk, depth, activation)
+        if cfg.input == "lte_nl":
+            self.emb_bn = nn.BatchNorm1d(emb_dim) if NOISY_SHAPES[cfg.noisy.arch][0] else nn.Identity()
+            self.noisy = NoisyLayers(cfg.noisy, in_dim=emb_dim, out_dim=nz, num_classes=num_classes,
+                                     batch_size=batch_size)
             body_in = nz
         else:
-            widths = {"lte": emb_dim, "onehot": num_classes, "z": nz, "cat_lte_z": emb_dim + nz,
-                      "sum_oh_z": num_classes}
-            if input not in widths:
-                raise ValueError(f"unknown generator input {input!r}; choose lte_nl, {', '.join(widths)}")
-            body_in = widths[input]
+            body_in = {"lte": emb_dim, "onehot": num_classes, "z": nz, "cat_lte_z": emb_dim + nz,
+                       "sum_oh_z": num_classes}[cfg.input]
             self.emb_bn = nn.BatchNorm1d(body_in)
-        self.body = make_body(body, body_in, ngf, image_size, paper_variant, mean, std)
+        self.body = make_body(cfg, nz=body_in, images=images)
 
     @torch.no_grad()
     def reinit_noisy(self) -> None:

@@ -15,7 +15,7 @@ from nayer.config import RunConfig
 from nayer.data import LabeledImages, folder_read, imagenet_wordnet_names, load_labeled, preset, read_class_names
 from nayer.losses import bn_layers
 from nayer.lte import encode_labels
-from nayer.models import CheckpointMismatchError, classifier_layer, load_teacher, model_metadata
+from nayer.models import CheckpointMismatchError, classifier_layer, model_metadata
 from nayer.runtime import first_line
 from nayer.specs import ImageSpec
 
@@ -129,7 +129,7 @@ def load_inputs(cfg: RunConfig, lte_device: torch.device, eval_cache: str = "") 
     k = images.num_classes
     t = cfg.teacher
     try:
-        teacher = load_teacher(t.arch, k, t.checkpoint or None, t.weights or None, t.rename)
+        teacher = t.build(num_classes=k, role="teacher")
     except CheckpointMismatchError as exc:  # most often: a class-name list of the wrong length
         raise ConfigError(f"{exc}; note: the run has {k} class names, the teacher's output size must equal that") from None
     except ValueError as exc:  # weights the source does not have, a factory that returns no module
@@ -140,8 +140,7 @@ def load_inputs(cfg: RunConfig, lte_device: torch.device, eval_cache: str = "") 
     names = prompt_names(cfg, images)
     provenance["prompt_names"] = ("ImageNet-1k WordNet lines (lte.names)" if names != list(images.class_names)
                                   else "the class names")
-    embeddings = encode_labels(names, cfg.lte.encoder, cfg.lte.template, cfg.lte.model,
-                               cfg.lte.pretrained, cfg.lte.path or None, cfg.lte.cache_dir or None, lte_device)
+    embeddings = encode_labels(names, cfg.lte, device=lte_device)
     read = folder_read(cfg.data.dataset, images.class_names, cfg.data.eval_crop_pct, cfg.data.eval_workers,
                        cfg.data.eval_cache or eval_cache)
     eval_set = load_labeled(cfg.data.eval, images.size, read).subset(cfg.data.eval_limit) if cfg.data.eval else None

@@ -27,11 +27,15 @@ import os
 import string
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from nayer.runtime import save_torch
+
+if TYPE_CHECKING:
+    from nayer.config import LTEConfig
 
 logger = logging.getLogger(__name__)
 
@@ -77,24 +81,15 @@ def _resolve_template(template: str) -> str:
     return template
 
 
-def encode_labels(
-    class_names: list[str],
-    encoder: str = "clip",
-    template: str = "reference",
-    model: str = "ViT-B-32",
-    pretrained: str | None = "openai",
-    path: str | None = None,
-    cache_dir: str | None = None,
-    device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """Label-text embeddings ``[K, D]`` (float32, CPU, no grad) for ``class_names``.
+def encode_labels(class_names: list[str], cfg: "LTEConfig", *, device: str | torch.device = "cpu") -> torch.Tensor:
+    """Label-text embeddings ``[K, D]`` (float32, CPU, no grad) for ``class_names`` by encoder ``cfg.encoder``.
 
-    ``model``/``pretrained`` configure ``clip``; ``template`` applies to ``clip``/``sbert``;
-    ``path`` is the input of ``file``. With ``cache_dir`` the result is stored under a key of
+    ``cfg.model``/``cfg.pretrained`` configure ``clip``; ``cfg.template`` applies to ``clip``/``sbert``;
+    ``cfg.path`` is the input of ``file``. With ``cfg.cache_dir`` the result is stored under a key of
     everything that determines it and reused by later calls without loading any model.
     """
-    if encoder not in ENCODERS:
-        raise ValueError(f"unknown LTE encoder {encoder!r}; known: {', '.join(ENCODERS)}")
+    encoder, template, model, pretrained = cfg.encoder, cfg.template, cfg.model, cfg.pretrained
+    path, cache_dir = cfg.path or None, cfg.cache_dir or None
     if not class_names:
         raise ValueError("class_names is empty; need one name per teacher class")
     if path is not None and encoder != "file":

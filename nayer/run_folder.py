@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 from nayer.cli_config import ConfigError, config_to_yaml
 from nayer.runtime import append_jsonl, save_json, save_text
+from nayer.storage import open_storage
 
 
 class RunFolder:
@@ -26,9 +27,10 @@ class RunFolder:
     def __init__(self, cfg: Any, path: Path | None = None):
         """`path`: where the folder is on this machine, if not <out_dir>/<name> (a local copy of a remote one)."""
         self.cfg = cfg
-        if path is None and "://" in cfg.out_dir:
-            raise ConfigError(f"out_dir={cfg.out_dir!r}: a run folder on an object store is the pipeline's "
-                              "(python -m orchestrator.run); this runner writes a local folder")
+        if path is None:
+            open_storage(cfg.out_dir).require_local(
+                f"out_dir={cfg.out_dir!r}: a run folder on an object store is the pipeline's (python -m "
+                "orchestrator.run); this runner writes a local folder")
         self.path = Path(cfg.out_dir) / cfg.name if path is None else path
         self.checkpoint = self.path / self.CHECKPOINT
         self.metrics = self.path / "metrics.jsonl"

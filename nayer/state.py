@@ -10,10 +10,12 @@ import dataclasses
 import typing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from nayer.compat import FORMAT, Upgrade, check_format, unchanged
 from nayer.runtime import save_torch
 
 
@@ -34,29 +36,39 @@ class Best:
 
 
 class SavedState:
-    """`save` / `load` for a dataclass of tensors, plain containers and nested dataclasses (kept as dicts in the
-    file, so `torch.load(weights_only=True)` reads it back)."""
+    """`save` / `load` for a dataclass of tensors, plain containers and nested (or optional) dataclasses (kept as
+    dicts in the file, so `torch.load(weights_only=True)` reads it back). The file carries its format
+    (`nayer.compat`); `UPGRADE` brings a file of an older format to the current fields."""
 
-    ADDED_LATER: typing.ClassVar[tuple[str, ...]] = ()  # fields a file of an earlier version lacks (their defaults)
+    UPGRADE: ClassVar[Upgrade] = staticmethod(unchanged)
 
     def save(self, path: str | Path) -> Path:
         """Atomically: a temporary name, then a rename over `path`."""
         state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         state = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in state.items()}
-        return save_torch(state, path)
+        return save_torch({**state, "format": FORMAT}, path)
 
     @classmethod
     def load(cls, path: str | Path):
         """On CPU: each part is copied to its device by the load_state_dict it goes to (RNG states stay on CPU)."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         names = {f.name for f in dataclasses.fields(cls)}
-        # a run started by an earlier version resumes: the fields added since take their defaults
-        if not isinstance(state, dict) or not names - set(cls.ADDED_LATER) <= set(state) <= names:
+        if isinstance(state, dict):
+            state = dict(state)
+            state = cls.UPGRADE(state, check_format(state.pop("format", 0), str(path)))
+        if not isinstance(state, dict) or set(state) != names:
             raise ValueError(f"{path} is not a {cls.__name__} checkpoint of this version (keys "
                              f"{sorted(state) if isinstance(state, dict) else type(state).__name__}, expected "
                              f"{sorted(names)})")
         hints = typing.get_type_hints(cls)
-        return cls(**{k: hints[k](**v) if dataclasses.is_dataclass(hints[k]) else v for k, v in state.items()})
+        return cls(**{k: _revive(hints[k], v) for k, v in state.items()})
+
+
+def _revive(hint: Any, value: Any) -> Any:
+    """A saved value as its field's type: a dict back into its dataclass (also an optional one)."""
+    kinds = [hint, *typing.get_args(hint)]
+    cls = next((k for k in kinds if dataclasses.is_dataclass(k)), None)
+    return cls(**value) if cls is not None and isinstance(value, dict) else value
 
 
 @dataclass

@@ -28,12 +28,12 @@ from nayer.augment import Augment, uint8_to_float
 from nayer.cli import cli
 from nayer.cli_config import ConfigError, as_dict
 from nayer.config import check_choice
-from nayer.data import PRESETS, load_labeled, preset
+from nayer.data import PRESETS, LabeledImages, load_labeled, preset
 from nayer.evaluate import evaluate
 from nayer.models import build_model, model_names
 from nayer.progress import progress_bar
 from nayer.runtime import check_device_name, save_json, save_torch
-from nayer.specs import Compute
+from nayer.specs import Compute, ImageSpec
 
 log = logging.getLogger(__name__)
 
@@ -91,18 +91,41 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         spec.check_labels(test.y, f"'{cfg.test}'", f"dataset '{cfg.dataset}'")
 
     model = build_model(cfg.arch, spec.num_classes).to(device, memory_format=torch.channels_last)
+    start = time.perf_counter()
+    fit(model, train, cfg, spec, compute)
+    train_seconds = time.perf_counter() - start
+
+    top1 = None
+    result: dict = {}
+    if test is not None:
+        result = evaluate(model, test, spec, compute)
+        top1 = result["top1"]
+        log.info("test top-1 %.2f%% on %d images of '%s'", top1, result["n"], cfg.test)
+
+    # Plain contiguous tensors: loadable with weights_only=True into a fresh model of any memory format.
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_torch(state, cfg.out)
+    summary = {"top1": top1, "per_class": result.get("per_class"), "n_test": result.get("n"),
+               "n_train": len(train), "train_seconds": round(train_seconds, 1), "config": as_dict(cfg)}
+    save_json(summary, cfg.out + ".json")
+    log.info("wrote %s (%.0f s of training)", cfg.out, train_seconds)
+    return {"top1": top1, "path": cfg.out}
+
+
+def fit(model: torch.nn.Module, train: LabeledImages, cfg: TeacherTrainConfig, spec: ImageSpec,
+        compute: Compute) -> None:
+    """`cfg.epochs` epochs of SGD (momentum, weight decay, cosine per epoch) with crop + flip, batches shuffled anew
+    each epoch; the loss and training accuracy on the progress bar."""
+    device = compute.device
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     augment = Augment(spec.mean, spec.std, crop_padding=4, flip=True).to(device)
-
     # The whole set stays on the device as uint8 NCHW: batches are index gathers, no DataLoader workers.
     x_all = torch.from_numpy(train.x).permute(0, 3, 1, 2).contiguous().to(device)
     y_all = torch.from_numpy(train.y).to(device)
     order_rng = torch.Generator().manual_seed(cfg.seed)
     n = len(train)
-
-    start = time.perf_counter()
     model.train()
     bar = progress_bar(cfg.epochs, f"teacher {cfg.arch}", "epoch")
     for _ in range(cfg.epochs):
@@ -124,23 +147,6 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         bar.set_postfix(loss=f"{loss_sum / n:.3f}", train_acc=f"{100 * correct / n:.1f}")
         bar.update()
     bar.close()
-    train_seconds = time.perf_counter() - start
-
-    top1 = None
-    result: dict = {}
-    if test is not None:
-        result = evaluate(model, test, spec, compute)
-        top1 = result["top1"]
-        log.info("test top-1 %.2f%% on %d images of '%s'", top1, result["n"], cfg.test)
-
-    # Plain contiguous tensors: loadable with weights_only=True into a fresh model of any memory format.
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_torch(state, cfg.out)
-    summary = {"top1": top1, "per_class": result.get("per_class"), "n_test": result.get("n"),
-               "n_train": n, "train_seconds": round(train_seconds, 1), "config": as_dict(cfg)}
-    save_json(summary, cfg.out + ".json")
-    log.info("wrote %s (%.0f s of training)", cfg.out, train_seconds)
-    return {"top1": top1, "path": cfg.out}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

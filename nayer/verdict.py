@@ -131,8 +131,8 @@ def _count_check(records: list[dict], name: str, keys: dict[str, str], what: str
 
 
 def round_seconds(records: list[dict]) -> list[float]:
-    """Each round's wall time: its `round_time` (both runners log it), else, in a run folder written before they
-    did, the difference of the cumulative `elapsed`."""
+    """Each round's wall time: its `round_time` (both runners log it), else the difference of the cumulative
+    `elapsed` (records that carry only that)."""
     times, before = [], 0.0
     for r in records:
         times.append(r["round_time"] if "round_time" in r else r.get("elapsed", before) - before)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nayer.cli_config import ConfigError
-from orchestrator.storage import exists, is_url, join, read_bytes, write_bytes
+from nayer.storage import Storage, as_storage
 
 ENV = "NAYER_FAULTS"
 KINDS = {"kill_synthesis_writing": ("round", "worker"), "kill_rank": ("round", "rank", "step"),
@@ -46,10 +46,10 @@ class FaultPlan:
     """The faults of one run (picklable: the driver hands it to every actor and rank)."""
 
     faults: list[Fault] = field(default_factory=list)
-    marker_dir: str = ""
+    markers: Storage | None = None  # <run>/faults/
 
     @classmethod
-    def parse(cls, text: str, marker_dir: str | Path) -> "FaultPlan":
+    def parse(cls, text: str, markers: Storage | str | Path) -> "FaultPlan":
         faults = []
         for spec in filter(None, (s.strip() for s in text.split(";"))):
             kind, _, args = spec.partition(":")
@@ -63,28 +63,19 @@ class FaultPlan:
                                       + ", ".join(f"{k}=<int>" for k in KINDS[kind]))
                 where.append((key, int(value)))
             faults.append(Fault(kind, tuple(where)))
-        return cls(faults, str(marker_dir))
+        return cls(faults, as_storage(markers))
 
     @classmethod
-    def from_env(cls, marker_dir: str | Path) -> "FaultPlan":
-        return cls.parse(os.environ.get(ENV, ""), marker_dir)
+    def from_env(cls, markers: Storage | str | Path) -> "FaultPlan":
+        return cls.parse(os.environ.get(ENV, ""), markers)
 
     def fires(self, kind: str, **at: int) -> bool:
         """True (once per run folder) if an unfired fault of `kind` matches `at`."""
         for index, fault in enumerate(self.faults):
             if fault.kind != kind or not fault.matches(at):
                 continue
-            marker = join(self.marker_dir, f"{index}-{kind}.fired")
-            if is_url(marker):  # an object store has no exclusive create: enough for a drill's one process a point
-                if exists(marker):
-                    continue
-                write_bytes(marker, b"")
-            else:
-                Path(marker).parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-                except FileExistsError:
-                    continue  # fired before: this is the restarted process
+            if not self.markers.create_exclusive(f"{index}-{kind}.fired"):
+                continue  # fired before: this is the restarted process
             print(f"fault injection ({ENV}): {kind} at {at} (pid {os.getpid()})", flush=True)
             return True
         return False
@@ -95,18 +86,7 @@ class FaultPlan:
             print(f"fault injection ({ENV}): SIGKILL pid {os.getpid()}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def corrupt_if(self, path: str | Path, **at: int) -> None:
-        """Flip one byte in the middle of the file (or object) at `path` if an unfired corrupt_shard fault matches
-        `at`."""
-        if not self.fires("corrupt_shard", **at):
-            return
-        if is_url(path):  # an object is only ever replaced whole
-            data = bytearray(read_bytes(path))
-            data[len(data) // 2] ^= 0xFF
-            write_bytes(path, bytes(data))
-            return
-        with open(path, "r+b") as f:  # one byte, in place, as bit rot does it
-            f.seek(os.path.getsize(path) // 2)
-            byte = f.read(1)
-            f.seek(-1, os.SEEK_CUR)
-            f.write(bytes([byte[0] ^ 0xFF]))
+    def corrupt_if(self, store: Storage, rel: str, **at: int) -> None:
+        """Flip one byte in the middle of the file `rel` of `store` if an unfired corrupt_shard fault matches `at`."""
+        if self.fires("corrupt_shard", **at):
+            store.flip_byte(rel)

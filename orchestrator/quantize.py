@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Sequence
 
 from nayer.buffer import InMemoryBuffer
-from nayer.quantize.app import main as quantize_main
+from nayer.cli import cli
+from nayer.quantize.config import QuantizeConfig
+from nayer.quantize.runner import run
 from orchestrator.shards import MANIFEST, Manifest, read_shard
 
 
@@ -27,13 +29,16 @@ def read_manifest(folder: Path) -> InMemoryBuffer:
         raise ValueError(f"buffer folder '{folder}' has no {MANIFEST}: it is not the buffer of orchestrator.run "
                          "(nayer.run's chunk-*.pt buffers go to python -m nayer.quantize)")
     buffer = InMemoryBuffer()
-    for entry in Manifest.load(folder).snapshot():
-        buffer.append(*read_shard(entry))
+    manifest = Manifest.load(folder)
+    for entry in manifest.snapshot():
+        buffer.append(*read_shard(manifest.store, entry))
     return buffer
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    quantize_main(argv, read=read_manifest, doc=__doc__)
+    from nayer import quantize  # the package docstring: what is quantized, and how
+
+    cli(lambda cfg: run(cfg, read_manifest), argv, doc=f"{__doc__}\n{quantize.__doc__}", schema=QuantizeConfig)
 
 
 if __name__ == "__main__":

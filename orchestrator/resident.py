@@ -21,24 +21,26 @@ import torch
 from torch import Tensor
 
 from nayer.buffer import InMemoryBuffer
+from nayer.storage import Storage
+from orchestrator.messages import ShardEntry
 from orchestrator.shards import CorruptShardError, read_shard, shard_batches
 
 GB = 1 << 30
 
 
 class ShareLoader:
-    """Reads this rank's newly committed shards in a thread. `fetch(after_seq)` blocks until the driver has
-    committed entries with a larger seq and returns them in commit order (None: the run is over)."""
+    """Reads this rank's newly committed shards of `buffer` in a thread. `fetch(after_seq)` blocks until the driver
+    has committed entries with a larger seq and returns them in commit order (None: the run is over)."""
 
-    def __init__(self, fetch: Callable[[int], list[dict] | None], rank: int, world: int, policy: str,
-                 host_limit_bytes: float):
-        self.fetch, self.rank, self.world, self.policy = fetch, rank, world, policy
+    def __init__(self, buffer: Storage, fetch: Callable[[int], list[ShardEntry] | None], rank: int, world: int,
+                 policy: str, host_limit_bytes: float):
+        self.buffer, self.fetch, self.rank, self.world, self.policy = buffer, fetch, rank, world, policy
         self.host_limit = host_limit_bytes
         self.changed = threading.Condition()
         self.seen_seq = -1  # every entry up to this seq has been handled (loaded, another rank's, or excluded)
-        self.share: list[dict] = []  # this rank's readable entries, in commit order
+        self.share: list[ShardEntry] = []  # this rank's readable entries, in commit order
         self.store = InMemoryBuffer()  # their samples while the share fits in memory, one chunk per shard
-        self.excluded: list[str] = []  # urls of corrupt shards left out (cluster.on_corrupt_shard=exclude)
+        self.excluded: list[str] = []  # buffer paths of corrupt shards left out (cluster.on_corrupt_shard=exclude)
         self.corrupt: dict[int, str] = {}  # seq -> why, for corrupt shards under policy fail: a round needing one stops
         self.bytes_read = 0  # shard bytes read from storage by this rank so far
         self.streaming = False  # the share outgrew host_limit: every round streams it from storage
@@ -50,18 +52,18 @@ class ShareLoader:
         try:
             while (entries := self.fetch(self.seen_seq)) is not None:
                 for entry in entries:
-                    if entry["seq"] % self.world == self.rank:
+                    if entry.seq % self.world == self.rank:
                         self._add(entry)
                     with self.changed:
-                        self.seen_seq = max(self.seen_seq, entry["seq"])
+                        self.seen_seq = max(self.seen_seq, entry.seq)
                         self.changed.notify_all()
         except BaseException as exc:  # noqa: BLE001 - handed to the step loop, which raises it
             with self.changed:
                 self.error = exc
                 self.changed.notify_all()
 
-    def _add(self, entry: dict) -> None:
-        if not self.streaming and self.bytes_read + entry["bytes"] > self.host_limit:  # bytes held so far
+    def _add(self, entry: ShardEntry) -> None:
+        if not self.streaming and self.bytes_read + entry.bytes > self.host_limit:  # bytes held so far
             with self.changed:  # the share no longer fits: let go of what is held, stream from now on
                 self.streaming, self.store = True, InMemoryBuffer()
             print(f"rank {self.rank}: its buffer share outgrew cluster.rank_buffer_gb={self.host_limit / GB:g}; "
@@ -71,17 +73,16 @@ class ShareLoader:
                 self.share.append(entry)
             return
         try:
-            images, labels = read_shard(entry)
-        except CorruptShardError as exc:
+            images, labels = read_shard(self.buffer, entry)
+        except CorruptShardError as exc:  # a round that needs it stops under policy fail (`wait`)
             with self.changed:
                 if self.policy == "fail":
-                    self.corrupt[entry["seq"]] = (f"{exc}; not trained on (cluster.on_corrupt_shard=exclude drops "
-                                                  "such shards and goes on)")
+                    self.corrupt[entry.seq] = str(exc)
                 else:
-                    self.excluded.append(entry["url"])
+                    self.excluded.append(entry.path)
             return
         with self.changed:
-            self.bytes_read += entry["bytes"]
+            self.bytes_read += entry.bytes
             self.store.append(images, labels)
             self.share.append(entry)
 
@@ -117,7 +118,7 @@ class ResidentShare:
         loader = self.loader
         loader.wait(upto_seq)
         with loader.changed:
-            held = sum(1 for e in loader.share if e["seq"] <= upto_seq)
+            held = sum(1 for e in loader.share if e.seq <= upto_seq)
             entries = loader.share[:held]
             streaming = loader.streaming
             rows = 0 if streaming else loader.store.rows(held)
@@ -126,11 +127,11 @@ class ResidentShare:
             raise CorruptShardError(f"rank {loader.rank} has no readable shard of the buffer")
         if streaming:
             excluded: list[str] = []
-            yield from ahead(shard_batches(entries, batch_size, num_batches, seed, shuffle_buffer, loader.policy,
-                                           excluded))
+            yield from ahead(shard_batches(loader.buffer, entries, batch_size, num_batches, seed, shuffle_buffer,
+                                           loader.policy, excluded))
             with loader.changed:
-                loader.bytes_read += sum(e["bytes"] for e in entries if e["url"] not in excluded)
-                loader.excluded.extend(url for url in excluded if url not in loader.excluded)
+                loader.bytes_read += sum(e.bytes for e in entries if e.path not in excluded)
+                loader.excluded.extend(path for path in excluded if path not in loader.excluded)
             return
         images, labels = self._placed(images, rows), labels[:rows]
         generator = torch.Generator().manual_seed(seed)

@@ -40,22 +40,25 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from nayer.cli import cli
+from nayer.run_report import finish_run, run_summary
 from nayer.inputs import load_inputs
 from nayer.progress import RoundProgress
-from nayer.report import finish_run
 from nayer.runtime import RunError, save_torch, seed_everything
 from nayer.specs import bf16_fallback_note
+from nayer.storage import Storage
 from orchestrator.board import RoundBoard
 from orchestrator.cluster import check_capacity, connect, resolve_schedule, root_cause
 from orchestrator.config import PipelineConfig, load_deepspeed_config
+from orchestrator.evaluation import EvalSource
 from orchestrator.faults import FaultPlan
 from orchestrator.folder import PipelineFolder
-from orchestrator.rounds import gather_synthesis, synthesis_record
-from orchestrator.shards import MANIFEST, Manifest, rank_samples
+from orchestrator.messages import KDPlan, KDRoundResult, SynthesisOutput
+from orchestrator.rank import STUDENT_WEIGHTS, RankSetup
+from orchestrator.rounds import SynthesisRound, gather_synthesis, synthesis_record
+from orchestrator.shards import MANIFEST, Manifest, quarantined, rank_samples
 from orchestrator.signals import StopOnSignal
 from orchestrator.state import DriverState
-from orchestrator.storage import exists, join, read_bytes, remove_tree, subfolders
-from orchestrator.trainer import STUDENT_WEIGHTS, TrainerRun, eval_source, make_trainer
+from orchestrator.trainer import TrainerRun, make_trainer
 from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles, split_iterations
 
 
@@ -81,11 +84,8 @@ class Driver:
         self.faults = FaultPlan.from_env(self.folder.faults)
         seed_everything(cfg.seed)  # a teacher without a checkpoint is random: the same one in every run of a seed
         # An image folder is decoded once into a memory-mapped file (the run folder's unless data.eval_cache names
-        # one), which the ranks map: neither the driver nor the object store holds a copy of the decoded set. A run
-        # folder on an object store cannot be mapped: the set then reaches the ranks through Ray's object store,
-        # unless data.eval_cache names a folder every node shares.
-        self.inputs = load_inputs(cfg, torch.device("cpu"),
-                                  eval_cache="" if self.folder.url else str(self.folder.path / "eval-cache"))
+        # one), which the ranks map: neither the driver nor the object store holds a copy of the decoded set.
+        self.inputs = load_inputs(cfg, torch.device("cpu"), eval_cache=self.folder.eval_cache())
         print(self.inputs.summary(), flush=True)
         # The embedded Ray's workers run on this machine: on its CPU for device=cpu, or auto without CUDA (a CUDA
         # device that is missing is the capacity check's to report).
@@ -105,6 +105,7 @@ class Driver:
         self.trainer: TrainerRun | None = None
         self.student_ref = None  # the student after KD round `state.kd_round()` (None: no KD round yet)
         self.progress: RoundProgress | None = None
+        self.schedule: str | None = None
 
     # ------------------------------------------------------------------------------------------------ start
     def _resize(self) -> set[int]:
@@ -115,9 +116,7 @@ class Driver:
         files stay unused). Ranks: the buffer is re-dealt by shard seq modulo the new count and the global batch
         stays kd.batch_size; the student and its optimizer state load at the new size (orchestrator.resize)."""
         c, state = self.cfg.cluster, self.state
-        old_synth, old_ranks = state.synth_workers, state.trainer_workers  # None: a run saved before they were kept
-        if old_synth is None and state.synthesized >= 0:  # then every worker that ever ran has its state folder
-            old_synth = sum(1 for name in subfolders(self.folder.synthesis_states) if name.startswith("worker-"))
+        old_synth, old_ranks = state.synth_workers, state.trainer_workers  # None: a fresh run
         state.synth_workers, state.trainer_workers = c.synth_workers, c.trainer_workers
         fresh: set[int] = set()
         if old_synth is not None and old_synth != c.synth_workers:
@@ -137,70 +136,34 @@ class Driver:
     def _open_buffer(self) -> Manifest:
         """The committed buffer: on resume, the manifest cut back to the last checkpointed synthesis round (a round
         committed after it is synthesized again), every shard verified, files nobody committed removed."""
-        manifest = Manifest.load(self.folder.buffer) if self.cfg.resume else Manifest(self.folder.buffer)
-        if self.cfg.resume and self.state.synthesized >= 0 and not exists(join(self.folder.buffer, MANIFEST)):
-            raise RunError(f"{join(self.folder.buffer, MANIFEST)} is missing, but the driver checkpoint lists round "
+        buffer = self.folder.buffer
+        if not self.cfg.resume:
+            manifest = Manifest(buffer)
+            manifest.save()
+            return manifest
+        if self.state.synthesized >= 0 and not buffer.exists(MANIFEST):
+            raise RunError(f"{buffer.location(MANIFEST)} is missing, but the driver checkpoint lists round "
                            f"{self.state.synthesized} as committed: the buffer is not where the run left it")
-        if self.cfg.resume:
-            manifest.truncate(self.state.synthesized)
-            excluded = manifest.verify(self.cfg.cluster.on_corrupt_shard)
-            for message in excluded:
-                print(f"resume: excluded {message} (moved to buffer/quarantine/)", flush=True)
-            self.resume_excluded = len(excluded)  # counted in this start's first round (or the summary: none left)
-            dropped = manifest.discard_uncommitted()
-            if dropped:
-                print(f"resume: dropped {len(dropped)} uncommitted shard file(s) of the killed round", flush=True)
+        manifest = Manifest.load(buffer)
+        manifest.truncate(self.state.synthesized)
+        excluded = manifest.verify(self.cfg.cluster.on_corrupt_shard)
+        for message in excluded:
+            print(f"resume: {quarantined(message)}", flush=True)
+        self.resume_excluded = len(excluded)  # counted in this start's first round (or the summary: none left)
+        if dropped := manifest.discard_uncommitted():
+            print(f"resume: dropped {len(dropped)} uncommitted shard file(s) of the killed round", flush=True)
         manifest.save()
         return manifest
 
     def run(self) -> dict:
-        cfg, c = self.cfg, self.cfg.cluster
-        started_ray = connect(cfg)
+        started_ray = connect(self.cfg)
         self.stop.arm()
         try:
-            check_capacity(cfg)
-            self.schedule = resolve_schedule(cfg)
-            teacher_ref = ray.put(self.inputs.teacher.state_dict())
-            # A crashed actor is restarted (fresh) and its round's task retried; the task names the last committed
-            # round, whose state the actor loads from its own file. Its shards are rewritten under the same names,
-            # and nothing of a round is visible before the driver commits it.
-            actor = ray.remote(SynthesisWorker).options(num_cpus=c.synth_cpus, num_gpus=c.synth_gpus,
-                                                        max_restarts=c.synth_max_restarts,
-                                                        max_task_retries=c.synth_max_restarts)
-            files = WorkerFiles(self.folder.buffer, self.folder.samples, self.folder.synthesis_states)
-            embeddings_ref = ray.put(self.inputs.embeddings.cpu())
-            self.workers = [actor.remote(cfg, w, teacher_ref, embeddings_ref, self.inputs.images, files, self.faults)
-                            for w in range(c.synth_workers)]
-            # The board lives on the driver's node: it holds nothing a resume needs (commits come back from the
-            # manifest, the student from its checkpoint), so it should die only where the driver dies, which a
-            # resume covers, and not with some other node of the cluster.
-            here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-            self.board = RoundBoard.options(scheduling_strategy=here).remote()
-            self.board.commit.remote(self.manifest.snapshot())
-            storage = self.folder.trainer
-            self.experiment = trainer_experiment(storage, self.state.done + 1, self.state.student_checkpoint)
-            self.loop_config = {
-                "cfg": cfg, "board": self.board, "images": self.inputs.images, "deepspeed": self.ds_config,
-                "teacher": teacher_ref, "faults": self.faults, "rank_logs": self.folder.ranks,
-                "resume_from": join(storage, self.state.student_checkpoint) if self.state.student_checkpoint else None,
-                "eval_set": eval_source(self.inputs.eval_set),
-                # the ranks rate the teacher on the labeled set too, once, on their devices (not on resume)
-                "teacher_eval": self.inputs.eval_set is not None and self.state.teacher_top1 is None}
-            if self.state.student_checkpoint:  # the adversarial term's student: the last KD round's
-                path = join(storage, self.state.student_checkpoint, STUDENT_WEIGHTS)
-                if (weights := read_bytes(path)) is None:
-                    raise RunError(f"the student checkpoint {path} of the last round is missing: the run folder is "
-                                   "incomplete")
-                self.student_ref = ray.put(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
+            check_capacity(self.cfg)
+            self.schedule = resolve_schedule(self.cfg)
+            self._start_pools()
             self._rounds()
-            ray.get(self.board.stop.remote())
-            if self.trainer is not None:
-                self.trainer.join()
-            if self.student_ref is not None:
-                save_torch(ray.get(self.student_ref), self.folder.path / "student.pt")
-            if not cfg.data.eval_cache and self.state.done + 1 >= cfg.warmup + cfg.epochs:
-                # the run folder's decoded val set (7.5 GB on ImageNet): a resume needs it, a finished run does not
-                shutil.rmtree(self.folder.path / "eval-cache", ignore_errors=True)
+            self._finish()
         finally:  # also after a failure: on a cluster that outlives this run, release what it holds
             if self.board is not None:
                 ray.get(self.board.stop.remote())
@@ -211,6 +174,53 @@ class Driver:
             if started_ray:
                 ray.shutdown()
         return self._summary()
+
+    def _start_pools(self) -> None:
+        """The synthesis actors and the board (the ranks start at the first KD round), and what the ranks get."""
+        cfg, c, folder = self.cfg, self.cfg.cluster, self.folder
+        teacher_ref = ray.put(self.inputs.teacher.state_dict())
+        # A crashed actor is restarted (fresh) and its round's task retried; the task names the last committed
+        # round, whose state the actor loads from its own file. Its shards are rewritten under the same names,
+        # and nothing of a round is visible before the driver commits it.
+        actor = ray.remote(SynthesisWorker).options(num_cpus=c.synth_cpus, num_gpus=c.synth_gpus,
+                                                    max_restarts=c.synth_max_restarts,
+                                                    max_task_retries=c.synth_max_restarts)
+        files = WorkerFiles(folder.buffer, folder.samples, folder.synthesis_states)
+        # Held for the run: Ray restarts a dead actor with its creation arguments, which must still exist then.
+        self.actor_args = (teacher_ref, ray.put(self.inputs.embeddings.cpu()))
+        self.workers = [actor.remote(cfg, w, *self.actor_args, self.inputs.images, files, self.faults)
+                        for w in range(c.synth_workers)]
+        # The board lives on the driver's node: it holds nothing a resume needs (commits come back from the
+        # manifest, the student from its checkpoint), so it should die only where the driver dies, which a
+        # resume covers, and not with some other node of the cluster.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.board = RoundBoard.options(scheduling_strategy=here).remote()
+        self.board.commit.remote(self.manifest.snapshot())
+        self.experiment = trainer_experiment(folder.trainer, self.state.done + 1, self.state.student_checkpoint)
+        checkpoint = self.state.student_checkpoint
+        self.rank_setup = RankSetup(
+            cfg, self.board, self.inputs.images, self.ds_config, teacher_ref, self.faults, folder.buffer, folder.ranks,
+            resume_from=folder.trainer.location(checkpoint) if checkpoint else None,
+            eval_set=EvalSource.of(self.inputs.eval_set),
+            # the ranks rate the teacher on the labeled set too, once, on their devices (not on resume)
+            teacher_eval=self.inputs.eval_set is not None and self.state.teacher_top1 is None)
+        if checkpoint:  # the adversarial term's student: the last KD round's
+            weights = folder.trainer.read_bytes(f"{checkpoint}/{STUDENT_WEIGHTS}")
+            if weights is None:
+                raise RunError(f"the student checkpoint {folder.trainer.location(checkpoint)}/{STUDENT_WEIGHTS} of the "
+                               "last round is missing: the run folder is incomplete")
+            self.student_ref = ray.put(torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True))
+
+    def _finish(self) -> None:
+        """After the last round: the ranks leave, the student is saved; a finished run's decoded evaluation set
+        (7.5 GB on ImageNet) goes, which only a resume would need."""
+        ray.get(self.board.stop.remote())
+        if self.trainer is not None:
+            self.trainer.join()
+        if self.student_ref is not None:
+            save_torch(ray.get(self.student_ref), self.folder.path / "student.pt")
+        if not self.cfg.data.eval_cache and self.state.done + 1 >= self.cfg.warmup + self.cfg.epochs:
+            shutil.rmtree(self.folder.path / "eval-cache", ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------------ rounds
     def _rounds(self) -> None:
@@ -229,69 +239,66 @@ class Driver:
                 if self.on_round is not None:
                     self.on_round(record)
                 self.faults.kill_if("kill_driver", round=r)
-                if self.stop.received:
-                    self.progress.write(f"{self.stop.received}: stopped after round {r} (checkpointed); continue "
-                                        "with resume=true")
-                    break
-                if cfg.time_budget_s and record["elapsed"] >= cfg.time_budget_s:
-                    self.progress.write(f"time budget of {cfg.time_budget_s:.0f}s reached after round {r}")
+                if self._stopping(r, record):
                     break
         finally:
             self.progress.close()
             metrics.close()
 
+    def _stopping(self, r: int, record: dict) -> bool:
+        """A stop signal or the time budget ends the run after round r (checkpointed)."""
+        if self.stop.received:
+            self.progress.write(f"{self.stop.received}: stopped after round {r} (checkpointed); continue with "
+                                "resume=true")
+            return True
+        if self.cfg.time_budget_s and record["elapsed"] >= self.cfg.time_budget_s:
+            self.progress.write(f"time budget of {self.cfg.time_budget_s:.0f}s reached after round {r}")
+            return True
+        return False
+
     def _step(self, r: int, total: int) -> dict:
-        """Round r to its checkpoint. Alternating: synthesize r, then train r. Overlapped: train r while round r+1
-        is synthesized (round r's images were made in the step before, or now, first, for the first KD round)."""
+        """Round r to its checkpoint; returns its metrics line. Alternating: synthesize r, then train r.
+        Overlapped: train r while round r+1 is synthesized (round r's images were made in the step before, or now,
+        first, for the first KD round)."""
         t0 = time.perf_counter()
         warm = r < self.cfg.warmup
         trainer_start = not warm and self.trainer is None
         if trainer_start:  # the ranks start up while the round's images are made
-            self.trainer = TrainerRun(make_trainer(self.cfg, self.folder.trainer, self.experiment,
-                                                   self.loop_config)).start()
-        synthesized_now = self.state.synthesized < r
-        if synthesized_now:
-            syn = self._commit(r, gather_synthesis(self._launch(r)), time.perf_counter() - t0)
-        else:
-            syn = dict(self.state.pending)
-        synthesis_wall = syn["syn_time"] if synthesized_now else 0.0
-        committed_excluded = syn.pop("excluded_shards", 0)
-        excluded = committed_excluded if synthesized_now else 0  # a pending round's: counted when it was committed
-        excluded, self.resume_excluded = excluded + self.resume_excluded, 0
-        record = {"epoch": r, "phase": "warmup" if warm else "kd", **syn, "schedule": self.schedule,
+            self.trainer = TrainerRun(make_trainer(self.cfg, self.folder.trainer.location(), self.experiment,
+                                                   self.rank_setup)).start()
+        now = self._commit(r, gather_synthesis(self._launch(r)), t0) if self.state.synthesized < r else None
+        syn = now or self.state.pending  # a round synthesized in the step before was counted there
+        record = {"epoch": r, "phase": "warmup" if warm else "kd", **syn.line(), "schedule": self.schedule,
                   "trainer_start": trainer_start}  # this round's wall time includes the ranks' start-up
-        ahead: dict = {}
-        kd_wall = 0.0
-        if not warm:
-            result, ahead = self._train(r, total)
-            kd_wall = result.pop("kd_wall")
-            record["kd_phase_time"] = kd_wall
-            excluded += result.pop("excluded_shards") + ahead.get("excluded_shards", 0)
-            synthesis_wall += ahead.get("syn_time", 0.0)
-            if (teacher_top1 := result.pop("teacher_top1", None)) is not None:
-                self.state.teacher_top1 = teacher_top1
-                print(f"teacher top-1 on {self.cfg.data.eval}: {teacher_top1:.2f}% (on the ranks)", flush=True)
-            record.update(result)
-            self.state.best.update(record.get("top1"), r)
-            self.state.last_top1 = record.get("top1")
+        excluded = (now.excluded if now else 0) + self.resume_excluded
+        self.resume_excluded = 0
+        kd, ahead = self._train(r, total, record) if not warm else (None, None)
+        excluded += (len(kd.corrupt_shards) if kd else 0) + (ahead.excluded if ahead else 0)
         self.state.done, self.state.pending = r, ahead
         record.update(buffer=self.manifest.samples, shards=len(self.manifest.shards), excluded_shards=excluded,
-                      step_synthesis_round=r + 1 if ahead else (r if synthesized_now else None),
-                      committed_bytes=(syn["syn_bytes"] if synthesized_now else 0) + ahead.get("syn_bytes", 0))
+                      step_synthesis_round=r + 1 if ahead else (r if now else None),
+                      committed_bytes=(now.bytes if now else 0) + (ahead.bytes if ahead else 0))
         t_ckpt = time.perf_counter()
         self.state.elapsed = self._elapsed()
         self.state.save(self.folder.checkpoint)
         self.checkpointed = self.state.synthesized
+        synthesis = [s for s in (now, ahead) if s is not None]
+        self._times(record, t0, t_ckpt, synthesis)
+        return record
+
+    def _times(self, record: dict, t0: float, t_ckpt: float, synthesis: list[SynthesisRound]) -> None:
+        """Where a step's time went: its checkpoint, the actors' and the ranks' busy shares, the time outside the
+        critical path of compute."""
         now = time.perf_counter()
         step = now - t0
-        compute = [(syn["syn_compute_time"] if synthesized_now else 0.0) + ahead.get("syn_compute_time", 0.0),
+        synthesis_wall = sum(s.wall for s in synthesis)
+        compute = [sum(s.compute for s in synthesis),
                    record.get("kd_time", 0.0) - record.get("kd_read_time", 0.0) + record.get("eval_time", 0.0)]
         critical = max(compute) if self.schedule == "overlapped" else sum(compute)
         record.update(checkpoint_time=now - t_ckpt, round_time=step, step_synthesis_time=synthesis_wall,
                       synth_busy=min(1.0, synthesis_wall / step),
-                      kd_busy=min(1.0, kd_wall / step), outside_compute=1.0 - critical / step,
+                      kd_busy=min(1.0, record.get("kd_phase_time", 0.0) / step), outside_compute=1.0 - critical / step,
                       elapsed=self._elapsed())
-        return record
 
     def _launch(self, s: int) -> list:
         """Start synthesis round s on every worker (continuing from the last committed round)."""
@@ -306,92 +313,97 @@ class Driver:
                  for i, share in enumerate(shares)]
         return [w.synthesize.remote(task, student) for w, task in zip(self.workers, tasks)]
 
-    def _commit(self, s: int, outputs: list[dict], wall: float) -> dict:
-        """Commit round s's shards (the manifest is the commit point), hand them to the ranks' loaders at once;
-        returns the round's synthesis record."""
+    def _commit(self, s: int, outputs: list[SynthesisOutput], launched: float) -> SynthesisRound:
+        """Commit round s's shards (the manifest is the commit point), hand them to the ranks' loaders at once."""
         t0 = time.perf_counter()
         seq = self.manifest.next_seq
-        excluded = self.manifest.commit(s, [entry for o in outputs for entry in o["shards"]],
+        excluded = self.manifest.commit([entry for o in outputs for entry in o.shards],
                                         self.cfg.cluster.on_corrupt_shard)
         self.manifest.remove_temporaries(s)
         self.board.commit.remote(self.manifest.snapshot(after_seq=seq - 1))
         self.state.synthesized = s
         self.fresh_workers.clear()  # new workers of a resize have their own state files from this round on
         for message in excluded:
-            self.progress.write(f"round {s}: excluded {message} (moved to buffer/quarantine/, never trained on)")
-        record = synthesis_record(outputs)
+            self.progress.write(f"round {s}: {quarantined(message)}")
         # The student the round's adversarial term used: after this KD round (-1: the workers' initial students).
         adv = None if s < self.cfg.warmup else self.state.kd_round(self.cfg.warmup)
-        record.update(syn_time=wall, commit_time=time.perf_counter() - t0, adv_student_round=adv,
-                      syn_bytes=self.manifest.round_bytes(s), excluded_shards=len(excluded))
-        return record
+        record = {**synthesis_record(outputs), "commit_time": time.perf_counter() - t0, "adv_student_round": adv}
+        return SynthesisRound(s, record, wall=t0 - launched, compute=max(o.compute_time for o in outputs),
+                              bytes=self.manifest.round_bytes(s), excluded=len(excluded))
 
-    def _train(self, r: int, total: int) -> tuple[dict, dict]:
-        """KD round r on the ranks; overlapped, round r+1 is synthesized meanwhile and committed as soon as it is
-        done. Returns the KD result (with `kd_wall`) and the next round's synthesis record ({} if none ran)."""
+    def _train(self, r: int, total: int, record: dict) -> tuple[KDRoundResult, SynthesisRound | None]:
+        """KD round r on the ranks, its result into `record`; overlapped, round r+1 is synthesized meanwhile and
+        committed as soon as it is done. Returns the KD result and the next round's synthesis (None if none ran)."""
         check_readable(self.manifest, r, self.cfg.cluster.trainer_workers,
                        self.ds_config["train_micro_batch_size_per_gpu"])
         t0 = time.perf_counter()
-        self.board.publish.remote({"round": r, "upto_seq": self.manifest.last_seq(r)})
+        self.board.publish.remote(KDPlan(r, self.manifest.last_seq(r)))
         kd_ref = self.board.result.remote(r)
         calls = self._launch(r + 1) if self.schedule == "overlapped" and r + 1 < total else []
-        result, ahead, waiting = None, {}, [kd_ref, *calls]
+        result, ahead, waiting, kd_wall = None, None, [kd_ref, *calls], 0.0
         while waiting:
             _, waiting = ray.wait(waiting, num_returns=1, timeout=1.0)
-            if calls and not ahead and not any(call in waiting for call in calls):
-                ahead = self._commit(r + 1, gather_synthesis(calls), time.perf_counter() - t0)
+            if calls and ahead is None and not any(call in waiting for call in calls):
+                ahead = self._commit(r + 1, gather_synthesis(calls), t0)
             if result is None and kd_ref not in waiting:
-                result = ray.get(kd_ref)
-                result["kd_wall"] = time.perf_counter() - t0
+                result, kd_wall = ray.get(kd_ref), time.perf_counter() - t0
             elif result is None and not self.trainer.thread.is_alive():
                 raise self.trainer.failure()
-        self.student_ref = result.pop("student")[0]
-        self.state.student_checkpoint = f"{self.experiment}/{result.pop('checkpoint')}"
-        corrupt = result.pop("corrupt_shards")
-        for url in corrupt:
-            self.progress.write(f"round {r}: excluded buffer shard {url}: failed its checksum when read (moved to "
-                                "buffer/quarantine/, never trained on)")
-        self.manifest.exclude(self.manifest.relative(url) for url in corrupt)
-        result["excluded_shards"] = len(corrupt)
+        self._take(result, record)
+        record["kd_phase_time"] = kd_wall
         return result, ahead
+
+    def _take(self, result: KDRoundResult, record: dict) -> None:
+        """A KD round's result: the student for the next adversarial term, its checkpoint, the corrupt shards the
+        ranks found (excluded), the teacher's top-1 and the round's metrics."""
+        self.student_ref = result.student[0]
+        self.state.student_checkpoint = f"{self.experiment}/{result.checkpoint}"
+        for path in result.corrupt_shards:
+            shard = f"buffer shard {self.folder.buffer.location(path)}: failed its checksum when read"
+            self.progress.write(f"round {result.round}: {quarantined(shard)}")
+        self.manifest.exclude(result.corrupt_shards)
+        if result.teacher_top1 is not None:
+            self.state.teacher_top1 = result.teacher_top1
+            print(f"teacher top-1 on {self.cfg.data.eval}: {result.teacher_top1:.2f}% (on the ranks)", flush=True)
+        record.update(result.metrics.record(), save_time=result.save_time)
+        self.state.best.update(result.metrics.top1, result.round)
+        self.state.last_top1 = result.metrics.top1
 
     # ------------------------------------------------------------------------------------------------ end
     def _elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.wall_start
 
     def _summary(self) -> dict:
-        summary = {"name": self.cfg.name, "teacher_top1": self.state.teacher_top1,
-                   "final_top1": self.state.last_top1, "best_top1_on_test_set": self.state.best.top1
-                   if self.state.best.found else None, "best_epoch": self.state.best.epoch,
-                   "rounds_run": self.state.done + 1, "buffer_images": self.manifest.samples,
-                   "shards": len(self.manifest.shards), "synth_workers": self.cfg.cluster.synth_workers,
-                   "trainer_workers": self.cfg.cluster.trainer_workers, "schedule": getattr(self, "schedule", None),
-                   "stopped_by": self.stop.received, "wall_time_s": self._elapsed(),
-                   # shards this start's resume excluded when no round was left to count them in
-                   "excluded_on_resume": self.resume_excluded}
+        state, c = self.state, self.cfg.cluster
+        summary = run_summary(self.cfg.name, state.teacher_top1, state.last_top1, state.best, self.manifest.samples,
+                              self._elapsed(), rounds_run=state.done + 1, shards=len(self.manifest.shards),
+                              synth_workers=c.synth_workers, trainer_workers=c.trainer_workers,
+                              schedule=self.schedule, stopped_by=self.stop.received,
+                              # shards this start's resume excluded when no round was left to count them in
+                              excluded_on_resume=self.resume_excluded)
         self.folder.fetch_last_sample_grid()
         summary = finish_run(self.folder.path, summary)
         self.folder.publish("student.pt", "summary.json", "report.md", "plots")
         return summary
 
 
-def trainer_experiment(storage: str, start: int, referenced: str | None) -> str:
+def trainer_experiment(trainer: Storage, start: int, referenced: str | None) -> str:
     """The Ray Train experiment of a driver start: `student-<first round>`, new each start, so Ray Train never
     restores its own state of a run that died (it is written in place: a crash or a full disk can truncate it);
     the ranks resume from the driver's checkpoint instead. Experiments of earlier starts other than the one holding
     that checkpoint are removed, and so is a leftover of this name (an attempt that committed no round)."""
     name = f"student-{start:05d}"
     keep = referenced.split("/")[0] if referenced else None
-    for old in subfolders(storage):
+    for old in trainer.subfolders():
         if old.startswith("student-") and old != keep:
-            remove_tree(join(storage, old))
+            trainer.remove_tree(old)
     return name
 
 
 def check_readable(manifest: Manifest, r: int, ranks: int, micro_batch: int) -> None:
     """Before a KD round: every rank must have a micro-batch of samples in its share (rank q holds the shards whose
     seq is q modulo the ranks), else the ranks would fall out of step."""
-    entries = [e for e in manifest.shards if e["round"] <= r]
+    entries = [e for e in manifest.shards if e.round <= r]
     if not entries:
         raise RunError(f"the memory buffer is empty at KD round {r}: no synthesis batch was kept so far; add warm-up "
                        "rounds (warmup=) or synthesis iterations (synthesis.g_loops=)")

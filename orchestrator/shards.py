@@ -1,6 +1,6 @@
 """The memory buffer M as WebDataset shards: whole-or-nothing shard writes, a driver-owned manifest, verified reads.
 
-Layout under `<run folder>/buffer/` (a POSIX folder or an object store prefix, `orchestrator.storage`):
+Layout under `<run folder>/buffer/` (a POSIX folder or an object store prefix: a `nayer.storage.Storage`):
     manifest.json                              committed shards in commit order (driver only, written whole)
     round-00012/worker-001-000000.tar          one shard: samples {key, "npy": uint8 [C, H, W], "cls": label}
 
@@ -8,7 +8,7 @@ A shard is written whole (a temporary name renamed when complete, or one upload)
 only when the driver lists it in the manifest, so readers (which read manifest entries, never the folder) never see a
 shard being written. Samples are raw uint8 arrays (measured faster to write and read than PNG, same size),
 decoded without pickle. Every read checks the shard's size and sha256 against the manifest before a sample of
-it is used; a shard that fails is excluded or fails the run (`cluster.on_corrupt_shard`).
+it is used; a shard that fails is excluded or fails the run (`cluster.on_corrupt_shard`: `screen`).
 
 Each committed shard gets a sequence number `seq` (commit order, never reused); the shard belongs to DeepSpeed
 rank `seq % ranks` for the whole run (`rank_share`), so a rank's share only grows, and it reads each of its shards
@@ -17,13 +17,13 @@ once (`orchestrator.resident`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import math
 import posixpath
 import random
-from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -31,30 +31,30 @@ import torch
 import webdataset as wds
 from torch import Tensor
 
-from orchestrator.storage import is_url, join, listing, move, read_bytes, remove, size, write_bytes, write_whole
+from nayer.compat import FORMAT, check_format
+from nayer.storage import Storage, as_storage
+from orchestrator.messages import ShardEntry
 
 MANIFEST = "manifest.json"
 QUARANTINE = "quarantine"  # excluded corrupt shards are moved here (kept for inspection, never read)
+EXCLUDE_HINT = "cluster.on_corrupt_shard=exclude drops such shards and goes on"
 
 
 class CorruptShardError(ValueError):
     """A committed shard that is missing or does not match its manifest entry (size, sha256, sample format)."""
 
 
+def screen(problem: str, policy: str) -> str:
+    """The one rule for a bad shard: under on_corrupt_shard=fail a CorruptShardError saying `problem`; under
+    exclude `problem` comes back for the caller to leave the shard out (it is never trained on)."""
+    if policy == "fail":
+        raise CorruptShardError(f"{problem}; not trained on ({EXCLUDE_HINT})")
+    return problem
+
+
 def shard_name(round_index: int, worker: int, part: int) -> str:
     """Named by round and synthesis worker (never by a trainer rank): stable across restarts and cluster sizes."""
     return f"round-{round_index:05d}/worker-{worker:03d}-{part:06d}.tar"
-
-
-def sha256(path: str | Path) -> str:
-    """A file's sha256: streamed from a POSIX file, from the bytes of an object."""
-    if is_url(path):
-        return hashlib.sha256(read_bytes(path) or b"").hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class _HashingFile(io.RawIOBase):
@@ -77,19 +77,20 @@ class _HashingFile(io.RawIOBase):
         super().close()
 
 
-def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor, labels: Tensor,
-                 max_samples: int, min_shards: int = 1, midway: Callable[[], None] | None = None) -> list[dict]:
+def write_shards(buffer: Storage | str, round_index: int, worker: int, images: Tensor, labels: Tensor,
+                 max_samples: int, min_shards: int = 1, midway: Callable[[], None] | None = None) -> list[ShardEntry]:
     """Write uint8 `images` [N, C, H, W] + `labels` [N] as at least `min_shards` shards of at most `max_samples`;
-    returns their manifest entries (path relative to `root`, sample count, bytes, sha256). `midway()` is called
-    half-way through the first shard, its bytes so far on disk under the temporary name (fault injection)."""
+    returns their entries (not yet committed). `midway()` is called half-way through the first shard, its bytes so
+    far on disk under the temporary name (fault injection)."""
+    buffer = as_storage(buffer)
     n = len(images)
     count = max(math.ceil(n / max_samples), min(min_shards, n))
     entries = []
     for part, index in enumerate(np.array_split(np.arange(n), count)):
         rel = shard_name(round_index, worker, part)
-        out: dict = {}
+        written: dict = {}
 
-        def write(tmp: str, index=index, rel=rel, out=out) -> None:
+        def write(tmp: str, index=index, rel=rel, written=written) -> None:
             stream = _HashingFile(tmp)
             try:
                 with wds.TarWriter(stream, mtime=0.0) as sink:  # fixed member times: equal images, equal sha256
@@ -101,10 +102,10 @@ def write_shards(root: str | Path, round_index: int, worker: int, images: Tensor
                                     "cls": int(labels[i])})
             finally:
                 stream.close()
-            out.update(bytes=stream.size, sha256=stream.digest.hexdigest())
+            written.update(bytes=stream.size, sha256=stream.digest.hexdigest())
 
-        write_whole(join(root, rel), write)
-        entries.append({"path": rel, "samples": len(index), **out})
+        buffer.write_whole(rel, write)
+        entries.append(ShardEntry(rel, len(index), round=round_index, **written))
     return entries
 
 
@@ -112,47 +113,51 @@ class Manifest:
     """The committed shards of the buffer. Only the driver writes it; every write is whole (an atomic rename, or
     one upload)."""
 
-    def __init__(self, root: str | Path, shards: list[dict] | None = None, excluded: list[dict] | None = None):
-        self.root = str(root) if is_url(root) else str(Path(root).resolve())
-        self.shards: list[dict] = list(shards or [])
-        self.excluded: list[dict] = list(excluded or [])  # entries dropped as corrupt (their seq stays used)
-        for seq, entry in enumerate(self.shards):  # a manifest written before shards had numbers: commit order
-            entry.setdefault("seq", seq)
+    def __init__(self, buffer: Storage | str, shards: Iterable[ShardEntry] = (), excluded: Iterable[ShardEntry] = ()):
+        self.store = as_storage(buffer)
+        self.shards: list[ShardEntry] = list(shards)
+        self.excluded: list[ShardEntry] = list(excluded)  # entries dropped as corrupt (their seq stays used)
 
     @classmethod
-    def load(cls, root: str | Path) -> "Manifest":
-        data = json.loads(read_bytes(join(root, MANIFEST)) or b"{}")
-        return cls(root, data.get("shards", []), data.get("excluded", []))
+    def load(cls, buffer: Storage | str) -> "Manifest":
+        """The manifest as saved (an empty one if there is none)."""
+        store = as_storage(buffer)
+        data = json.loads(store.read_bytes(MANIFEST) or b"{}")
+        check_format(data.get("format", 0), store.location(MANIFEST))  # every format so far has this shape
+        return cls(store, (ShardEntry(**e) for e in data.get("shards", [])),
+                   (ShardEntry(**e) for e in data.get("excluded", [])))
+
+    def location(self, entry: ShardEntry) -> str:
+        """Where a shard is, as messages name it."""
+        return self.store.location(entry.path)
 
     @property
     def next_seq(self) -> int:
-        return 1 + max((e["seq"] for e in self.shards + self.excluded), default=-1)
+        return 1 + max((e.seq for e in self.shards + self.excluded), default=-1)
 
     def truncate(self, last_round: int) -> None:
         """Forget every entry of a round after `last_round` (committed by a driver that died before its own
         checkpoint recorded the round): that round is synthesized again, and its shards get the same seq."""
-        self.shards = [e for e in self.shards if e["round"] <= last_round]
-        self.excluded = [e for e in self.excluded if e["round"] <= last_round]
+        self.shards = [e for e in self.shards if e.round <= last_round]
+        self.excluded = [e for e in self.excluded if e.round <= last_round]
 
-    def commit(self, round_index: int, entries: Iterable[dict], policy: str = "fail") -> list[str]:
-        """Append a round's shards (already renamed into place) and publish the new manifest atomically. A shard
-        whose file is missing or has another size than its writer recorded fails the run (`fail`) or is left out
-        and quarantined (`exclude`); returns the messages of those left out."""
+    def commit(self, entries: Iterable[ShardEntry], policy: str = "fail") -> list[str]:
+        """Append a round's shards (already in place) with their commit numbers and publish the new manifest
+        atomically. A shard whose file is missing or has another size than its writer recorded fails the run or is
+        left out and quarantined (`screen`); returns the messages of those left out."""
         good, excluded = [], []
         for entry in entries:
-            path = join(self.root, entry["path"])
-            stored = size(path)
-            if stored == entry["bytes"]:
-                good.append({**entry, "round": round_index, "seq": self.next_seq + len(good)})
+            stored = self.store.size(entry.path)
+            if stored == entry.bytes:
+                good.append(dataclasses.replace(entry, seq=self.next_seq + len(good)))
                 continue
-            message = f"buffer shard {path}: " + ("the file does not exist" if stored is None else
-                                                  f"{stored} bytes on disk, its writer wrote {entry['bytes']}")
-            if policy == "fail":
-                raise CorruptShardError(f"cannot commit {message} (cluster.on_corrupt_shard=exclude leaves such "
-                                        "shards out and goes on)")
-            if stored is not None:
-                self._quarantine(entry["path"])
+            found = "the file does not exist" if stored is None else \
+                f"{stored} bytes on disk, its writer wrote {entry.bytes}"
+            message = f"buffer shard {self.location(entry)}: {found}"
+            screen(f"cannot commit {message}", policy)
             excluded.append(message)
+            if stored is not None:
+                self._quarantine(entry.path)
         self.shards.extend(good)
         self.save()
         return excluded
@@ -161,101 +166,85 @@ class Manifest:
         """Delete the temporary files of killed write attempts in a round's folder (call once every writer of the
         round has returned: a restarted actor rewrote its shards under their final names). An object store has
         none: an object is uploaded whole or not at all."""
-        stale = listing(self.root, posixpath.dirname(shard_name(round_index, 0, 0)) + "/*.tmp")
-        for path in stale:
-            remove(path)
+        stale = self.store.listing(posixpath.dirname(shard_name(round_index, 0, 0)) + "/*.tmp")
+        for rel in stale:
+            self.store.remove(rel)
         return stale
 
     def save(self) -> None:
         """The commit point: written whole (a rename, or one upload)."""
-        manifest = {"shards": self.shards, "samples": self.samples, "excluded": self.excluded}
-        write_bytes(join(self.root, MANIFEST), (json.dumps(manifest, indent=2) + "\n").encode())
+        manifest = {"format": FORMAT, "shards": [e.as_dict() for e in self.shards], "samples": self.samples,
+                    "excluded": [e.as_dict() for e in self.excluded]}
+        self.store.write_bytes(MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
     @property
     def samples(self) -> int:
-        return sum(s["samples"] for s in self.shards)
+        return sum(s.samples for s in self.shards)
 
-    def snapshot(self, after_seq: int = -1) -> list[dict]:
-        """The committed shards (those with a larger seq than `after_seq`) with absolute paths and checksums: what
-        the ranks read."""
-        return [{"url": join(self.root, s["path"]), "samples": s["samples"], "bytes": s["bytes"], "sha256": s["sha256"],
-                 "seq": s["seq"], "round": s["round"]} for s in self.shards if s["seq"] > after_seq]
+    def snapshot(self, after_seq: int = -1) -> list[ShardEntry]:
+        """The committed shards with a larger seq than `after_seq`: what the ranks read."""
+        return [s for s in self.shards if s.seq > after_seq]
 
     def last_seq(self, upto_round: int) -> int:
         """The largest seq committed in rounds up to `upto_round` (-1: none)."""
-        return max((s["seq"] for s in self.shards if s["round"] <= upto_round), default=-1)
+        return max((s.seq for s in self.shards if s.round <= upto_round), default=-1)
 
     def round_bytes(self, round_index: int) -> int:
-        return sum(s["bytes"] for s in self.shards if s["round"] == round_index)
+        return sum(s.bytes for s in self.shards if s.round == round_index)
 
     def discard_uncommitted(self) -> list[str]:
         """Delete shard files the manifest does not list (a round killed before its commit, temporary files);
-        returns what was removed. Run on resume, before any new round writes."""
-        committed = {join(self.root, s["path"]) for s in self.shards}
-        stale = [p for p in listing(self.root, "round-*/*") if p not in committed]
-        for path in stale:
-            remove(path)
-        if not is_url(self.root):  # an object store has no folders to leave empty
-            for folder in Path(self.root).glob("round-*"):
-                if folder.is_dir() and not any(folder.iterdir()):
-                    folder.rmdir()
-        return stale
-
-    def problem(self, shard: dict) -> str | None:
-        """Why a committed shard cannot be read (missing, other size, other checksum), or None."""
-        path = join(self.root, shard["path"])
-        return mismatch(shard, size(path), lambda: sha256(path))
+        returns their locations. Run on resume, before any new round writes."""
+        committed = {s.path for s in self.shards}
+        stale = [rel for rel in self.store.listing("round-*/*") if rel not in committed]
+        for rel in stale:
+            self.store.remove(rel)
+        self.store.remove_empty_folders("round-*")
+        return [self.store.location(rel) for rel in stale]
 
     def verify(self, policy: str = "fail") -> list[str]:
-        """Check every committed shard (run on resume). `fail`: raise CorruptShardError naming the first bad shard;
-        `exclude`: drop bad shards from the manifest (see `exclude`). Returns the messages of the excluded ones."""
+        """Check every committed shard's size and sha256 (run on resume): a bad shard fails the run or is
+        excluded (`screen`, `exclude`). Returns the messages of the excluded ones."""
         excluded = []
         for shard in list(self.shards):
-            problem = self.problem(shard)
-            if problem is None:
-                continue
-            message = f"buffer shard {join(self.root, shard['path'])}: {problem}"
-            if policy == "fail":
-                raise CorruptShardError(f"{message}; the buffer is corrupt (cluster.on_corrupt_shard=exclude drops "
-                                        "such shards and goes on)")
-            self.exclude([shard["path"]])
-            excluded.append(message)
+            problem = mismatch(shard, self.store.size(shard.path), lambda: self.store.sha256(shard.path))
+            if problem is not None:
+                excluded.append(screen(f"buffer shard {self.location(shard)}: {problem}", policy))
+                self.exclude([shard.path])
         return excluded
 
     def exclude(self, paths: Iterable[str]) -> list[str]:
-        """Remove shards (manifest-relative paths) from the manifest and move their files to quarantine/, where
-        nothing reads them; saves the manifest. Returns the paths that were listed."""
+        """Remove shards (buffer paths) from the manifest and move their files to quarantine/, where nothing reads
+        them; saves the manifest. Returns the paths that were listed."""
         paths = set(paths)
-        removed = [s["path"] for s in self.shards if s["path"] in paths]
+        removed = [s for s in self.shards if s.path in paths]
         if not removed:
             return []
-        self.excluded += [s for s in self.shards if s["path"] in paths]
-        self.shards = [s for s in self.shards if s["path"] not in paths]
+        self.excluded += removed
+        self.shards = [s for s in self.shards if s.path not in paths]
         self.save()
-        for rel in removed:
-            self._quarantine(rel)
-        return removed
+        for shard in removed:
+            self._quarantine(shard.path)
+        return [s.path for s in removed]
 
     def _quarantine(self, rel: str) -> None:
-        source = join(self.root, rel)
-        if size(source) is not None:
-            move(source, join(self.root, QUARANTINE, rel))
-
-    def relative(self, url: str) -> str:
-        """The manifest path of a snapshot url."""
-        if is_url(self.root):
-            return url[len(self.root.rstrip("/")) + 1:]
-        return Path(url).resolve().relative_to(self.root).as_posix()
+        if self.store.exists(rel):
+            self.store.move(rel, posixpath.join(QUARANTINE, rel))
 
 
-def rank_share(entries: list[dict], rank: int, world_size: int) -> list[dict]:
+def quarantined(message: str) -> str:
+    """A console line's ending for a shard `exclude` left out."""
+    return f"excluded {message} (moved to buffer/{QUARANTINE}/, never trained on)"
+
+
+def rank_share(entries: list[ShardEntry], rank: int, world_size: int) -> list[ShardEntry]:
     """The entries of rank `rank` of `world_size`: those whose commit sequence number is `rank` modulo the ranks."""
-    return [e for e in entries if e["seq"] % world_size == rank]
+    return [e for e in entries if e.seq % world_size == rank]
 
 
-def rank_samples(entries: list[dict], world_size: int) -> list[int]:
+def rank_samples(entries: list[ShardEntry], world_size: int) -> list[int]:
     """Samples in each rank's share."""
-    return [sum(e["samples"] for e in rank_share(entries, r, world_size)) for r in range(world_size)]
+    return [sum(e.samples for e in rank_share(entries, r, world_size)) for r in range(world_size)]
 
 
 def _decode(sample: dict) -> tuple[Tensor, int]:
@@ -273,46 +262,45 @@ def _decode(sample: dict) -> tuple[Tensor, int]:
     return torch.from_numpy(image), label
 
 
-def mismatch(entry: dict, size: int | None, digest: Callable[[], str]) -> str | None:
+def mismatch(entry: ShardEntry, size: int | None, digest: Callable[[], str | None]) -> str | None:
     """Why a shard of `size` bytes (None: missing) is not its manifest `entry`, or None. `digest()` gives the file's
     sha256; it is called only when the size matches (hashing is the expensive part)."""
     if size is None:
         return "listed in the manifest but missing"
-    if size != entry["bytes"]:
-        return f"{size} bytes on disk, {entry['bytes']} in the manifest (truncated?)"
-    if digest() != entry["sha256"]:
+    if size != entry.bytes:
+        return f"{size} bytes on disk, {entry.bytes} in the manifest (truncated?)"
+    if digest() != entry.sha256:
         return "its sha256 does not match the manifest checksum"
     return None
 
 
-def verified_streams(policy: str, excluded: list[str]) -> Callable[[Iterable[dict]], Iterator[dict]]:
+def verified_streams(buffer: Storage, policy: str, excluded: list[str]) -> Callable[[Iterable[ShardEntry]],
+                                                                                    Iterator[dict]]:
     """A pipeline stage: shard entries -> opened shards, each read whole and checked against its manifest size and
-    sha256 before any sample of it is used. A bad shard raises CorruptShardError (`fail`) or is skipped and its
-    url appended to `excluded` (`exclude`). Memory: one shard at a time."""
-    def stage(entries: Iterable[dict]) -> Iterator[dict]:
+    sha256 before any sample of it is used. A bad shard fails or is skipped (`screen`), its path appended to
+    `excluded`. Memory: one shard at a time."""
+    def stage(entries: Iterable[ShardEntry]) -> Iterator[dict]:
         for entry in entries:
-            url = entry["url"]
-            data = read_bytes(url)
+            data = buffer.read_bytes(entry.path)
             problem = mismatch(entry, None if data is None else len(data), lambda: hashlib.sha256(data).hexdigest())
             if problem is None:
-                yield {"url": url, "stream": io.BytesIO(data)}
-            elif policy == "fail":
-                raise CorruptShardError(f"buffer shard {url}: {problem}; not trained on (cluster.on_corrupt_shard="
-                                        "exclude drops such shards and goes on)")
-            elif url not in excluded:
-                excluded.append(url)
+                yield {"url": buffer.location(entry.path), "stream": io.BytesIO(data)}
+                continue
+            screen(f"buffer shard {buffer.location(entry.path)}: {problem}", policy)
+            if entry.path not in excluded:
+                excluded.append(entry.path)
     return stage
 
 
-def read_shard(entry: dict) -> tuple[Tensor, Tensor]:
-    """All samples of one committed shard (a snapshot entry), checked against its manifest size and sha256 first:
-    uint8 images [N, C, H, W] and int64 labels [N]. A corrupt shard raises CorruptShardError naming it."""
-    samples = list(wds.DataPipeline(lambda: iter([entry]), verified_streams("fail", []),
+def read_shard(buffer: Storage, entry: ShardEntry) -> tuple[Tensor, Tensor]:
+    """All samples of one committed shard, checked against its manifest size and sha256 first: uint8 images
+    [N, C, H, W] and int64 labels [N]. A corrupt shard raises CorruptShardError naming it."""
+    samples = list(wds.DataPipeline(lambda: iter([entry]), verified_streams(buffer, "fail", []),
                                     wds.tariterators.tar_file_expander, wds.tariterators.group_by_keys,
                                     wds.map(_decode)))
-    if len(samples) != entry["samples"] or not samples:
-        raise CorruptShardError(f"buffer shard {entry['url']}: {len(samples)} samples, {entry['samples']} in the "
-                                "manifest")
+    if len(samples) != entry.samples or not samples:
+        raise CorruptShardError(f"buffer shard {buffer.location(entry.path)}: {len(samples)} samples, "
+                                f"{entry.samples} in the manifest")
     return _collate(samples)
 
 
@@ -320,7 +308,7 @@ def _collate(samples: list[tuple[Tensor, int]]) -> tuple[Tensor, Tensor]:
     return torch.stack([s[0] for s in samples]), torch.tensor([s[1] for s in samples], dtype=torch.int64)
 
 
-def shard_batches(share: list[dict], batch_size: int, num_batches: int, seed: int,
+def shard_batches(buffer: Storage, share: list[ShardEntry], batch_size: int, num_batches: int, seed: int,
                   shuffle_buffer: int = 2000, on_corrupt: str = "fail",
                   excluded: list[str] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """Exactly `num_batches` uint8 batches [B, C, H, W] + labels streamed from the shards of `share` (one rank's
@@ -329,14 +317,13 @@ def shard_batches(share: list[dict], batch_size: int, num_batches: int, seed: in
     Each pass is a fresh shuffled permutation (shards resampled without replacement, then a sample shuffle
     buffer), so no sample is read twice within a pass. `with_epoch` repeats passes until the batch count is reached
     (equal steps keep the DeepSpeed ranks in lock step). Shards are verified as they are opened (`verified_streams`;
-    excluded urls are appended to `excluded`); a rank left without a full batch to read raises instead of falling
+    excluded paths are appended to `excluded`); a rank left without a full batch to read raises instead of falling
     out of step with the others."""
-    urls = [s["url"] for s in share]
     excluded = [] if excluded is None else excluded
     pipeline = wds.DataPipeline(
-        lambda: iter(share),  # the manifest entries (url, samples, bytes, sha256), once per pass
-        wds.shuffle(max(len(urls), 1), initial=max(len(urls), 1), rng=random.Random(seed)),
-        verified_streams(on_corrupt, excluded),
+        lambda: iter(share),  # the manifest entries, once per pass
+        wds.shuffle(max(len(share), 1), initial=max(len(share), 1), rng=random.Random(seed)),
+        verified_streams(buffer, on_corrupt, excluded),
         wds.tariterators.tar_file_expander,
         wds.tariterators.group_by_keys,
         wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=random.Random(seed + 1)),

@@ -17,7 +17,6 @@ by Ray, or the run resumed) loads its own file of that round, onto its own devic
 from __future__ import annotations
 
 import io
-import posixpath
 import time
 from dataclasses import dataclass
 
@@ -27,11 +26,12 @@ from nayer.methods import build_synthesizer
 from nayer.models import build_model
 from nayer.progress import LineProgress
 from nayer.specs import Compute, ImageSpec
+from nayer.storage import Storage
 from nayer.visualize import save_sample_grid
 from orchestrator.config import PipelineConfig, threads
 from orchestrator.faults import FaultPlan
+from orchestrator.messages import SynthesisOutput
 from orchestrator.shards import write_shards
-from orchestrator.storage import join, listing, read_bytes, remove, write_whole
 
 
 def split_iterations(total: int, workers: int) -> list[int]:
@@ -45,11 +45,11 @@ def worker_seed(seed: int, worker: int) -> int:
 
 @dataclass(frozen=True)
 class WorkerFiles:
-    """Where a worker writes (POSIX paths or object store URLs): buffer shards, sample grids, its own state files."""
+    """Where a worker writes: buffer shards, sample grids, its own state files."""
 
-    buffer: str
-    samples: str
-    states: str  # checkpoints/synthesis/: one folder per worker
+    buffer: Storage
+    samples: Storage
+    states: Storage  # checkpoints/synthesis/: one folder per worker
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,8 @@ class SynthesisWorker:
         torch.set_num_threads(threads(cfg.cluster.synth_cpus))  # pinned: co-located actors do not fight over cores
         self.cfg, self.worker, self.faults = cfg, worker, faults
         self.compute = Compute.select(cfg.device, cfg.bf16, cfg.channels_last)
-        self.buffer_root, self.samples_dir = files.buffer, files.samples
-        self.states = join(files.states, f"worker-{worker:03d}")
+        self.buffer, self.samples = files.buffer, files.samples
+        self.states = files.states.sub(f"worker-{worker:03d}")
         torch.manual_seed(worker_seed(cfg.seed, worker))  # the first generator's weights: the same in every run
         k = images.num_classes
         teacher = build_model(cfg.teacher.arch, k)
@@ -88,25 +88,25 @@ class SynthesisWorker:
                                              images, self.compute, worker_seed(cfg.seed, worker))
         self.state_round = -1  # the round the synthesizer's state is after (-1: fresh)
 
-    def state_file(self, round_index: int) -> str:
-        return join(self.states, f"round-{round_index:05d}.pt")
+    @staticmethod
+    def state_file(round_index: int) -> str:
+        return f"round-{round_index:05d}.pt"
 
     def _continue_after(self, after: int) -> None:
         """Bring the synthesizer to its state after round `after` (from its own file) unless it is there."""
         if after == self.state_round:
             return
-        path = self.state_file(after)
-        data = read_bytes(path)
+        data = self.states.read_bytes(self.state_file(after))
         if data is None:
-            raise FileNotFoundError(f"synthesis worker {self.worker} has no state file {path} for the last committed "
-                                    f"round {after}; the run folder is incomplete")
+            raise FileNotFoundError(f"synthesis worker {self.worker} has no state file "
+                                    f"{self.states.location(self.state_file(after))} for the last committed round "
+                                    f"{after}; the run folder is incomplete")
         state = torch.load(io.BytesIO(data), map_location=self.compute.device, weights_only=True)
         self.synthesizer.load_state_dict(state)
         self.state_round = after
 
-    def synthesize(self, task: SynthesisTask, student_state: dict | None) -> dict:
-        """Run this worker's share of a round, write its shards and its state; returns manifest entries and
-        statistics."""
+    def synthesize(self, task: SynthesisTask, student_state: dict | None) -> SynthesisOutput:
+        """Run this worker's share of a round, write its shards and its state; returns the shards and statistics."""
         start = time.perf_counter()
         self._continue_after(task.after)
         # Reseeded per round: a resumed run repeats the augmentation and noisy-layer draws of the original.
@@ -122,21 +122,21 @@ class SynthesisWorker:
         compute = time.perf_counter() - start
         entries = []
         if len(result.labels):
-            entries = write_shards(self.buffer_root, task.round, self.worker, result.images, result.labels,
+            entries = write_shards(self.buffer, task.round, self.worker, result.images, result.labels,
                                    self.cfg.cluster.shard_samples, task.min_shards,
                                    midway=lambda: self.faults.kill_if("kill_synthesis_writing", round=task.round,
                                                                       worker=self.worker))
-            self.faults.corrupt_if(join(self.buffer_root, entries[0]["path"]), round=task.round, worker=self.worker)
+            self.faults.corrupt_if(self.buffer, entries[0].path, round=task.round, worker=self.worker)
             if task.grid:
-                save_sample_grid(result.images, result.labels, join(self.samples_dir, f"round-{task.round:05d}.png"),
+                save_sample_grid(result.images, result.labels, f"round-{task.round:05d}.png",
                                  min(self.synthesizer.num_classes, self.cfg.grid_classes), self.cfg.grid_per_class,
-                                 write=write_whole)
+                                 write=self.samples.write_whole)
         t0 = time.perf_counter()
         state = self.synthesizer.state_dict()
-        write_whole(self.state_file(task.round), lambda tmp: torch.save(state, tmp))
+        self.states.write_whole(self.state_file(task.round), lambda tmp: torch.save(state, tmp))
         self.state_round = task.round
-        for old in listing(self.states, "round-*.pt"):
-            if int(posixpath.basename(old)[len("round-"):-len(".pt")]) < task.keep_from:
-                remove(old)
-        return {"worker": self.worker, "shards": entries, "stats": result.stats, "compute_time": compute,
-                "write_time": t0 - start - compute, "state_time": time.perf_counter() - t0}
+        for old in self.states.listing("round-*.pt"):
+            if int(old[len("round-"):-len(".pt")]) < task.keep_from:
+                self.states.remove(old)
+        return SynthesisOutput(self.worker, entries, result.stats, compute_time=compute,
+                               write_time=t0 - start - compute, state_time=time.perf_counter() - t0)

@@ -1,17 +1,14 @@
 """Fixtures shared by the test modules (helpers that are not fixtures live in helpers.py)."""
 
 import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import ray
 
 from orchestrator.cluster import start_local_ray
-from helpers import free_port
+from helpers import free_port, start_s3_server
 
 
 # The venv's tools first, as in an activated venv (README) and as the `ray job submit` test needs them: DeepSpeed's
@@ -35,21 +32,7 @@ os.environ.update(AWS_ENDPOINT_URL=S3_ENDPOINT, AWS_ACCESS_KEY_ID="testing", AWS
 @pytest.fixture(scope="session")
 def s3() -> str:
     """A bucket on a local S3 server that the tests start themselves (moto[server], 127.0.0.1 only); its URL."""
-    import fsspec
-
-    port = int(S3_ENDPOINT.rsplit(":", 1)[1])
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, "the S3 test server did not start"
-            time.sleep(0.1)
-    fs, _ = fsspec.core.url_to_fs("s3://nayer-tests")
-    fs.mkdir("nayer-tests")
+    server = start_s3_server(int(S3_ENDPOINT.rsplit(":", 1)[1]), "nayer-tests")
     yield "s3://nayer-tests"
     server.terminate()
     server.wait(10)

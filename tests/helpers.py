@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from nayer.config import GeneratorConfig, NoisyConfig
+from nayer.generator import NayerGenerator
 from nayer.specs import Compute, ImageSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,6 +26,14 @@ CPU_CHANNELS_LAST = Compute(torch.device("cpu"), channels_last=True)
 def spec(k: int = 10, size: int = 16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)) -> ImageSpec:
     """An ImageSpec of `k` classes named c0, c1, ... at `size` px."""
     return ImageSpec(tuple(f"c{i}" for i in range(k)), size, tuple(mean), tuple(std))
+
+
+def generator(embeddings: torch.Tensor, batch_size: int, size: int, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
+              noisy_mode: str = "k_to_1", noisy_arch: str = "A3", **fields) -> NayerGenerator:
+    """A NayerGenerator for `len(embeddings)` classes at `size` px; `fields` are GeneratorConfig fields."""
+    cfg = GeneratorConfig(**fields, noisy=NoisyConfig(mode=noisy_mode, arch=noisy_arch))
+    return NayerGenerator(cfg, embeddings=embeddings, batch_size=batch_size,
+                          images=spec(len(embeddings), size, mean, std))
 
 
 def tiny_net(k: int = 10) -> nn.Module:
@@ -65,6 +78,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def start_s3_server(port: int, bucket: str) -> subprocess.Popen:
+    """moto's S3 server on 127.0.0.1:`port` (pure Python; the environment's AWS_ENDPOINT_URL must point at it), up
+    and answering, with `bucket` made. The caller stops it (terminate)."""
+    import fsspec
+
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"the S3 test server on 127.0.0.1:{port} did not start") from None
+            time.sleep(0.1)
+    fsspec.core.url_to_fs(f"s3://{bucket}")[0].mkdir(bucket)
+    return server
 
 
 def records(folder: Path) -> list[dict]:

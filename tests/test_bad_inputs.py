@@ -77,7 +77,7 @@ BEFORE_RAY = [
     ("empty class list", ["data.class_names=[]"], "data.class_names is an empty list"),
     ("pickled checkpoint", ["teacher.checkpoint={d}/pickled.pt"], "holds pickled Python objects.*weights_only=True"),
     ("unknown model", ["student.arch=vit_huge"], "student.arch='vit_huge': unknown model 'vit_huge'; known: alexnet"),
-    ("unknown encoder", ["lte.encoder=glove"], "unknown LTE encoder 'glove'; known: clip, sbert, onehot, file"),
+    ("unknown encoder", ["lte.encoder=glove"], "lte.encoder='glove' is not allowed; choose one of: clip, sbert, onehot, file"),
     ("unknown method", ["method=magic"], "method='magic' is not allowed; choose one of: nayer, fm, deepinv"),
     ("unknown BN loss", ["synthesis.bn_loss=l1"],
      "synthesis.bn_loss='l1' is not allowed; choose one of: paper, relative, normalized, kl"),

@@ -7,10 +7,11 @@ from torch import nn
 from nayer.augment import Augment, float_to_uint8, random_crop
 from nayer.buffer import InMemoryBuffer
 from nayer.config import RunConfig
-from nayer.generator import NayerGenerator, balanced_targets
+from nayer.generator import balanced_targets
 from nayer.losses import BNStatisticsLoss, adversarial_loss, kd_loss
-from nayer.synthesis import NayerSynthesizer
-from helpers import CPU, CPU_CHANNELS_LAST, spec, teacher_with_statistics, tiny_net
+from nayer.methods.base import SynthesisParts
+from nayer.methods.nayer import NayerSynthesizer
+from helpers import CPU, CPU_CHANNELS_LAST, generator, spec, teacher_with_statistics, tiny_net
 
 
 def tiny_synth(batch_size=20, g_steps=3, g_loops=2, k=10, **syn):
@@ -20,8 +21,8 @@ def tiny_synth(batch_size=20, g_steps=3, g_loops=2, k=10, **syn):
     cfg.generator.nz, cfg.generator.ngf = 32, 8
     for key, value in syn.items():
         setattr(cfg.synthesis, key, value)
-    return NayerSynthesizer(teacher_with_statistics(k), tiny_net(k), torch.randn(k, 12), spec(k), cfg.generator,
-                            cfg.synthesis, CPU)
+    parts = SynthesisParts(teacher_with_statistics(k), tiny_net(k), torch.randn(k, 12), spec(k), CPU)
+    return NayerSynthesizer(parts, cfg.generator, cfg.synthesis)
 
 
 def test_balanced_targets_k_to_1():
@@ -33,7 +34,7 @@ def test_balanced_targets_k_to_1():
 
 @pytest.mark.parametrize("mode,layers", [("k_to_1", 3), ("one_to_one", 25)])
 def test_noisy_layer_shapes(mode, layers):
-    g = NayerGenerator(torch.randn(10, 12), batch_size=25, image_size=32, nz=40, ngf=8, noisy_mode=mode)
+    g = generator(torch.randn(10, 12), 25, 32, nz=40, ngf=8, noisy_mode=mode)
     assert g.noisy.weights[0].shape == (layers, 12, 40)
     out = g(balanced_targets(25, 10))
     assert out.shape == (25, 3, 32, 32)
@@ -41,7 +42,7 @@ def test_noisy_layer_shapes(mode, layers):
 
 
 def test_noisy_chunks_use_their_own_layer():
-    g = NayerGenerator(torch.randn(4, 6), batch_size=8, image_size=16, nz=5, ngf=4, noisy_mode="k_to_1")
+    g = generator(torch.randn(4, 6), 8, 16, nz=5, ngf=4, noisy_mode="k_to_1")
     e = torch.randn(8, 6)
     out = g.noisy(e)
     w, b = g.noisy.weights[0], g.noisy.biases[0]
@@ -51,7 +52,7 @@ def test_noisy_chunks_use_their_own_layer():
 
 @pytest.mark.parametrize("arch", ["A1", "A2", "A3", "A4", "A5", "A6", "A7", "A8"])
 def test_noisy_shapes_of_table5(arch):
-    g = NayerGenerator(torch.randn(10, 12), batch_size=20, image_size=32, nz=16, ngf=8, noisy_arch=arch)
+    g = generator(torch.randn(10, 12), 20, 32, nz=16, ngf=8, noisy_arch=arch)
     assert isinstance(g.emb_bn, nn.BatchNorm1d) == (arch not in ("A1", "A2"))
     assert len(g.noisy.weights) == (2 if arch in ("A2", "A4") else 1)
     assert g(balanced_targets(20, 10)).shape == (20, 3, 32, 32)
@@ -82,7 +83,7 @@ def test_noisy_layers_reinit_each_iteration_but_bn1d_persists():
 
 
 def test_reinit_values_are_standard_normal_and_zero_bias():
-    g = NayerGenerator(torch.randn(10, 64), batch_size=100, image_size=32, nz=200, ngf=8)
+    g = generator(torch.randn(10, 64), 100, 32, nz=200, ngf=8)
     with torch.no_grad():
         g.noisy.weights[0].fill_(3.0)
         g.noisy.biases[0].fill_(1.0)
@@ -294,7 +295,8 @@ def test_teacher_without_bn_needs_a_bn_zero():
     cfg = RunConfig()
     teacher = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
     with pytest.raises(ValueError, match="a_bn=0"):
-        NayerSynthesizer(teacher, tiny_net(), torch.randn(10, 8), spec(), cfg.generator, cfg.synthesis, CPU)
+        NayerSynthesizer(SynthesisParts(teacher, tiny_net(), torch.randn(10, 8), spec(), CPU), cfg.generator,
+                         cfg.synthesis)
 
 
 def test_random_crop_is_a_shifted_window_of_the_padded_image():
@@ -341,13 +343,13 @@ def test_buffer_rejects_float_images_and_persists_chunks(tmp_path):
 
 @pytest.mark.parametrize("body,size", [("cifar", 32), ("imagenet_paper", 64), ("imagenet_reference", 64)])
 def test_paper_variant_has_spectral_norm_and_trailing_bn(body, size):
-    g = NayerGenerator(torch.randn(10, 12), batch_size=10, image_size=size, nz=16, ngf=8, body=body,
-                       paper_variant=True, mean=[0.5] * 3, std=[0.25] * 3)
+    g = generator(torch.randn(10, 12), 10, size, nz=16, ngf=8, body=body, paper_variant=True, mean=[0.5] * 3,
+                  std=[0.25] * 3)
     convs = [m for m in g.body.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(nn.utils.parametrize.is_parametrized(c, "weight") for c in convs)
     assert isinstance(g.body.conv_blocks[-2], nn.BatchNorm2d)
     assert g(balanced_targets(10, 10)).shape == (10, 3, size, size)
-    plain = NayerGenerator(torch.randn(10, 12), batch_size=10, image_size=size, nz=16, ngf=8, body=body)
+    plain = generator(torch.randn(10, 12), 10, size, nz=16, ngf=8, body=body)
     assert isinstance(plain.body.conv_blocks[-1], nn.Sigmoid)
 
 
@@ -382,8 +384,8 @@ def test_zoo_models_work_as_teacher_and_student(arch):
         cfg.synthesis.a_bn = 0.0  # no BatchNorm: the BN prior must be switched off (supplementary Table 9)
     teacher = build_model(arch, 10).eval().requires_grad_(False)
     student = build_model(arch, 10)
-    syn = NayerSynthesizer(teacher, student, torch.randn(10, 8), spec(10, 32), cfg.generator, cfg.synthesis,
-                           CPU_CHANNELS_LAST)
+    syn = NayerSynthesizer(SynthesisParts(teacher, student, torch.randn(10, 8), spec(10, 32), CPU_CHANNELS_LAST),
+                           cfg.generator, cfg.synthesis)
     result = syn.synthesize(warmup=False)
     trainer = StudentTrainer(student, teacher, cfg.kd, 1, spec(10, 32), CPU_CHANNELS_LAST)
     assert trainer.train_epoch([(result.images, result.labels)])["kd_steps"] == 1

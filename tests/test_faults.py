@@ -2,6 +2,7 @@
 that nothing half-written becomes visible and that the error names what happened and where."""
 
 import errno
+import hashlib
 import io
 import subprocess
 import sys
@@ -18,8 +19,10 @@ from nayer.config import RunConfig
 from nayer.kd import StudentTrainer
 from nayer.losses import NonFiniteLossError
 from nayer.runtime import DiskFullError, atomic_write, save_torch
-from nayer.synthesis import NayerSynthesizer
+from nayer.methods.base import SynthesisParts
+from nayer.methods.nayer import NayerSynthesizer
 from orchestrator.faults import FaultPlan
+from orchestrator.messages import ShardEntry
 from orchestrator.shards import CorruptShardError, Manifest, shard_batches, write_shards
 from helpers import CPU, spec
 
@@ -70,7 +73,7 @@ def write_buffer(root, rounds=2, per_round=8):
     manifest = Manifest(root)
     for r in range(rounds):
         images = torch.full((per_round, 3, 4, 4), r, dtype=torch.uint8)
-        manifest.commit(r, write_shards(root, r, 0, images, torch.arange(per_round) % 10, 4))
+        manifest.commit(write_shards(root, r, 0, images, torch.arange(per_round) % 10, 4))
     return manifest
 
 
@@ -82,34 +85,35 @@ def flip_byte(path: Path, offset: int = 600) -> None:
 
 def test_reader_never_trains_on_a_corrupt_shard(tmp_path):
     manifest = write_buffer(tmp_path)
-    bad = tmp_path / manifest.shards[0]["path"]
+    bad = tmp_path / manifest.shards[0].path
     flip_byte(bad)
     with pytest.raises(CorruptShardError, match=f"{bad}: its sha256 does not match the manifest checksum"):
-        list(shard_batches(manifest.snapshot(), 4, 3, seed=0))
+        list(shard_batches(manifest.store, manifest.snapshot(), 4, 3, seed=0))
     excluded = []
-    batches = list(shard_batches(manifest.snapshot(), 4, 6, seed=0, on_corrupt="exclude", excluded=excluded))
-    assert excluded == [str(bad.resolve())] and len(batches) == 6
+    batches = list(shard_batches(manifest.store, manifest.snapshot(), 4, 6, seed=0, on_corrupt="exclude",
+                                 excluded=excluded))
+    assert excluded == [manifest.shards[0].path] and len(batches) == 6
     assert not any(torch.equal(x[0], torch.zeros(3, 4, 4, dtype=torch.uint8)) and y[0] in (0, 1, 2, 3)
                    for x, y in batches)  # the excluded shard held round 0's first 4 samples (all zeros, labels 0-3)
-    truncated = tmp_path / manifest.shards[1]["path"]
+    truncated = tmp_path / manifest.shards[1].path
     truncated.write_bytes(truncated.read_bytes()[:700])
     with pytest.raises(CorruptShardError, match=f"{truncated}: 700 bytes on disk, .* in the manifest .truncated"):
-        list(shard_batches(manifest.snapshot()[1:], 4, 1, seed=0))
+        list(shard_batches(manifest.store, manifest.snapshot()[1:], 4, 1, seed=0))
     with pytest.raises(CorruptShardError, match="read 0 of 2 batches.*excluded as corrupt"):
-        list(shard_batches(manifest.snapshot()[:2], 4, 2, seed=0, on_corrupt="exclude"))
+        list(shard_batches(manifest.store, manifest.snapshot()[:2], 4, 2, seed=0, on_corrupt="exclude"))
 
 
 def test_resume_check_excludes_or_fails_by_policy(tmp_path):
     manifest = write_buffer(tmp_path)
-    bad = manifest.shards[2]["path"]
+    bad = manifest.shards[2].path
     flip_byte(tmp_path / bad)
-    (tmp_path / manifest.shards[3]["path"]).unlink()
+    (tmp_path / manifest.shards[3].path).unlink()
     with pytest.raises(CorruptShardError, match=f"{tmp_path / bad}: its sha256 .*on_corrupt_shard=exclude"):
         Manifest.load(tmp_path).verify("fail")
     reloaded = Manifest.load(tmp_path)
     messages = reloaded.verify("exclude")
     assert len(messages) == 2 and "missing" in messages[1]
-    assert [s["path"] for s in Manifest.load(tmp_path).shards] == [s["path"] for s in manifest.shards[:2]]
+    assert [s.path for s in Manifest.load(tmp_path).shards] == [s.path for s in manifest.shards[:2]]
     assert (tmp_path / "quarantine" / bad).is_file() and not (tmp_path / bad).exists()
     assert reloaded.discard_uncommitted() == []  # quarantine/ is not a round folder
 
@@ -117,15 +121,15 @@ def test_resume_check_excludes_or_fails_by_policy(tmp_path):
 def test_commit_refuses_a_shard_of_the_wrong_size_and_clears_killed_writes(tmp_path):
     manifest = Manifest(tmp_path)
     entries = write_shards(tmp_path, 0, 0, torch.zeros(8, 3, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), 4)
-    short = tmp_path / entries[1]["path"]
+    short = tmp_path / entries[1].path
     short.write_bytes(short.read_bytes()[:100])
     (tmp_path / "round-00000" / "worker-001-000000.tar.abc.tmp").write_bytes(b"half")  # a killed writer's
     with pytest.raises(CorruptShardError, match=f"cannot commit buffer shard {short}: 100 bytes on disk"):
-        manifest.commit(0, entries)
-    assert manifest.commit(0, entries, policy="exclude") == [f"buffer shard {short}: 100 bytes on disk, its writer "
-                                                             f"wrote {entries[1]['bytes']}"]
-    assert [s["path"] for s in manifest.shards] == [entries[0]["path"]]
-    assert [Path(p).name for p in manifest.remove_temporaries(0)] == ["worker-001-000000.tar.abc.tmp"]
+        manifest.commit(entries)
+    assert manifest.commit(entries, policy="exclude") == [f"buffer shard {short}: 100 bytes on disk, its writer "
+                                                             f"wrote {entries[1].bytes}"]
+    assert [s.path for s in manifest.shards] == [entries[0].path]
+    assert manifest.remove_temporaries(0) == ["round-00000/worker-001-000000.tar.abc.tmp"]
     assert sorted(p.name for p in (tmp_path / "round-00000").iterdir()) == ["worker-000-000000.tar"]
 
 
@@ -151,11 +155,11 @@ def test_a_shard_with_a_pickled_array_is_refused_without_unpickling(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-    from orchestrator.shards import sha256
-    manifest = Manifest(tmp_path, [{"path": "round-00000/worker-000-000000.tar", "samples": 1, "round": 0, "seq": 0,
-                                    "bytes": shard.stat().st_size, "sha256": sha256(shard)}])
+    manifest = Manifest(tmp_path, [ShardEntry("round-00000/worker-000-000000.tar", samples=1, round=0, seq=0,
+                                              bytes=shard.stat().st_size,
+                                              sha256=hashlib.sha256(shard.read_bytes()).hexdigest())])
     with pytest.raises(CorruptShardError, match="sample s0 is not a uint8 image and a label.*allow_pickle"):
-        list(shard_batches(manifest.snapshot(), 1, 1, seed=0))
+        list(shard_batches(manifest.store, manifest.snapshot(), 1, 1, seed=0))
 
 
 class NaNOnCalls(nn.Module):
@@ -177,8 +181,8 @@ class NaNOnCalls(nn.Module):
 def synthesizer(teacher, policy, g_steps=3):
     cfg = parse_config(RunConfig, ["generator.nz=16", "generator.ngf=8", "synthesis.batch_size=10",
                                    f"synthesis.g_steps={g_steps}", "synthesis.g_loops=2", "synthesis.warmup_loops=2"])
-    return NayerSynthesizer(teacher, NaNOnCalls([]), torch.randn(10, 8), spec(), cfg.generator, cfg.synthesis, CPU,
-                            on_nonfinite=policy)
+    return NayerSynthesizer(SynthesisParts(teacher, NaNOnCalls([]), torch.randn(10, 8), spec(), CPU), cfg.generator,
+                            cfg.synthesis, on_nonfinite=policy)
 
 
 def test_nonfinite_generator_loss_stops_naming_round_iteration_and_step():

@@ -1,4 +1,4 @@
-"""bench/gpu.py on CPU with --smoke: every row of the GPU benchmark and its 3-round ImageNet-shaped pipeline run
+"""bench/gpu.py (`python -m bench.gpu`) on CPU with --smoke: every row of the GPU benchmark and its 3-round ImageNet-shaped pipeline run
 (1 actor, 1 DeepSpeed rank, a JPEG val folder) work before the script ever meets a GPU."""
 
 import json
@@ -12,7 +12,7 @@ from helpers import ROOT
 
 def run_smoke(tmp_path, *flags):
     out = tmp_path / "gpu-smoke"
-    proc = subprocess.run([sys.executable, "bench/gpu.py", "--smoke", *flags, "--out", str(out)], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu", "--smoke", *flags, "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.with_suffix(".json").read_text()), out.with_suffix(".md").read_text()

@@ -16,11 +16,11 @@ from nayer.cli_config import parse_config
 from nayer.config import RunConfig
 from nayer.data import (FolderRead, imagenet_wnids, imagenet_wordnet_names, load_image_folder, load_labeled, preset,
                         resize_center_crop)
-from nayer.generator import NayerGenerator, class_slice_targets
+from nayer.generator import class_slice_targets
 from nayer.inputs import prompt_names, resolve_images
 from nayer.run import run
 
-from helpers import CONFIGS
+from helpers import CONFIGS, generator
 
 IMAGENET = CONFIGS / "imagenet.yaml"
 
@@ -91,15 +91,15 @@ def test_item5_every_class_once_per_epoch_in_shuffled_slices_shared_by_workers()
 
 def test_item6_both_imagenet_bodies_and_the_reference_layout():
     emb = torch.randn(1000, 512)
-    ref = NayerGenerator(emb, 2, 224, body="imagenet_reference")
+    ref = generator(emb, 2, 224, body="imagenet_reference")
     convs = [(m.in_channels, m.out_channels) for m in ref.body.modules() if isinstance(m, nn.Conv2d)]
     # NLDeepGenerator: conv at 14 px, then Up + conv to 28, 56, 112, 224 px, then the RGB conv.
     assert convs == [(128, 128), (128, 128), (128, 64), (64, 64), (64, 64), (64, 3)]
     assert not isinstance(ref.body.conv_blocks[0], nn.BatchNorm2d)  # no BN2d after the Linear in the reference
-    paper = NayerGenerator(emb, 2, 224, body="imagenet_paper")
+    paper = generator(emb, 2, 224, body="imagenet_paper")
     assert [(m.in_channels, m.out_channels) for m in paper.body.modules() if isinstance(m, nn.Conv2d)] == \
         [(128, 128), (128, 128), (128, 64), (64, 64), (64, 3)]
-    assert NayerGenerator(emb, 2, 224).body.__class__ is ref.body.__class__  # auto above 64 px
+    assert generator(emb, 2, 224).body.__class__ is ref.body.__class__  # auto above 64 px
     assert imagenet_cfg().generator.body == "imagenet_reference"
     assert ref(torch.tensor([0, 1])).shape == paper(torch.tensor([0, 1])).shape == (2, 3, 224, 224)
 
@@ -133,8 +133,8 @@ def test_item9_tinyimagenet_uses_the_references_half_normalization():
 def test_item10_paper_variant_buffer_holds_what_the_teacher_scored():
     torch.manual_seed(0)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-    g = NayerGenerator(torch.randn(10, 12), batch_size=20, image_size=32, nz=16, ngf=8, body="cifar",
-                       paper_variant=True, mean=mean, std=std)
+    g = generator(torch.randn(10, 12), 20, 32, nz=16, ngf=8, body="cifar", paper_variant=True, mean=mean,
+                  std=std)
     captured = {}
     g.body.conv_blocks[-2].register_forward_hook(lambda m, i, out: captured.setdefault("bn", out))
     pixels = g(torch.arange(20) % 10)
@@ -199,14 +199,14 @@ def test_decoding_a_folder_holds_its_images_once(tmp_path):
 
 def test_each_rank_copies_only_its_slice_of_a_memory_mapped_set(tmp_path):
     from nayer.runtime import RunError
-    from orchestrator.trainer import eval_source, rank_part
+    from orchestrator.evaluation import EvalSource
 
     wnids = list(imagenet_wnids())
     val = write_jpeg_folder(tmp_path / "val", wnids[:3], per_class=3)
     full = load_labeled(str(val), 32, FolderRead(1.0, 0, tuple(wnids), str(tmp_path / "cache")))
-    source = eval_source(full)
-    assert set(source) == {"file", "y", "classes", "files"}  # a path, not the images, travels to the ranks
-    parts = [rank_part(source, rank, 2) for rank in range(2)]
+    source = EvalSource.of(full)
+    assert source.mapped == full.x.filename and source.ref is None  # a path, not the images, travels to the ranks
+    parts = [source.part(rank, 2) for rank in range(2)]
     assert [len(p) for p in parts] == [5, 4]
     assert np.array_equal(np.concatenate([p.x for p in parts]), np.concatenate([full.x[0::2], full.x[1::2]]))
     assert all(p.x.flags.writeable and not isinstance(p.x, np.memmap) for p in parts)
@@ -217,7 +217,7 @@ def test_each_rank_copies_only_its_slice_of_a_memory_mapped_set(tmp_path):
     again = load_labeled(str(val), 32, FolderRead(1.0, 0, tuple(wnids), str(tmp_path / "cache")))
     assert not np.array_equal(again.x, full.x)
     with pytest.raises(RunError, match="changed after the driver read it"):
-        rank_part(source, 0, 2)
+        source.part(0, 2)
 
 
 @pytest.mark.slow

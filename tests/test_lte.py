@@ -11,9 +11,16 @@ import torch
 import torch.nn.functional as F
 
 from nayer import lte
+from nayer.cli_config import ConfigError, parse_config
+from nayer.config import LTEConfig, RunConfig
 
 # Smallest open_clip text tower (width 256, 10 layers): builds with random weights in ~1 s.
 SMALL_CLIP = "ViT-S-32-alt"
+
+
+def encode(names: list[str], **fields) -> torch.Tensor:
+    """`lte.encode_labels` of `names` with an LTEConfig of `fields` (no cache unless cache_dir is given)."""
+    return lte.encode_labels(names, LTEConfig(**{"cache_dir": "", **fields}))
 
 
 @pytest.fixture
@@ -29,7 +36,7 @@ def sbert_cache(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.T
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("TRANSFORMERS_OFFLINE", "1")
         cache_dir = tmp_path_factory.mktemp("lte-cache")
-        emb = lte.encode_labels(["cat", "dog", "truck"], encoder="sbert", cache_dir=str(cache_dir))
+        emb = encode(["cat", "dog", "truck"], encoder="sbert", cache_dir=str(cache_dir))
     return cache_dir, emb
 
 
@@ -67,19 +74,19 @@ def test_empty_class_list_is_rejected() -> None:
     with pytest.raises(ValueError, match="empty"):
         lte.format_prompts([], "reference")
     with pytest.raises(ValueError, match="empty"):
-        lte.encode_labels([], encoder="onehot")
+        encode([], encoder="onehot")
 
 
 # --- encoders ------------------------------------------------------------------------------
 
 
 def test_unknown_encoder_lists_encoders() -> None:
-    with pytest.raises(ValueError, match="unknown LTE encoder 'bert'; known: clip, sbert, onehot, file"):
-        lte.encode_labels(["cat"], encoder="bert")
+    with pytest.raises(ConfigError, match="lte.encoder='bert' is not allowed; choose one of: clip, sbert, onehot, file"):
+        parse_config(RunConfig, ["lte.encoder=bert"])
 
 
 def test_onehot_is_identity() -> None:
-    emb = lte.encode_labels(["a", "b", "c", "d"], encoder="onehot")
+    emb = encode(["a", "b", "c", "d"], encoder="onehot")
     assert torch.equal(emb, torch.eye(4))
     assert_plain_embeddings(emb, (4, 4))
 
@@ -103,19 +110,19 @@ def test_cache_hit_loads_no_model(
         raise AssertionError("the model was loaded despite a cache hit")
 
     monkeypatch.setattr(lte, "_encode_sbert", no_model)
-    again = lte.encode_labels(names, encoder="sbert", cache_dir=str(cache_dir))
+    again = encode(names, encoder="sbert", cache_dir=str(cache_dir))
     assert torch.equal(again, emb)
     assert_plain_embeddings(again, (3, 384))
     # A different key (another template) is a miss, so it would need the model.
     with pytest.raises(AssertionError, match="despite a cache hit"):
-        lte.encode_labels(names, encoder="sbert", template="index", cache_dir=str(cache_dir))
+        encode(names, encoder="sbert", template="index", cache_dir=str(cache_dir))
 
 
 def test_corrupt_cache_is_recomputed(tmp_path: Path) -> None:
-    first = lte.encode_labels(["a", "b"], encoder="onehot", cache_dir=str(tmp_path))
+    first = encode(["a", "b"], encoder="onehot", cache_dir=str(tmp_path))
     (cache_file,) = tmp_path.glob("lte-*.pt")
     cache_file.write_bytes(b"not a torch file")
-    again = lte.encode_labels(["a", "b"], encoder="onehot", cache_dir=str(tmp_path))
+    again = encode(["a", "b"], encoder="onehot", cache_dir=str(tmp_path))
     assert torch.equal(again, first)
     assert torch.equal(torch.load(cache_file, weights_only=True)["embeddings"], first)  # rewritten
 
@@ -128,7 +135,7 @@ def test_file_round_trip(tmp_path: Path, suffix: str) -> None:
         torch.save({"embeddings": matrix}, path)
     else:
         np.save(path, matrix.numpy())
-    emb = lte.encode_labels(["a", "b", "c"], encoder="file", path=str(path))
+    emb = encode(["a", "b", "c"], encoder="file", path=str(path))
     assert torch.equal(emb, matrix)
     assert_plain_embeddings(emb, (3, 7))
 
@@ -138,29 +145,29 @@ def test_file_cache_key_follows_mtime(tmp_path: Path) -> None:
     torch.save(torch.zeros(2, 3), path)
     cache_dir = str(tmp_path / "cache")
 
-    def encode() -> torch.Tensor:
-        return lte.encode_labels(["a", "b"], encoder="file", path=str(path), cache_dir=cache_dir)
+    def encoded() -> torch.Tensor:
+        return encode(["a", "b"], encoder="file", path=str(path), cache_dir=cache_dir)
 
-    assert torch.equal(encode(), torch.zeros(2, 3))
+    assert torch.equal(encoded(), torch.zeros(2, 3))
     torch.save(torch.ones(2, 3), path)
     os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))  # mtime moves even on coarse clocks
-    assert torch.equal(encode(), torch.ones(2, 3))
+    assert torch.equal(encoded(), torch.ones(2, 3))
 
 
 def test_file_errors(tmp_path: Path) -> None:
     path = tmp_path / "lte.pt"
     torch.save(torch.randn(5, 4), path)
     with pytest.raises(ValueError, match="has 5 rows but the teacher has 3 classes"):
-        lte.encode_labels(["a", "b", "c"], encoder="file", path=str(path))
+        encode(["a", "b", "c"], encoder="file", path=str(path))
     missing = tmp_path / "missing.npy"
     with pytest.raises(FileNotFoundError, match="missing.npy"):
-        lte.encode_labels(["a"], encoder="file", path=str(missing))
+        encode(["a"], encoder="file", path=str(missing))
     with pytest.raises(ValueError, match="only read by encoder 'file'"):
-        lte.encode_labels(["a"], encoder="onehot", path=str(path))
+        encode(["a"], encoder="onehot", path=str(path))
 
 
 def test_clip_random_weights_offline(offline: None) -> None:
-    emb = lte.encode_labels(["cat", "dog", "truck"], encoder="clip", model=SMALL_CLIP, pretrained=None)
+    emb = encode(["cat", "dog", "truck"], encoder="clip", model=SMALL_CLIP, pretrained=None)
     assert_plain_embeddings(emb, (3, 256))
     assert not torch.allclose(emb.norm(dim=1), torch.ones(3))  # raw encode_text output, no L2 norm
     assert not torch.allclose(emb[0], emb[1])
@@ -172,7 +179,7 @@ def test_clip_local_checkpoint_equals_encode_text(tmp_path: Path, offline: None)
     model = open_clip.create_model(SMALL_CLIP, pretrained=None).eval()
     checkpoint = tmp_path / "clip.pt"
     torch.save(model.state_dict(), checkpoint)
-    emb = lte.encode_labels(["maple_tree", "cat"], model=SMALL_CLIP, pretrained=str(checkpoint))
+    emb = encode(["maple_tree", "cat"], model=SMALL_CLIP, pretrained=str(checkpoint))
     tokens = open_clip.get_tokenizer(SMALL_CLIP)(["a image of maple tree", "a image of cat"])
     with torch.no_grad():
         expected = model.encode_text(tokens)
@@ -185,7 +192,7 @@ def test_clip_uncached_tag_fails_fast(offline: None, monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))  # an empty cache
     start = time.monotonic()
     with pytest.raises(RuntimeError) as err:
-        lte.encode_labels(["cat", "dog"], encoder="clip", model="ViT-B-32", pretrained="openai")
+        encode(["cat", "dog"], encoder="clip", model="ViT-B-32", pretrained="openai")
     assert time.monotonic() - start < 10
     message = str(err.value)
     hints = ("'ViT-B-32'", "'openai'", "lte.pretrained=/path/to/local.pt", "lte.encoder=sbert", "lte.path=")
@@ -210,4 +217,4 @@ def test_clip_cached_tag_resolves_to_hub_file(monkeypatch: pytest.MonkeyPatch, t
 
 def test_clip_unknown_model_suggests_near_matches() -> None:
     with pytest.raises(ValueError, match="unknown open_clip model 'vit-b/32'; near matches: ViT-B-32"):
-        lte.encode_labels(["cat"], encoder="clip", model="vit-b/32")
+        encode(["cat"], encoder="clip", model="vit-b/32")

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from nayer.baselines import js_divergence, total_variation
+from nayer.methods.deepinv import js_divergence, total_variation
 from nayer.cli_config import parse_config
-from nayer.config import GENERATOR_INPUTS, NOISY_ARCHS, RunConfig
+from nayer.config import RunConfig
+from nayer.generator import GENERATOR_INPUTS, NOISY_SHAPES
 from nayer.methods import build_synthesizer
 from nayer.metrics import FeatureBank, ce_steps, diversity, inception_score
 from nayer.run import run
@@ -102,7 +103,7 @@ def test_z_inputs_are_drawn_anew_every_iteration_and_lte_is_not_random():
 
 
 @pytest.mark.parametrize("mode", ["k_to_1", "one_to_one"])
-@pytest.mark.parametrize("arch", NOISY_ARCHS)
+@pytest.mark.parametrize("arch", list(NOISY_SHAPES))
 def test_every_noisy_layer_shape_and_mode_runs(mode, arch):
     syn, _ = synthesizer("nayer", f"generator.noisy.mode={mode}", f"generator.noisy.arch={arch}")
     assert syn.synthesize(warmup=True).images.shape == (20, 3, 16, 16)

@@ -17,10 +17,9 @@ from nayer.config import RunConfig
 from nayer.run_folder import RunFolder
 from orchestrator.config import PipelineConfig
 from orchestrator.faults import ENV
-from orchestrator.folder import staging_folder
 from orchestrator.run import run
 from orchestrator.shards import CorruptShardError, Manifest, read_shard, write_shards
-from orchestrator.storage import listing, read_bytes, write_whole
+from nayer.storage import open_storage
 from helpers import ROOT, pipeline_args
 
 
@@ -31,9 +30,9 @@ def keys(url: str) -> list[str]:
 
 
 def test_an_object_is_written_whole_or_not_at_all(s3):
-    url = f"{s3}/whole/a.bin"
-    write_whole(url, lambda tmp: open(tmp, "wb").write(b"x" * 1000))
-    assert read_bytes(url) == b"x" * 1000
+    store = open_storage(f"{s3}/whole")
+    store.write_whole("a.bin", lambda tmp: open(tmp, "wb").write(b"x" * 1000))
+    assert store.read_bytes("a.bin") == b"x" * 1000
 
     def fails_half_way(tmp):
         with open(tmp, "wb") as f:
@@ -41,10 +40,10 @@ def test_an_object_is_written_whole_or_not_at_all(s3):
         raise OSError("the writer died")
 
     with pytest.raises(OSError, match="the writer died"):
-        write_whole(url, fails_half_way)
+        store.write_whole("a.bin", fails_half_way)
     with pytest.raises(OSError):
-        write_whole(f"{s3}/whole/b.bin", fails_half_way)
-    assert read_bytes(url) == b"x" * 1000 and read_bytes(f"{s3}/whole/b.bin") is None  # old object kept, none new
+        store.write_whole("b.bin", fails_half_way)
+    assert store.read_bytes("a.bin") == b"x" * 1000 and store.read_bytes("b.bin") is None  # old kept, none new
     assert keys(f"{s3}/whole") == ["a.bin"]
 
 
@@ -52,22 +51,19 @@ def test_the_buffer_on_s3_commits_verifies_and_quarantines_as_on_posix(s3):
     root = f"{s3}/buffer-test/buffer"
     images, labels = torch.randint(0, 255, (20, 3, 8, 8), dtype=torch.uint8), torch.arange(20) % 10
     entries = write_shards(root, 0, 0, images, labels, max_samples=8)
-    assert [e["path"] for e in entries] == [f"round-00000/worker-000-00000{p}.tar" for p in range(3)]
+    assert [e.path for e in entries] == [f"round-00000/worker-000-00000{p}.tar" for p in range(3)]
     manifest = Manifest(root)
-    assert manifest.commit(0, entries) == []
+    assert manifest.commit(entries) == []
     loaded = Manifest.load(root)  # the manifest object is the commit point
-    assert [s["path"] for s in loaded.shards] == [e["path"] for e in entries] and loaded.samples == 20
+    assert [s.path for s in loaded.shards] == [e.path for e in entries] and loaded.samples == 20
     snapshot = loaded.snapshot()
-    assert snapshot[0]["url"] == f"{root}/round-00000/worker-000-000000.tar"
-    x, y = read_shard(snapshot[0])  # through WebDataset's URL opener, size and sha256 checked first
+    assert loaded.location(snapshot[0]) == f"{root}/round-00000/worker-000-000000.tar"
+    x, y = read_shard(loaded.store, snapshot[0])  # through fsspec, size and sha256 checked first
     assert torch.equal(x, images[:7]) and torch.equal(y, labels[:7])
 
     # a killed round's object and a committed one that rots: dropped and quarantined, as on a POSIX folder
     write_shards(root, 1, 0, images[:4], labels[:4], max_samples=8)
-    corrupt = f"{root}/{entries[1]['path']}"
-    data = bytearray(read_bytes(corrupt))
-    data[len(data) // 2] ^= 0xFF
-    write_whole(corrupt, lambda tmp: open(tmp, "wb").write(bytes(data)))
+    open_storage(root).flip_byte(entries[1].path)
     with pytest.raises(CorruptShardError, match="round-00000/worker-000-000001.tar: its sha256"):
         Manifest.load(root).verify("fail")
     resumed = Manifest.load(root)
@@ -75,8 +71,8 @@ def test_the_buffer_on_s3_commits_verifies_and_quarantines_as_on_posix(s3):
     assert resumed.discard_uncommitted() == [f"{root}/round-00001/worker-000-000000.tar"]
     assert keys(root) == ["manifest.json", "quarantine/round-00000/worker-000-000001.tar",
                           "round-00000/worker-000-000000.tar", "round-00000/worker-000-000002.tar"]
-    assert [s["path"] for s in Manifest.load(root).shards] == [entries[0]["path"], entries[2]["path"]]
-    assert listing(root, "round-*/*.tar") == [f"{root}/{entries[0]['path']}", f"{root}/{entries[2]['path']}"]
+    assert [s.path for s in Manifest.load(root).shards] == [entries[0].path, entries[2].path]
+    assert open_storage(root).listing("round-*/*.tar") == [entries[0].path, entries[2].path]
 
 
 def test_only_the_pipeline_writes_a_run_folder_on_an_object_store(s3):
@@ -98,7 +94,7 @@ def test_a_pipeline_run_on_s3_killed_and_resumed_equals_the_posix_run(tmp_path, 
                                                          ENV: "kill_driver:round=1"})
     assert driver.returncode == -9, driver.stdout[-2000:] + driver.stderr[-2000:]
     run_url = f"{url}/tiny"
-    metrics = [json.loads(line) for line in read_bytes(f"{run_url}/metrics.jsonl").decode().splitlines()]
+    metrics = [json.loads(line) for line in open_storage(run_url).read_bytes("metrics.jsonl").decode().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1]  # rounds 0 and 1 checkpointed in the store before the kill
     assert "summary.json" not in keys(run_url)
 
@@ -113,18 +109,18 @@ def test_a_pipeline_run_on_s3_killed_and_resumed_equals_the_posix_run(tmp_path, 
         assert expected in stored, expected
     assert any(k.startswith("samples/round-") for k in stored) and any(k.startswith("tb/") for k in stored)
     assert any(k.startswith("trainer/student-00002/round-00002/student/") for k in stored)
-    metrics = [json.loads(line) for line in read_bytes(f"{run_url}/metrics.jsonl").decode().splitlines()]
+    metrics = [json.loads(line) for line in open_storage(run_url).read_bytes("metrics.jsonl").decode().splitlines()]
     assert [m["epoch"] for m in metrics] == [0, 1, 2]
-    report = read_bytes(f"{run_url}/report.md").decode()
+    report = open_storage(run_url).read_bytes("report.md").decode()
     assert report.startswith("# ") and "verdict" in report.lower() and "samples/round-00002.png" in report
     # files on the store == the manifest, and the same shards, bytes for bytes, as the POSIX run's
     ours = Manifest.load(f"{run_url}/buffer").shards
     theirs = Manifest.load(posix / "buffer").shards
-    assert [(s["path"], s["sha256"]) for s in ours] == [(s["path"], s["sha256"]) for s in theirs]
-    assert sorted(k[len("buffer/"):] for k in stored if k.endswith(".tar")) == sorted(s["path"] for s in ours)
+    assert [(s.path, s.sha256) for s in ours] == [(s.path, s.sha256) for s in theirs]
+    assert sorted(k[len("buffer/"):] for k in stored if k.endswith(".tar")) == sorted(s.path for s in ours)
     student = torch.load(fsspec.open(f"{run_url}/student.pt").open(), weights_only=True)
     reference = torch.load(posix / "student.pt", weights_only=True)
     assert all(torch.equal(student[k], reference[k]) for k in reference)
     # the driver worked in its staging folder; nothing was written under a local folder named after the URL
-    assert (staging_folder(str(tmp_path / "staging"), run_url) / "report.md").is_file()
+    assert (open_storage(run_url).staging_folder(str(tmp_path / "staging")) / "report.md").is_file()
     assert not (ROOT / "s3:").exists() and not (tmp_path / "s3:").exists()

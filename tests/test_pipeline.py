@@ -49,7 +49,7 @@ def test_pipeline_stops_on_sigterm_and_resume_finishes_the_run(tmp_path, local_r
     assert not any(noise in output for noise in ("Reporting training result", "built successfully", "INFO"))
     # Round 0: 2 workers x 1 iteration x 20 images, each worker's 20 split into shards of <= 8 samples.
     before = Manifest.load(folder / "buffer").shards
-    assert sorted(s["path"] for s in before if s["round"] == 0) == [
+    assert sorted(s.path for s in before if s.round == 0) == [
         f"round-00000/worker-00{w}-00000{p}.tar" for w in (0, 1) for p in range(3)]
     # The next round, killed: shards and a temporary file on disk, never committed.
     x = torch.zeros(5, 3, 32, 32, dtype=torch.uint8)
@@ -64,9 +64,9 @@ def test_pipeline_stops_on_sigterm_and_resume_finishes_the_run(tmp_path, local_r
     assert done["rounds_run"] == 5 and done["stopped_by"] is None and done["buffer_images"] == 200
 
     shards = Manifest.load(folder / "buffer").shards
-    paths = [s["path"] for s in shards]
+    paths = [s.path for s in shards]
     assert len(paths) == len(set(paths)) == 30 and shards[:len(before)] == before  # nothing duplicated or lost
-    assert {s["round"] for s in shards} == set(range(5)) and sum(s["samples"] for s in shards) == 200
+    assert {s.round for s in shards} == set(range(5)) and sum(s.samples for s in shards) == 200
     assert sorted(p.relative_to(folder / "buffer").as_posix() for p in (folder / "buffer").rglob("*.tar")) == sorted(paths)
     assert not list((folder / "buffer").rglob("*.tmp"))
     log = records(folder)
@@ -83,27 +83,6 @@ def test_pipeline_stops_on_sigterm_and_resume_finishes_the_run(tmp_path, local_r
     student.load_state_dict(torch.load(folder / "student.pt", weights_only=True))
 
 
-
-
-@pytest.mark.slow  # about 11 minutes: two full digits runs (configs/digits.yaml, as `make run`)
-def test_pipeline_matches_the_single_process_runner(tmp_path, local_ray):
-    """Same seed, same config (synthesis and KD budget): the distributed student is as good as the reference's.
-    A short schedule is too noisy to compare (4 epochs gave 65% vs 55%), so this runs the example's full one."""
-    from nayer.config import RunConfig
-    from nayer.run import run as run_single
-    from nayer.train_teacher import TeacherTrainConfig, train_teacher
-
-    configs = Path(__file__).resolve().parents[1] / "configs"
-    teacher = tmp_path / "teacher.pt"
-    train_teacher(parse_config(TeacherTrainConfig, [f"config={configs / 'teacher' / 'digits.yaml'}", f"out={teacher}"]))
-    common = [f"config={configs / 'digits.yaml'}", f"teacher.checkpoint={teacher}", f"out_dir={tmp_path}",
-              f"lte.cache_dir={tmp_path / 'lte'}"]
-    single = run_single(parse_config(RunConfig, common + ["name=single"]))
-    pipeline = run(parse_config(PipelineConfig, common + ["name=pipeline"]))
-    assert single["teacher_top1"] == pipeline["teacher_top1"] > 95
-    assert single["buffer_images"] == pipeline["buffer_images"]
-    assert min(single["final_top1"], pipeline["final_top1"]) > 90
-    assert abs(single["final_top1"] - pipeline["final_top1"]) < 3, (single["final_top1"], pipeline["final_top1"])
 
 
 def test_pipeline_with_external_models_a_baseline_the_bf16_zero2_engine_and_uneven_workers(tmp_path, local_ray,

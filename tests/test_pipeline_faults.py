@@ -52,7 +52,7 @@ def done_round(folder: Path) -> int:
 
 
 def shard_digests(folder: Path) -> list[tuple[str, int, str]]:
-    return [(s["path"], s["samples"], s["sha256"]) for s in Manifest.load(folder / "buffer").shards]
+    return [(s.path, s.samples, s.sha256) for s in Manifest.load(folder / "buffer").shards]
 
 
 def assert_same_student(folder: Path, reference: Path) -> None:
@@ -66,7 +66,7 @@ def assert_same_student(folder: Path, reference: Path) -> None:
 def assert_buffer_consistent(folder: Path) -> None:
     """Files on disk == the manifest (nothing half-written, nothing duplicated, no temporary file left)."""
     buffer = folder / "buffer"
-    listed = [s["path"] for s in Manifest.load(buffer).shards]
+    listed = [s.path for s in Manifest.load(buffer).shards]
     assert len(listed) == len(set(listed))
     assert sorted(p.relative_to(buffer).as_posix() for p in buffer.glob("round-*/*")) == sorted(listed)
 
@@ -155,7 +155,7 @@ def test_driver_killed_mid_round_resumes_from_the_last_committed_round(tmp_path,
     done = done_round(folder)
     assert done in ((1,) if schedule == "alternating" else (0, 1)) and len(records(folder)) == done + 1
     on_disk = json.loads((folder / "buffer" / "manifest.json").read_text())["shards"]
-    before = [s for s in on_disk if s["round"] <= DriverState.load(folder / "checkpoints" / "driver.pt").synthesized]
+    before = [s for s in on_disk if s.round <= DriverState.load(folder / "checkpoints" / "driver.pt").synthesized]
 
     summary = run(parse_config(PipelineConfig, args(tmp_path, schedule) + ["resume=true"]))
     assert summary["rounds_run"] == 3 and [r["epoch"] for r in records(folder)] == [0, 1, 2]
@@ -196,7 +196,7 @@ def test_a_corrupt_shard_found_by_a_rank_is_excluded_and_the_run_goes_on(tmp_pat
     assert summary["rounds_run"] == 3 and summary["buffer_images"] == 120 - 7  # 20 split 7/7/6: a 7 went
     assert sum(r["excluded_shards"] for r in records(folder)) == 1
     assert (folder / "buffer" / "quarantine" / "round-00002" / "worker-000-000000.tar").is_file()
-    assert "round-00002/worker-000-000000.tar" not in [s["path"] for s in Manifest.load(folder / "buffer").shards]
+    assert "round-00002/worker-000-000000.tar" not in [s.path for s in Manifest.load(folder / "buffer").shards]
 
 
 @pytest.mark.slow
@@ -207,7 +207,7 @@ def test_a_shard_read_once_then_corrupted_is_caught_on_resume(tmp_path, schedule
 
     def flip_first_shard(record: dict) -> None:
         if record["epoch"] == 1:
-            path = folder / "buffer" / Manifest.load(folder / "buffer").shards[0]["path"]
+            path = folder / "buffer" / Manifest.load(folder / "buffer").shards[0].path
             data = bytearray(path.read_bytes())
             data[600] ^= 0xFF
             path.write_bytes(bytes(data))

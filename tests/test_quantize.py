@@ -25,10 +25,10 @@ from nayer.quantize import (
     calibrate,
     fake_quant_weights,
     load_buffer,
-    main,
     quantize_model,
     run,
 )
+from nayer.quantize.app import main
 from helpers import spec
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -361,7 +361,7 @@ def test_a_pipeline_buffer_is_quantized_through_orchestrator_quantize(small_run,
     from orchestrator.shards import Manifest, write_shards
 
     buffer = tmp_path / "pipeline" / "buffer"
-    Manifest(buffer).commit(0, write_shards(buffer, 0, 0, random_images(24, size=32), torch.arange(24) % 10, 10))
+    Manifest(buffer).commit(write_shards(buffer, 0, 0, random_images(24, size=32), torch.arange(24) % 10, 10))
     argv = [a for a in small_run if not a.startswith("buffer=")] + [f"buffer={tmp_path / 'pipeline'}"]
     pipeline_main(argv)
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["synthetic_images"] == 24

@@ -5,7 +5,8 @@ import json
 import pytest
 
 from nayer.progress import LineProgress, RoundProgress, progress_bar
-from nayer.report import main, round_times, write_report
+from nayer.report import main
+from nayer.run_report import round_times, write_report
 
 PIPELINE_ROUNDS = [
     {"epoch": 0, "phase": "warmup", "buffer": 40, "syn_time": 5.0, "commit_time": 0.5, "checkpoint_time": 0.5,

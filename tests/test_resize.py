@@ -161,18 +161,3 @@ def test_a_resumed_run_changes_its_size_and_the_student_goes_on(tmp_path, uninte
     trained = {(r["round"], r["rank"]) for q in range(2) if (folder / "ranks" / f"rank-{q:03d}.jsonl").is_file()
                for r in records_of(folder / "ranks" / f"rank-{q:03d}.jsonl")}
     assert {rank for round_index, rank in trained if round_index >= 2} == set(range(after[0]))
-
-
-def test_a_driver_checkpoint_of_the_version_before_loads_and_a_damaged_one_does_not(tmp_path):
-    from nayer.runtime import save_torch
-    from orchestrator.state import DriverState
-
-    state = DriverState(synthesized=3, done=3)
-    saved = {k: v for k, v in torch.load(state.save(tmp_path / "driver.pt"), weights_only=True).items()
-             if k not in DriverState.ADDED_LATER}
-    save_torch(saved, tmp_path / "older.pt")  # before the pool sizes were kept: they load as None
-    older = DriverState.load(tmp_path / "older.pt")
-    assert (older.synthesized, older.synth_workers, older.trainer_workers) == (3, None, None)
-    save_torch({k: v for k, v in saved.items() if k != "synthesized"}, tmp_path / "damaged.pt")
-    with pytest.raises(ValueError, match="is not a DriverState checkpoint of this version"):
-        DriverState.load(tmp_path / "damaged.pt")

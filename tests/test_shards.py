@@ -8,6 +8,7 @@ import torch
 import webdataset as wds
 
 from nayer.cli_config import ConfigError, parse_config
+from nayer.storage import open_storage
 from orchestrator.config import PipelineConfig, load_deepspeed_config
 from orchestrator.resident import GB, ResidentShare, ShareLoader
 from orchestrator.shards import CorruptShardError, Manifest, rank_samples, shard_batches, write_shards
@@ -32,7 +33,7 @@ def committed_buffer(root, rounds=2, workers=2, per_worker=30, shard_samples=10)
             x, y = images(per_worker, offset)
             offset += per_worker
             entries += write_shards(root, r, w, x, y, shard_samples)
-        manifest.commit(r, entries)
+        manifest.commit(entries)
     return manifest
 
 
@@ -52,9 +53,9 @@ class Commits:
         return self.queue.get()
 
 
-def loaded(snapshot, rank, world, limit_gb=1.0, policy="fail"):
+def loaded(buffer, snapshot, rank, world, limit_gb=1.0, policy="fail"):
     commits = Commits()
-    loader = ShareLoader(commits.fetch, rank, world, policy, limit_gb * GB)
+    loader = ShareLoader(open_storage(buffer), commits.fetch, rank, world, policy, limit_gb * GB)
     commits.commit(snapshot)
     return commits, loader, ResidentShare(loader, torch.device("cpu"), 0)
 
@@ -75,9 +76,9 @@ def test_split_iterations_covers_the_round():
 def test_shards_named_by_round_and_worker_with_counts_and_checksums(tmp_path):
     x, y = images(25)
     entries = write_shards(tmp_path, 7, 3, x, y, max_samples=10)
-    assert [e["path"] for e in entries] == [f"round-00007/worker-003-00000{i}.tar" for i in range(3)]
-    assert [e["samples"] for e in entries] == [9, 8, 8]
-    assert all(len(e["sha256"]) == 64 and e["bytes"] == (tmp_path / e["path"]).stat().st_size for e in entries)
+    assert [e.path for e in entries] == [f"round-00007/worker-003-00000{i}.tar" for i in range(3)]
+    assert [e.samples for e in entries] == [9, 8, 8]
+    assert all(len(e.sha256) == 64 and e.bytes == (tmp_path / e.path).stat().st_size for e in entries)
     assert len(write_shards(tmp_path, 8, 0, x[:4], y[:4], max_samples=10, min_shards=3)) == 3
     assert not list(tmp_path.rglob("*.tmp"))
 
@@ -86,8 +87,8 @@ def test_shards_named_by_round_and_worker_with_counts_and_checksums(tmp_path):
 def test_two_ranks_get_equal_batches_and_never_the_same_sample_in_a_pass(tmp_path, limit_gb):
     manifest = committed_buffer(tmp_path, rounds=2, workers=2, per_worker=30, shard_samples=10)  # 12 shards
     snapshot = manifest.snapshot()
-    assert rank_samples(snapshot, 2) == [60, 60] and [e["seq"] for e in snapshot] == list(range(12))
-    shares = [loaded(snapshot, rank, 2, limit_gb)[2] for rank in (0, 1)]
+    assert rank_samples(snapshot, 2) == [60, 60] and [e.seq for e in snapshot] == list(range(12))
+    shares = [loaded(tmp_path, snapshot, rank, 2, limit_gb)[2] for rank in (0, 1)]
     one_pass = 60 // 8  # 7 full batches of 8 per rank
     reads = [read(share, 11, 8, one_pass) for share in shares]
     assert [len(r) for r in reads] == [one_pass, one_pass]
@@ -104,17 +105,17 @@ def test_two_ranks_get_equal_batches_and_never_the_same_sample_in_a_pass(tmp_pat
 def test_a_rank_reads_each_shard_of_its_share_once(tmp_path):
     """Round after round, a resident share reads only the bytes committed to it since the last round."""
     manifest = committed_buffer(tmp_path, rounds=1, workers=2, per_worker=30, shard_samples=10)  # seq 0..5
-    commits, loader, share = loaded(manifest.snapshot(), 0, 2)
+    commits, loader, share = loaded(tmp_path, manifest.snapshot(), 0, 2)
     read(share, 5, 8, 10)
-    first = sum(e["bytes"] for e in manifest.snapshot() if e["seq"] % 2 == 0)
+    first = sum(e.bytes for e in manifest.snapshot() if e.seq % 2 == 0)
     assert loader.bytes_read == first
     read(share, 5, 8, 10, seed=1)  # a second round on the same shards: nothing read again
     assert loader.bytes_read == first
     x, y = images(30, offset=200)
-    manifest.commit(1, write_shards(tmp_path, 1, 0, x, y, 10))  # seq 6..8: ranks 0, 1, 0
+    manifest.commit(write_shards(tmp_path, 1, 0, x, y, 10))  # seq 6..8: ranks 0, 1, 0
     commits.commit(manifest.snapshot(after_seq=5))
     ids = {i for batch in read(share, 8, 8, 12) for i in batch}
-    assert loader.bytes_read - first == sum(e["bytes"] for e in manifest.snapshot(after_seq=5) if e["seq"] % 2 == 0)
+    assert loader.bytes_read - first == sum(e.bytes for e in manifest.snapshot(after_seq=5) if e.seq % 2 == 0)
     assert ids & set(range(200, 210)) and ids & set(range(220, 230)) and not ids & set(range(210, 220))
     with pytest.raises(CorruptShardError, match="fewer than a micro-batch"):
         next(share.batches(8, 1000, 1, 0, 50))
@@ -123,17 +124,17 @@ def test_a_rank_reads_each_shard_of_its_share_once(tmp_path):
 @pytest.mark.parametrize("policy", ["fail", "exclude"])
 def test_a_corrupt_shard_is_caught_on_first_read(tmp_path, policy):
     manifest = committed_buffer(tmp_path, rounds=1, workers=1, per_worker=40, shard_samples=10)  # seq 0..3
-    bad = tmp_path / manifest.shards[2]["path"]  # seq 2: rank 0's
+    bad = tmp_path / manifest.shards[2].path  # seq 2: rank 0's
     data = bytearray(bad.read_bytes())
     data[600] ^= 0xFF
     bad.write_bytes(bytes(data))
-    commits, loader, share = loaded(manifest.snapshot(), 0, 2, policy=policy)
+    commits, loader, share = loaded(tmp_path, manifest.snapshot(), 0, 2, policy=policy)
     if policy == "fail":
         with pytest.raises(CorruptShardError, match=f"buffer shard {bad.resolve()}: its sha256 does not match"):
             read(share, 3, 5, 2)
         return
     ids = {i for batch in read(share, 3, 5, 2) for i in batch}
-    assert loader.excluded == [str(bad.resolve())] and ids <= set(range(0, 10))  # seq 0 only; seq 2 left out
+    assert loader.excluded == [manifest.shards[2].path] and ids <= set(range(0, 10))  # seq 0 only; seq 2 out
 
 
 def test_readers_never_see_a_shard_that_is_not_committed(tmp_path, monkeypatch):
@@ -159,7 +160,7 @@ def test_readers_never_see_a_shard_that_is_not_committed(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.tmp"))  # the half-written temporary is removed
     snapshot = Manifest.load(tmp_path).snapshot()
     assert len(snapshot) == len(manifest.shards) == 4
-    seen = {i for batch in read(loaded(snapshot, 0, 1)[2], 3, 10, 12) for i in batch}
+    seen = {i for batch in read(loaded(tmp_path, snapshot, 0, 1)[2], 3, 10, 12) for i in batch}
     assert seen == committed_ids
 
 
@@ -172,8 +173,8 @@ def test_resume_drops_uncommitted_shards_and_verifies_checksums(tmp_path):
     reloaded.verify()
     dropped = reloaded.discard_uncommitted()
     assert len(dropped) == len(orphan) + 1 and not (tmp_path / "round-00001").exists()
-    assert [s["path"] for s in reloaded.shards] == [s["path"] for s in manifest.shards]
-    first = tmp_path / manifest.shards[0]["path"]
+    assert [s.path for s in reloaded.shards] == [s.path for s in manifest.shards]
+    first = tmp_path / manifest.shards[0].path
     data = bytearray(first.read_bytes())
     data[600] ^= 0xFF  # one flipped byte inside the first sample
     first.write_bytes(bytes(data))
@@ -219,7 +220,7 @@ def test_synthesis_worker_refreshes_its_student_writes_balanced_shards_and_its_o
                                         "generator.nz=32", "generator.ngf=8", "synthesis.batch_size=20",
                                         "synthesis.g_steps=1", "cluster.shard_samples=8"])
     teacher = build_model("resnet20", 10)
-    files = WorkerFiles(str(tmp_path / "buffer"), str(tmp_path / "samples"), str(tmp_path / "states"))
+    files = WorkerFiles(*(open_storage(tmp_path / name) for name in ("buffer", "samples", "states")))
 
     def new_worker():
         return SynthesisWorker(cfg, 1, teacher.state_dict(), torch.eye(10), spec(10, 32), files, FaultPlan())
@@ -229,12 +230,12 @@ def test_synthesis_worker_refreshes_its_student_writes_balanced_shards_and_its_o
     torch.nn.init.constant_(student.fc.weight, 0.25)
     out = worker.synthesize(SynthesisTask(4, False, 2, 2, True, after=-1, keep_from=-1), student.state_dict())
     assert torch.equal(worker.student.fc.weight, student.fc.weight)
-    assert [e["path"] for e in out["shards"]] == [f"round-00004/worker-001-00000{i}.tar" for i in range(5)]
-    assert sum(e["samples"] for e in out["shards"]) == 40 and out["stats"]["syn_iterations"] == 2
+    assert [e.path for e in out.shards] == [f"round-00004/worker-001-00000{i}.tar" for i in range(5)]
+    assert sum(e.samples for e in out.shards) == 40 and out.stats["syn_iterations"] == 2
     assert (tmp_path / "samples" / "round-00004.png").is_file()
     manifest = Manifest(tmp_path / "buffer")
-    manifest.commit(4, out["shards"])
-    ((_, labels),) = list(shard_batches(manifest.snapshot(), 40, 1, seed=0))
+    manifest.commit(out.shards)
+    ((_, labels),) = list(shard_batches(manifest.store, manifest.snapshot(), 40, 1, seed=0))
     assert torch.bincount(labels, minlength=10).tolist() == [4] * 10  # class-balanced: 2 per class per iteration
     worker.synthesize(SynthesisTask(5, False, 1, 1, False, after=4, keep_from=4), None)
     worker.synthesize(SynthesisTask(6, False, 1, 1, False, after=5, keep_from=5), None)
@@ -255,7 +256,7 @@ def test_synthesis_worker_refreshes_its_student_writes_balanced_shards_and_its_o
 def test_a_run_folder_whose_name_holds_glob_characters_touches_no_other(tmp_path):
     images, labels = torch.zeros(4, 3, 4, 4, dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
     for name in ("run[1]", "run1"):
-        Manifest(tmp_path / name).commit(0, write_shards(tmp_path / name, 0, 0, images, labels, 8))
+        Manifest(tmp_path / name).commit(write_shards(tmp_path / name, 0, 0, images, labels, 8))
     write_shards(tmp_path / "run1", 1, 0, images, labels, 8)  # run1's uncommitted round
     assert Manifest.load(tmp_path / "run[1]").discard_uncommitted() == []  # a pattern would have matched run1
     assert len(Manifest.load(tmp_path / "run1").discard_uncommitted()) == 1

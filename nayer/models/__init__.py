@@ -59,7 +59,7 @@ _REGISTRY: dict[str, Callable[[int], nn.Module]] = {
     "vgg11_bn": VGG11BN,
     "alexnet": AlexNet,
 }
-# Zoo names kept from before any torchvision model could be named: aliases of the torchvision source.
+# Short zoo names of two torchvision models (the ImageNet configs and recipes name them): aliases of that source.
 TORCHVISION_ALIASES: dict[str, ModelSource] = {
     "tv_resnet18": ModelSource("torchvision", "resnet18"), "tv_resnet50": ModelSource("torchvision", "resnet50"),
 }

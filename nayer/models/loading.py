@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from nayer.runtime import first_line
+
 WRAPPER_KEYS: tuple[str, ...] = ("state_dict", "model", "student")
 STRIPPED_PREFIXES: tuple[str, ...] = ("module.", "_orig_mod.")
 # How many offending keys of each kind the error message names.
@@ -48,8 +50,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict:
                              "and is not loaded (weights_only=True); save the model's state_dict() instead, e.g. "
                              "torch.save(model.state_dict(), path)") from None
         detail = re.search(r"WeightsUnpickler error:\s*(\S.*)", text)  # torch's first line is generic advice
-        first_line = detail.group(1) if detail else (text.splitlines() or [type(error).__name__])[0]
-        raise ValueError(f"could not read checkpoint {path}: {first_line}") from error
+        raise ValueError(f"could not read checkpoint {path}: {detail.group(1) if detail else first_line(error)}") \
+            from error
 
 
 def strip_prefixes(key: str) -> str:

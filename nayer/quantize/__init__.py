@@ -28,7 +28,7 @@ What is quantized, and how (:func:`nayer.quantize.fx.quantize_model`):
   float weights, the float image into the first conv, float features into the last Linear and float logits out
   (the first conv's output is still quantized at a_bits, as the next layer's input).
 
-Phases (:func:`nayer.quantize.app.run`): (1) float top-1; (2) PTQ: observers on, fake quant off,
+Phases (:func:`nayer.quantize.runner.run`): (1) float top-1; (2) PTQ: observers on, fake quant off,
 ``calib.batches`` batches of the synthetic images through the model in eval mode (BN uses the teacher's running statistics), un-augmented by
 default (``calib.augment=true``: crop + flip as in KD), then observers frozen and fake quant on, evaluate;
 (3) recovery: SGD on the KD loss (paper Eq. 7, T = ``qat.temperature``) between the float model and the PTQ model
@@ -40,15 +40,15 @@ Synthetic images: the single-process runner's buffer, ``<run>/buffer/chunk-*.pt`
 ``{"images": uint8 [N,3,H,W], "labels": int64 [N]}`` (``buffer=`` may also name the run folder), or, through
 ``python -m orchestrator.quantize``, the pipeline's WebDataset shards, each checked against its manifest sha256.
 
-Modules: ``config`` (the schema), ``fx`` (FX fake quantization, calibration), ``qat`` (recovery by KD), ``app``
-(the run and its command line).
+Modules: ``config`` (the schema), ``fx`` (FX fake quantization, calibration), ``qat`` (recovery by KD), ``runner``
+(the run, any buffer reader), ``app`` (its command line).
 """
 
 
 from nayer.quantize.config import CalibConfig, QATConfig, QuantizeConfig
 from nayer.quantize.fx import calibrate, fake_quant_weights, qconfig_mapping, quantize_model
 from nayer.quantize.qat import QATTrainer
-from nayer.quantize.app import load_buffer, main, read_chunks, run
+from nayer.quantize.runner import load_buffer, read_chunks, run
 
 __all__ = ["CalibConfig", "QATConfig", "QuantizeConfig", "QATTrainer", "calibrate", "fake_quant_weights",
-           "load_buffer", "main", "qconfig_mapping", "quantize_model", "read_chunks", "run"]
+           "load_buffer", "qconfig_mapping", "quantize_model", "read_chunks", "run"]

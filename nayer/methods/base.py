@@ -1,16 +1,7 @@
-"""NAYER synthesis: one epoch of Algorithm 1, lines 3-11 (Tran et al., CVPR 2024).
-
-For each of I iterations (`g_loops`; `warmup_loops` during warm-up):
-  1. re-initialize the noisy layers and create a fresh Adam over all of G (lr 4e-3, betas (0.5, 0.999));
-  2. g times (`g_steps`): x = G(y); x_a = augment(x); t = T(x_a);
-       L = a_bn * L_BN + a_cls * CE(t, y) [+ a_adv * L_adv(S(x_a), t) after warm-up]; keep the x with the lowest L
-       seen in this iteration (best-of-steps, reset every iteration); Adam step on G only;
-  3. fold the iteration's BN statistics into the run-long EMA; emit the kept batch as uint8.
-G is replaced by a fresh generator every `g_life` epochs. Teacher and student never receive gradients here.
-
-`Synthesizer` holds what every method shares: the epoch loop, the teacher's BN-statistics loss and its EMA, the
-generator objective, the non-finite policy and the paper's synthesis metrics (`nayer.metrics`). The baselines
-FM and DeepInversion (`nayer.baselines`) implement its `_iteration` as `NayerSynthesizer` does here.
+"""What every synthesis method shares (`Synthesizer`): the epoch loop, the teacher's BN-statistics loss and its EMA,
+the generator objective, the non-finite policy, the paper's synthesis metrics (`nayer.metrics`) and the state a
+checkpoint keeps. A method (`nayer.methods.nayer`, `.fm`, `.deepinv`) implements one iteration, `_iteration`, and
+how it is built from the run config, `from_config`.
 """
 
 from __future__ import annotations
@@ -18,19 +9,20 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from nayer.augment import Augment, float_to_uint8
-from nayer.config import GeneratorConfig, SynthesisConfig
-from nayer.generator import NayerGenerator, balanced_targets, class_slice_targets
 from nayer.losses import BNStatisticsLoss, NonFiniteLossError, adversarial_loss, class_loss
 from nayer.metrics import SynthesisMetrics
 from nayer.progress import progress_bar
 from nayer.specs import Compute, ImageSpec
+
+if TYPE_CHECKING:
+    from nayer.config import RunConfig, SynthesisConfig
 
 
 @dataclass
@@ -41,11 +33,30 @@ class SynthesisResult:
     curves: list = field(default_factory=list)  # per iteration, per step: (total loss, teacher CE)
 
 
+@dataclass(frozen=True)
+class SynthesisParts:
+    """What a synthesizer works on, besides the run config: the frozen teacher, the student of the adversarial term
+    (both placed on `compute`'s device), the label-text embeddings [K, D] (methods without LTE ignore them), the
+    image spec, and the seed of the synthesizer's own draws."""
+
+    teacher: nn.Module
+    student: nn.Module
+    embeddings: Tensor
+    images: ImageSpec
+    compute: Compute
+    seed: int = 0
+
+
 class Synthesizer:
     """One method's synthesis state across epochs; `synthesize()` runs one epoch of `_iteration`s."""
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, images: ImageSpec, syn_cfg: SynthesisConfig,
-                 compute: Compute, seed: int = 0, on_nonfinite: str = "stop"):
+    @classmethod
+    def from_config(cls, cfg: "RunConfig", parts: SynthesisParts) -> "Synthesizer":
+        """The method built from its config sections (`nayer.methods` calls this for `method=<name>`)."""
+        raise NotImplementedError
+
+    def __init__(self, parts: SynthesisParts, syn_cfg: "SynthesisConfig", on_nonfinite: str = "stop"):
+        teacher, student, images, compute, seed = parts.teacher, parts.student, parts.images, parts.compute, parts.seed
         self.teacher, self.student = teacher, student
         # compile=true: the teacher's BN-statistics hooks are traced into the compiled graph (one graph with the
         # hooks recording, one without), so synthesis compiles as KD does
@@ -55,7 +66,8 @@ class Synthesizer:
         self.images, self.num_classes = images, images.num_classes
         self.cfg = syn_cfg
         self.compute, self.device = compute, compute.device
-        self.augment = Augment(images.mean, images.std, syn_cfg.crop_padding, syn_cfg.flip, syn_cfg.jitter).to(self.device)
+        self.augment = Augment(images.mean, images.std, syn_cfg.crop_padding, syn_cfg.flip,
+                               syn_cfg.jitter).to(self.device)
         self.bn_loss = BNStatisticsLoss(teacher, syn_cfg.bn_mmt, syn_cfg.bn_loss)
         if syn_cfg.a_bn > 0 and len(self.bn_loss) == 0:
             raise ValueError("the teacher has no BatchNorm2d layer, so the BN loss is undefined; set synthesis.a_bn=0")
@@ -182,67 +194,3 @@ class Synthesizer:
         self.rng.set_state(state["rng"])
         if self.metrics is not None and state.get("metrics") is not None:
             self.metrics.load_state_dict(state["metrics"])
-
-
-class NayerSynthesizer(Synthesizer):
-    """Holds G, its noisy layers and the BN-statistics EMA across epochs; `synthesize()` runs one epoch."""
-
-    def __init__(self, teacher: nn.Module, student: nn.Module, embeddings: Tensor, images: ImageSpec,
-                 gen_cfg: GeneratorConfig, syn_cfg: SynthesisConfig, compute: Compute, seed: int = 0,
-                 on_nonfinite: str = "stop", run_seed: int = 0):
-        if embeddings.shape[0] != images.num_classes:
-            raise ValueError(f"{embeddings.shape[0]} label embeddings for {images.num_classes} classes")
-        super().__init__(teacher, student, images, syn_cfg, compute, seed, on_nonfinite)
-        self.embeddings = embeddings
-        self.gen_cfg = gen_cfg
-        self.run_seed = run_seed  # the class shuffle of synthesis.targets=slices: shared by every worker of a run
-        self.generator = self._new_generator()
-        self.generator_forward = self._compiled(self.generator)
-
-    def _new_generator(self) -> NayerGenerator:
-        g = self.gen_cfg
-        return self.compute.place(NayerGenerator(self.embeddings, self.cfg.batch_size, self.images.size, g.nz, g.ngf,
-                                                 g.body, g.noisy.mode, g.noisy.arch, g.paper_variant, g.input,
-                                                 self.images.mean, self.images.std))
-
-    def _start_epoch(self) -> None:
-        if self.epoch > 0 and self.epoch % self.gen_cfg.g_life == 0:
-            self.generator = self._new_generator()
-            self.generator_forward = self._compiled(self.generator)
-
-    def _compiled(self, generator: NayerGenerator) -> nn.Module:
-        """G's forward, compiled under compile=true (a fresh G reuses the compiled code: same shapes)."""
-        return torch.compile(generator) if self.compute.compile else generator
-
-    def _iteration(self, use_adv: bool, bar: Any, iteration: int
-                   ) -> tuple[Tensor | None, Tensor, dict, list[tuple[float, float]]]:
-        gen = self.generator
-        gen.train()
-        gen.reinit_noisy()
-        optimizer = torch.optim.Adam(gen.parameters(), lr=self.gen_cfg.lr, betas=(self.gen_cfg.beta1, self.gen_cfg.beta2))
-        b, k = self.cfg.batch_size, self.num_classes
-        targets = (class_slice_targets(b, k, self.run_seed, self.epoch, iteration) if self.cfg.targets == "slices"
-                   else balanced_targets(b, k, self.rng)).to(self.device)
-        best_loss, best_x, best_parts = float("inf"), None, {}
-        curve = []
-        for step in range(self.cfg.g_steps):
-            with self.compute.autocast():
-                x = self.generator_forward(targets).float()  # the kept batch and the augmentation stay in fp32
-            loss, parts = self._objective(x, targets, use_adv)
-            curve.append((parts["loss"], parts["ce"]))
-            optimizer.zero_grad(set_to_none=True)
-            if self._finite(parts, iteration, step, "lower generator.lr or synthesis.a_bn"):
-                if parts["loss"] < best_loss:  # best-of-steps: the batch x that produced the lowest L
-                    best_loss, best_x, best_parts = parts["loss"], x.detach(), parts
-                loss.backward()
-                optimizer.step()
-            bar.update()
-        self.bn_loss.update_ema()
-        return best_x, targets, best_parts, curve
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "generator": self.generator.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.generator.load_state_dict(state["generator"])
