@@ -6,8 +6,8 @@ result path, for this tree and (`--before`) an earlier commit.
     python -m bench.code_shape --top 15
 
 Functions are measured as `wc -l` would count their lines (def to last line, docstring included). A URL check is
-`is_url(...)` or `"://" in ...`; the storage module (nayer/storage.py, earlier orchestrator/storage.py) is where they
-belong. A field pop is `<dict>.pop("<literal key>", ...)` in the modules a round's result crosses (driver, board,
+`is_url(...)` or `"://" in ...`; the storage module is where they belong (nayer/storage.py; orchestrator/storage.py in
+commits that had it there). A field pop is `<dict>.pop("<literal key>", ...)` in the modules a round's result crosses (driver, board,
 ranks, actors).
 """
 

@@ -36,17 +36,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from nayer.run_report import read_metrics
+from bench.random_models import BoundedTeacher, calibrate_bn, flops
+from nayer.cli_config import parse_config
+from nayer.config import RunConfig
+from nayer.kd import StudentTrainer
+from nayer.models import build_model
+from nayer.specs import Compute, ImageSpec
+from nayer.methods.base import SynthesisParts
+from nayer.methods.nayer import NayerSynthesizer
 
-from nayer.run_report import read_metrics  # noqa: E402
-from bench.random_models import BoundedTeacher, calibrate_bn, flops  # noqa: E402
-from nayer.cli_config import parse_config  # noqa: E402
-from nayer.config import RunConfig  # noqa: E402
-from nayer.kd import StudentTrainer  # noqa: E402
-from nayer.models import build_model  # noqa: E402
-from nayer.specs import Compute, ImageSpec  # noqa: E402
-from nayer.methods.base import SynthesisParts  # noqa: E402
-from nayer.methods.nayer import NayerSynthesizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = ROOT / "configs" / "imagenet.yaml"
 RESULTS = ROOT / "bench" / "results"

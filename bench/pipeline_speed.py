@@ -21,22 +21,22 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
+import torch
+
+from bench.shared_data import TEACHER, require
+from bench.storage import buffer_rates
+from nayer.cli_config import parse_config
+from nayer.lte import encode_labels
+from nayer.models import build_model
+from nayer.inputs import resolve_images
+from orchestrator.cluster import start_local_ray
+from orchestrator.config import PipelineConfig
+from nayer.storage import open_storage
+from orchestrator.faults import FaultPlan
+from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles
+
 ROOT = Path(__file__).resolve().parents[1]
-
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from bench.shared_data import TEACHER, require  # noqa: E402
-from bench.storage import buffer_rates  # noqa: E402
-from nayer.cli_config import parse_config  # noqa: E402
-from nayer.lte import encode_labels  # noqa: E402
-from nayer.models import build_model  # noqa: E402
-from nayer.inputs import resolve_images  # noqa: E402
-from orchestrator.cluster import start_local_ray  # noqa: E402
-from orchestrator.config import PipelineConfig  # noqa: E402
-from nayer.storage import open_storage  # noqa: E402
-from orchestrator.faults import FaultPlan  # noqa: E402
-from orchestrator.workers import SynthesisTask, SynthesisWorker, WorkerFiles  # noqa: E402
 
 
 def synthesis_rate(cfg: PipelineConfig, teacher_state: dict, embeddings: torch.Tensor, workers: int, cpus: float,

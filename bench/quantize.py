@@ -21,13 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from bench.shared_data import TEACHER, TEST_SET, require
+from nayer.cli_config import ConfigError, parse_config
+from nayer.quantize import QuantizeConfig, run
+from nayer.cli import USER_ERRORS, one_line
+
 ROOT = Path(__file__).resolve().parents[1]
-
-from bench.shared_data import TEACHER, TEST_SET, require  # noqa: E402
-from nayer.cli_config import ConfigError, parse_config  # noqa: E402
-from nayer.quantize import QuantizeConfig, run  # noqa: E402
-from nayer.cli import USER_ERRORS, one_line  # noqa: E402
-
 
 
 def main() -> None:

@@ -25,19 +25,19 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import torch
 
-import torch  # noqa: E402
-
-from nayer.run_report import read_metrics  # noqa: E402
-from nayer.config import KDConfig  # noqa: E402
-from nayer.kd import KDObjective  # noqa: E402
-from nayer.models import build_model  # noqa: E402
-from nayer.specs import Compute, ImageSpec  # noqa: E402
+from nayer.run_report import read_metrics
+from nayer.config import KDConfig
+from nayer.kd import KDObjective
+from nayer.models import build_model
+from nayer.specs import Compute, ImageSpec
 from nayer.storage import Storage
 from orchestrator.messages import ShardEntry
-from orchestrator.resident import ResidentShare, ShareLoader, ahead  # noqa: E402
-from orchestrator.shards import Manifest, shard_batches, write_shards  # noqa: E402
+from orchestrator.resident import ResidentShare, ShareLoader, ahead
+from orchestrator.shards import Manifest, shard_batches, write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SETUPS = {  # size: (images in the buffer, images per shard, KD batch, teacher, student, timed KD steps)
     32: (20000, 5000, 256, "resnet56", "resnet20", 10),

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from nayer.config import RunConfig
+from nayer.kd import StudentTrainer
+from nayer.models import build_model
+from nayer.data import preset
+from nayer.specs import Compute
+from nayer.methods.base import SynthesisParts
+from nayer.methods.nayer import NayerSynthesizer
 
-from nayer.config import RunConfig  # noqa: E402
-from nayer.kd import StudentTrainer  # noqa: E402
-from nayer.models import build_model  # noqa: E402
-from nayer.data import preset  # noqa: E402
-from nayer.specs import Compute  # noqa: E402
-from nayer.methods.base import SynthesisParts  # noqa: E402
-from nayer.methods.nayer import NayerSynthesizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CIFAR10 = preset("cifar10").image_spec()
 

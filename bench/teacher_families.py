@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import run_args
+from nayer.cli_config import parse_config
+from nayer.config import RunConfig
+from nayer.run import run
 
-from tests.helpers import run_args  # noqa: E402
-from nayer.cli_config import parse_config  # noqa: E402
-from nayer.config import RunConfig  # noqa: E402
-from nayer.run import run  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 ONE_STEP = {"warmup": 0, "epochs": 1, "synthesis.g_steps": 1, "synthesis.batch_size": 4, "kd.kd_steps": 1,
             "kd.batch_size": 4, "data.eval_limit": 20}

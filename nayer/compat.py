@@ -6,10 +6,10 @@ below bring an older file to the current shape before anything else sees it, eac
 nothing else in the code knows that older files exist. A file of a newer format than this code knows is refused in
 one line.
 
-| format | written by | differs from the current format in |
-|---|---|---|
-| 0 | the code before files carried their format | `driver.pt`: a round synthesized ahead of its KD round (overlapped) is kept as its metrics record, `pending`, with `syn_time`, `syn_compute_time`, `syn_bytes` and `excluded_shards` in it; `{}` when there is none |
-| 1 | this code | - |
+- format 0, written by the code before files carried their format. `driver.pt` differs: a round synthesized ahead
+  of its KD round (overlapped) is kept as its metrics record, `pending`, with `syn_time`, `syn_compute_time`,
+  `syn_bytes` and `excluded_shards` in it; `{}` when there is none. The manifest and `checkpoint.pt` are as now.
+- format 1, this code.
 
 Formats are kept readable as long as a released version wrote them; the shapes older than format 0 (driver
 checkpoints without the pool sizes, manifests without commit numbers, sweeps without `kd_round`) were never
@@ -25,7 +25,7 @@ FORMAT = 1
 
 def check_format(version: object, where: str) -> int:
     """The format a file says it has; ValueError naming the file for one newer than this code (or not a number)."""
-    if not isinstance(version, int) or not 0 <= version <= FORMAT:
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= FORMAT:
         raise ValueError(f"{where} has format {version!r}; this code reads formats 0 to {FORMAT}: resume it with the "
                          "version of nayer-orchestrator that wrote it")
     return version

@@ -10,7 +10,7 @@
 Each epoch: synthesize (warm-up: no adversarial term, no student training) -> append to the memory buffer ->
 S KD steps -> evaluate on the real test set -> metrics.jsonl / TensorBoard / sample grid -> checkpoint.
 Run folder `runs/<name>/`: config.yaml, metrics.jsonl, tb/, samples/epoch-XXXXX.png, buffer/chunk-*.pt,
-checkpoint.pt, student.pt, summary.json, report.md + plots/ (nayer.report).
+checkpoint.pt, student.pt, summary.json, report.md + plots/ (nayer.run_report).
 """
 
 from __future__ import annotations

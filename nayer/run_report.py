@@ -3,8 +3,9 @@
 Both runners call `finish_run` when they finish (the verdict joins the summary, then summary.json and the report);
 `python -m nayer.report` rebuilds the report for a run that was stopped or is still going. What a person looks at
 first: the verdict (`nayer.verdict`: the student against the teacher, how the teacher rates the synthetic images,
-where the time went, what looks unhealthy, with each threshold) and the latest synthetic-sample grid; then top-1 per round, each round's time split (synthesis / commit / KD / checkpoint) and the
-per-class accuracy of the final student.
+where the time went, what looks unhealthy, with each threshold) and the latest synthetic-sample grid; then top-1
+per round, each round's time split (synthesis / commit / KD / checkpoint) and the per-class accuracy of the final
+student.
 """
 
 from __future__ import annotations

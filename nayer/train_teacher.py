@@ -91,9 +91,7 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
         spec.check_labels(test.y, f"'{cfg.test}'", f"dataset '{cfg.dataset}'")
 
     model = build_model(cfg.arch, spec.num_classes).to(device, memory_format=torch.channels_last)
-    start = time.perf_counter()
-    fit(model, train, cfg, spec, compute)
-    train_seconds = time.perf_counter() - start
+    train_seconds = fit(model, train, cfg, spec, compute)
 
     top1 = None
     result: dict = {}
@@ -113,9 +111,9 @@ def train_teacher(cfg: TeacherTrainConfig) -> dict:
 
 
 def fit(model: torch.nn.Module, train: LabeledImages, cfg: TeacherTrainConfig, spec: ImageSpec,
-        compute: Compute) -> None:
+        compute: Compute) -> float:
     """`cfg.epochs` epochs of SGD (momentum, weight decay, cosine per epoch) with crop + flip, batches shuffled anew
-    each epoch; the loss and training accuracy on the progress bar."""
+    each epoch; the loss and training accuracy on the progress bar. Returns the epochs' seconds."""
     device = compute.device
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -126,6 +124,7 @@ def fit(model: torch.nn.Module, train: LabeledImages, cfg: TeacherTrainConfig, s
     y_all = torch.from_numpy(train.y).to(device)
     order_rng = torch.Generator().manual_seed(cfg.seed)
     n = len(train)
+    start = time.perf_counter()
     model.train()
     bar = progress_bar(cfg.epochs, f"teacher {cfg.arch}", "epoch")
     for _ in range(cfg.epochs):
@@ -147,6 +146,7 @@ def fit(model: torch.nn.Module, train: LabeledImages, cfg: TeacherTrainConfig, s
         bar.set_postfix(loss=f"{loss_sum / n:.3f}", train_acc=f"{100 * correct / n:.1f}")
         bar.update()
     bar.close()
+    return time.perf_counter() - start
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -14,12 +14,17 @@ end. As on POSIX, the driver checkpoint is the round's commit point and the mani
 
 from __future__ import annotations
 
+import shutil
+
 from nayer.run_folder import RunFolder
 from nayer.storage import open_storage
 from orchestrator.config import PipelineConfig
 
 OWN = ("config.yaml", "inputs.json", "metrics.jsonl", "tb", "checkpoints/driver.pt")  # pulled at a start
 SHARED = ("buffer", "samples", "checkpoints/synthesis", "trainer", "ranks", "faults")
+# What a start that never checkpointed leaves, cleared when the run is started again
+OUTPUT_FILES = ("metrics.jsonl", "student.pt", "summary.json", "report.md")
+OUTPUT_FOLDERS = ("tb", "plots", *SHARED)
 
 
 class PipelineFolder(RunFolder):
@@ -39,9 +44,13 @@ class PipelineFolder(RunFolder):
         self.synthesis_states, self.faults = self.store.sub("checkpoints/synthesis"), self.store.sub("faults")
 
     def clear_outputs(self) -> None:
-        self.store.remove_tree("tb")
-        for rel in SHARED:
+        """Both copies: the run folder's, and the working copy's (the same folder on POSIX)."""
+        for rel in OUTPUT_FILES:
+            self.store.remove(rel)
+            (self.path / rel).unlink(missing_ok=True)
+        for rel in OUTPUT_FOLDERS:
             self.store.remove_tree(rel)
+            shutil.rmtree(self.path / rel, ignore_errors=True)
 
     def create(self, inputs: dict) -> None:
         super().create(inputs)

@@ -105,7 +105,8 @@ class Rank:
         # Chosen before deepspeed is imported: DeepSpeed picks its accelerator once, at import.
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         if not self.cfg.cluster.verbose:
-            quiet_rank_console()
+            quiet_rank_console()  # before deepspeed's import: its loggers are quiet from its first line
+        import deepspeed  # noqa: F401 - imported here, after DS_ACCELERATOR, whatever the console's settings
         ctx = ray.train.get_context()
         self.rank, self.world, self.local_rank = ctx.get_world_rank(), ctx.get_world_size(), ctx.get_local_rank()
         torch.set_num_threads(threads(self.cfg.cluster.trainer_cpus))
@@ -141,7 +142,7 @@ class Rank:
         stay contiguous (DeepSpeed broadcasts them as flat bytes)."""
         torch.manual_seed(self.cfg.seed)
         student = self.cfg.student.build(num_classes=self.setup.images.num_classes, role="student").to(self.device)
-        if ds_bf16:  # before initialize: DeepSpeed would cast the BatchNorm weights and leave fp32 statistics beside them
+        if ds_bf16:  # before initialize: DeepSpeed would cast BatchNorm weights and leave fp32 statistics beside them
             student, note = bf16_with_fp32_batchnorm_stats(student)
             if self.rank == 0 and self.cfg.cluster.verbose:
                 print(note, flush=True)
@@ -298,7 +299,9 @@ class Rank:
             self.engine.save_checkpoint(tmp, tag=TAG, client_state=client)
             if weights is not None:
                 torch.save(weights, os.path.join(tmp, STUDENT_WEIGHTS))
-            ray.train.report(measured.metrics.record(), checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            reported = {**measured.metrics.record(), "corrupt_shards": result.corrupt_shards,
+                        **({"teacher_top1": result.teacher_top1} if result.teacher_top1 is not None else {})}
+            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=result.checkpoint)
         self.setup.rank_logs.append_jsonl(f"rank-{self.rank:03d}.jsonl", measured.rank_line)
         return dataclasses.replace(result, save_time=time.perf_counter() - t0), weights

@@ -22,7 +22,7 @@ Run folder `runs/<name>/`: config.yaml, metrics.jsonl, tb/, samples/round-XXXXX.
 buffer/round-XXXXX/worker-YYY-ZZZZZZ.tar, trainer/student-SSSSS/round-XXXXX/ (DeepSpeed; a Ray Train experiment
 per driver start S), ranks/rank-QQQ.jsonl (each rank's own metrics), checkpoints/driver.pt +
 checkpoints/synthesis/worker-YYY/round-XXXXX.pt, student.pt, summary.json (with the verdict), report.md + plots/
-(nayer.report). The console: one line per round, progress lines of long phases, the verdict last (cluster.verbose
+(nayer.run_report). The console: one line per round, progress lines of long phases, the verdict last (cluster.verbose
 brings back Ray's, Ray Train's and DeepSpeed's full logs).
 """
 

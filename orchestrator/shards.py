@@ -44,11 +44,16 @@ class CorruptShardError(ValueError):
     """A committed shard that is missing or does not match its manifest entry (size, sha256, sample format)."""
 
 
+def corrupt(problem: str) -> CorruptShardError:
+    """The error of a bad shard: `problem`, and how the run can go on without the shard."""
+    return CorruptShardError(f"{problem}; not trained on ({EXCLUDE_HINT})")
+
+
 def screen(problem: str, policy: str) -> str:
-    """The one rule for a bad shard: under on_corrupt_shard=fail a CorruptShardError saying `problem`; under
-    exclude `problem` comes back for the caller to leave the shard out (it is never trained on)."""
+    """The one rule for a bad shard: under on_corrupt_shard=fail its error (`corrupt`); under exclude `problem`
+    comes back for the caller to leave the shard out (it is never trained on)."""
     if policy == "fail":
-        raise CorruptShardError(f"{problem}; not trained on ({EXCLUDE_HINT})")
+        raise corrupt(problem)
     return problem
 
 
@@ -123,9 +128,15 @@ class Manifest:
         """The manifest as saved (an empty one if there is none)."""
         store = as_storage(buffer)
         data = json.loads(store.read_bytes(MANIFEST) or b"{}")
-        check_format(data.get("format", 0), store.location(MANIFEST))  # every format so far has this shape
-        return cls(store, (ShardEntry(**e) for e in data.get("shards", [])),
-                   (ShardEntry(**e) for e in data.get("excluded", [])))
+        where = store.location(MANIFEST)
+        check_format(data.get("format", 0), where)  # every format so far has this shape
+        try:
+            shards, excluded = ([ShardEntry(**e) for e in data.get(key, [])] for key in ("shards", "excluded"))
+        except TypeError as exc:
+            raise ValueError(f"{where} is not a buffer manifest this code reads ({exc})") from None
+        if any(e.seq < 0 for e in shards + excluded):
+            raise ValueError(f"{where} lists shards without a commit number (seq): not a manifest this code reads")
+        return cls(store, shards, excluded)
 
     def location(self, entry: ShardEntry) -> str:
         """Where a shard is, as messages name it."""
@@ -254,11 +265,11 @@ def _decode(sample: dict) -> tuple[Tensor, int]:
         image = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
         label = int(sample["cls"])
     except (KeyError, ValueError) as exc:
-        raise CorruptShardError(f"buffer shard {url}: sample {sample.get('__key__')} is not a uint8 image and a "
-                                f"label: {exc}") from None
+        raise corrupt(f"buffer shard {url}: sample {sample.get('__key__')} is not a uint8 image and a label: "
+                      f"{exc}") from None
     if image.dtype != np.uint8 or image.ndim != 3:
-        raise CorruptShardError(f"buffer shard {url}: sample {sample.get('__key__')} holds {image.dtype} "
-                                f"{image.shape}, not a uint8 [C, H, W] image")
+        raise corrupt(f"buffer shard {url}: sample {sample.get('__key__')} holds {image.dtype} {image.shape}, not a "
+                      "uint8 [C, H, W] image")
     return torch.from_numpy(image), label
 
 
@@ -299,8 +310,8 @@ def read_shard(buffer: Storage, entry: ShardEntry) -> tuple[Tensor, Tensor]:
                                     wds.tariterators.tar_file_expander, wds.tariterators.group_by_keys,
                                     wds.map(_decode)))
     if len(samples) != entry.samples or not samples:
-        raise CorruptShardError(f"buffer shard {buffer.location(entry.path)}: {len(samples)} samples, "
-                                f"{entry.samples} in the manifest")
+        raise corrupt(f"buffer shard {buffer.location(entry.path)}: {len(samples)} samples, {entry.samples} in the "
+                      "manifest")
     return _collate(samples)
 
 

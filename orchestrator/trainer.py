@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import threading
 
-
 from nayer.runtime import RunError, first_line
 from orchestrator.cluster import ray_log_level, root_cause
 from orchestrator.config import PipelineConfig

@@ -10,7 +10,6 @@ schedule they hit the concurrent step: an actor killed in round 2 dies while the
 in round 1 dies while the actors synthesize round 2.
 """
 
-import json
 import os
 import signal
 import subprocess
@@ -154,8 +153,8 @@ def test_driver_killed_mid_round_resumes_from_the_last_committed_round(tmp_path,
     # (overlapped: round 1 may have ended just before the kill, with round 2 committed and checkpointed).
     done = done_round(folder)
     assert done in ((1,) if schedule == "alternating" else (0, 1)) and len(records(folder)) == done + 1
-    on_disk = json.loads((folder / "buffer" / "manifest.json").read_text())["shards"]
-    before = [s for s in on_disk if s.round <= DriverState.load(folder / "checkpoints" / "driver.pt").synthesized]
+    synthesized = DriverState.load(folder / "checkpoints" / "driver.pt").synthesized
+    before = [s for s in Manifest.load(folder / "buffer").shards if s.round <= synthesized]
 
     summary = run(parse_config(PipelineConfig, args(tmp_path, schedule) + ["resume=true"]))
     assert summary["rounds_run"] == 3 and [r["epoch"] for r in records(folder)] == [0, 1, 2]

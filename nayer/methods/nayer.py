@@ -62,7 +62,8 @@ class NayerSynthesizer(Synthesizer):
         gen = self.generator
         gen.train()
         gen.reinit_noisy()
-        optimizer = torch.optim.Adam(gen.parameters(), lr=self.gen_cfg.lr, betas=(self.gen_cfg.beta1, self.gen_cfg.beta2))
+        g = self.gen_cfg
+        optimizer = torch.optim.Adam(gen.parameters(), lr=g.lr, betas=(g.beta1, g.beta2))
         b, k = self.cfg.batch_size, self.num_classes
         targets = (class_slice_targets(b, k, self.run_seed, self.epoch, iteration) if self.cfg.targets == "slices"
                    else balanced_targets(b, k, self.rng)).to(self.device)

@@ -13,6 +13,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from orchestrator.config import PipelineConfig
 from orchestrator.sweep.config import trial_config
 
+
 def trial_needs(cfg: PipelineConfig, driver_cpus: float) -> dict[str, float]:
     """What a trial holds while it runs: its driver's CPUs, its synthesis actors and its DeepSpeed ranks."""
     return {"CPU": driver_cpus + cfg.cluster.total("CPU"), "GPU": cfg.cluster.total("GPU")}

@@ -14,6 +14,7 @@ from orchestrator.folder import PipelineFolder
 from orchestrator.run import run
 from orchestrator.sweep.config import trial_config
 
+
 def trial_run(config: dict, sweep_dir: str, base_args: list[str], faults: str) -> None:
     """One trial: the base run config plus this trial's space values -> orchestrator.run, reporting per KD round.
     Its run folder is its Tune trial folder, <sweep>/<trial id>/. `faults`: the sweep driver's NAYER_FAULTS, for
