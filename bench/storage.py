@@ -115,9 +115,12 @@ def main() -> None:
         measured: dict[str, list[dict]] = {label: [] for label in runs}
         try:
             for repeat in range(args.repeats):
-                for label, (tree, store) in runs.items():
+                # every other repeat in the reverse order, each into a prefix of its own: no store or checkout
+                # always goes first, or writes over another's objects
+                order = list(runs.items()) if repeat % 2 == 0 else list(reversed(runs.items()))
+                for n, (label, (tree, store)) in enumerate(order):
                     with tempfile.TemporaryDirectory() as folder:
-                        root = f"{store}/repeat-{repeat}/buffer" if store else folder
+                        root = f"{store}/repeat-{repeat}-{n}/buffer" if store else folder
                         measured[label].append(measure(tree, root))
                 print({k: {m: round(v[-1][m]) for m in ("write_images_per_s", "read_images_per_s")}
                        for k, v in measured.items()}, flush=True)
